@@ -1,0 +1,67 @@
+"""Typed, frozen stage configs.
+
+Every stage has one config class derived from `StageConfig`: unknown keys are rejected
+(with a "did you mean"), values are validated at construction, and all problems are
+reported at once in a `ConfigError` that names each bad field. The canonical JSON of a
+config is what goes into the stage's cache key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from expert.errors import ConfigError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """Base class of every stage config: frozen, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
+        """Validate `data`; raise `ConfigError` listing every problem, prefixed by `where`."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(cls, exc, where)) from None
+
+    def canonical(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (defaults included): the cache-key input."""
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: str = "") -> str:
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(([where] if where else []) + loc) or where or cls.__name__
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(cls, err["loc"][:-1])
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            msg = f"unknown key '{field}'"
+            msg += f" (did you mean '{hint[0]}'?)" if hint else ""
+            msg += f"; allowed keys: {', '.join(sorted(allowed))}"
+        else:
+            msg = f"'{field}': {err['msg']}"
+            if "input" in err and err["type"] != "missing":
+                msg += f" (got {err['input']!r})"
+        problems.append(msg)
+    head = f"invalid {cls.__name__}" + (f" in '{where}'" if where else "")
+    return head + ": " + "; ".join(problems)
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (possibly nested) model that `loc` points into."""
+    model: Any = cls
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))

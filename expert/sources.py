@@ -1,0 +1,117 @@
+"""Resolve a data source string to a local file or folder, with a content fingerprint.
+
+Sources: a local path; an http(s) URL (downloaded once into the downloads folder, then
+revalidated with ETag / Last-Modified so a changed upstream file is picked up, and the
+cached copy used when offline); or `hf:ORG/NAME` for a Hugging Face dataset snapshot.
+The fingerprint goes into the consuming stage's cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from expert.errors import DataError
+from expert.fingerprint import FingerprintCache
+
+log = logging.getLogger(__name__)
+
+# Only what the formatters read is fetched from each known dataset repository.
+HF_DATASET_PATTERNS = {
+    "qiaojin/PubMedQA": {"allow_patterns": ["pqa_labeled/*"]},
+    "cais/mmlu": {"allow_patterns": ["*/dev-*", "*/test-*"],
+                  "ignore_patterns": ["all/*", "auxiliary_train/*"]},
+}
+DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    source: str  # as the user wrote it
+    path: Path
+    fingerprint: str
+
+
+def fetch(source: str, downloads: Path, fingerprints: FingerprintCache, attempts: int = 3) -> LocalSource:
+    """Make `source` available locally and fingerprint its content."""
+    if source.startswith(("http://", "https://")):
+        path = _download(source, downloads, attempts)
+        return LocalSource(source, path, fingerprints.path(path))
+    if source.startswith("hf:"):
+        return _hf_dataset(source, downloads, attempts)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"data source '{source}' does not exist (resolved to {path.resolve()}). "
+            "Give an existing file or folder, an http(s) URL, or hf:ORG/NAME for a Hugging Face dataset."
+        )
+    return LocalSource(source, path, fingerprints.path(path))
+
+
+def _download(url: str, downloads: Path, attempts: int) -> Path:
+    folder = downloads / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    target, meta_file = folder / name, folder / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() and target.is_file() else {}
+    headers = {k: v for k, v in (("If-None-Match", meta.get("etag")),
+                                 ("If-Modified-Since", meta.get("last_modified"))) if v}
+    for attempt in range(1, attempts + 1):
+        try:
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{name}.{os.getpid()}.part"
+                with open(tmp, "wb") as out:
+                    while block := response.read(1 << 20):
+                        out.write(block)
+                os.replace(tmp, target)
+                meta_file.write_text(json.dumps({"url": url, "etag": response.headers.get("ETag"),
+                                                 "last_modified": response.headers.get("Last-Modified")}))
+                return target
+        except urllib.error.HTTPError as exc:
+            if exc.code == 304:
+                return target  # unchanged upstream: the cached copy is current
+            if exc.code < 500:
+                raise DataError(f"cannot download '{url}': HTTP {exc.code} {exc.reason}. Check the URL.") from None
+            error = exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            error = exc
+        if attempt < attempts:
+            time.sleep(min(2 ** attempt, 30))
+    if target.is_file():
+        log.warning("could not revalidate %s (%s); using the copy downloaded before", url, error)
+        return target
+    raise DataError(
+        f"cannot download '{url}' after {attempts} attempts ({error}). If this machine is offline, "
+        "download the file elsewhere and give its local path as the source."
+    )
+
+
+def _hf_dataset(source: str, downloads: Path, attempts: int) -> LocalSource:
+    repo_id = source[len("hf:"):]
+    from huggingface_hub import snapshot_download  # deferred: only hub sources need it
+
+    patterns = HF_DATASET_PATTERNS.get(repo_id, {})
+    error: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            path = Path(snapshot_download(repo_id=repo_id, repo_type="dataset",
+                                          cache_dir=downloads / "hf", **patterns))
+            # The snapshot folder is named by the dataset commit: a content fingerprint.
+            return LocalSource(source, path, f"hf-dataset:{repo_id}@{path.name}")
+        except Exception as exc:  # hub errors come in many types; all are retried, then reported
+            error = exc
+            if attempt < attempts:
+                time.sleep(min(2 ** attempt, 30))
+    raise DataError(
+        f"cannot fetch the Hugging Face dataset '{repo_id}' ({type(error).__name__}: {error}). "
+        "Check the name and the network, or give a local copy as the source."
+    )

@@ -1,0 +1,12 @@
+"""Test-wide settings: Prefect state in a throwaway folder, no telemetry, no network."""
+
+import os
+import tempfile
+
+# Set before anything imports prefect: its settings are read at import time.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="expert-tests-prefect-")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

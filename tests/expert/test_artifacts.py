@@ -1,0 +1,105 @@
+"""The artifact store: keys, atomic publication, verification."""
+
+import json
+
+import pytest
+
+from expert.artifacts import MANIFEST, ArtifactStore, StageRequest, verify
+
+
+def request(**changes):
+    base = dict(stage="s", version=1, config={"a": 1, "b": [1, 2]}, upstream={"m": "k1"}, inputs={"src": "sha256:x"})
+    base.update(changes)
+    return StageRequest(**base)
+
+
+def write_files(out):
+    (out / "data.txt").write_text("hello")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.bin").write_bytes(b"\0" * 10)
+    return {"rows": 2}
+
+
+@pytest.mark.parametrize("change", [
+    {"stage": "t"}, {"version": 2}, {"config": {"a": 2, "b": [1, 2]}}, {"config": {"a": 1, "b": [2, 1]}},
+    {"upstream": {"m": "k2"}}, {"inputs": {"src": "sha256:y"}},
+])
+def test_key_changes_with_every_part_of_the_request(change):
+    assert request().key != request(**change).key
+
+
+def test_key_ignores_dict_order():
+    assert request(config={"b": [1, 2], "a": 1}).key == request().key
+
+
+def test_build_publishes_folder_with_manifest_last(tmp_path):
+    store = ArtifactStore(tmp_path)
+    art = store.build(request(), write_files)
+    assert art.path == tmp_path / "s" / request().key
+    manifest = json.loads((art.path / MANIFEST).read_text())
+    assert manifest["info"] == {"rows": 2}
+    assert set(manifest["files"]) == {"data.txt", "sub/x.bin"}
+    assert manifest["upstream"] == {"m": "k1"} and manifest["config"] == {"a": 1, "b": [1, 2]}
+    assert "torch" in manifest["versions"] and manifest["timings"]["seconds"] >= 0
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".tmp")]
+    assert store.get(request()).path == art.path
+
+
+def test_failed_producer_leaves_nothing(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def boom(out):
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        store.build(request(), boom)
+    assert store.get(request()) is None
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_folder_without_manifest_does_not_count_and_is_replaced(tmp_path):
+    store = ArtifactStore(tmp_path)
+    partial = store.path("s", request().key)
+    partial.mkdir(parents=True)
+    (partial / "data.txt").write_text("partial")
+    assert store.get(request()) is None
+    art = store.get_or_build(request(), write_files)
+    assert (art.path / "data.txt").read_text() == "hello"
+
+
+def test_corruption_is_detected(tmp_path):
+    store = ArtifactStore(tmp_path)
+    art = store.build(request(), write_files)
+    (art.path / "data.txt").write_text("hellO")  # same size, one byte flipped
+    assert "digest" in verify(art.path)
+    assert store.get(request()) is None
+    (art.path / "data.txt").write_text("hello!")
+    assert "size" in verify(art.path)
+    (art.path / "data.txt").unlink()
+    assert "missing" in verify(art.path)
+
+
+def test_manifest_of_another_key_does_not_count(tmp_path):
+    store = ArtifactStore(tmp_path)
+    art = store.build(request(), write_files)
+    other = request(version=7)
+    art.path.rename(store.path("s", other.key))
+    assert store.get(other) is None
+
+
+def test_work_dir_survives_a_failed_build_and_goes_after_success(tmp_path):
+    store = ArtifactStore(tmp_path)
+    work = store.work_dir(request())
+
+    def crash(out):
+        work.mkdir(parents=True)
+        (work / "checkpoint").write_text("step 10")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.build(request(), crash)
+    assert (work / "checkpoint").read_text() == "step 10"
+    store.build(request(), write_files)
+    assert not work.exists()
+    assert store.get(request()) is not None
