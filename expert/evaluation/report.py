@@ -1,0 +1,137 @@
+"""report.md and the tables in it, with published reference results to compare against.
+
+`markdown_tables(metrics)` returns each table as a list of row dicts, the shape Prefect's
+table artifacts take, so the flow can publish exactly what report.md shows.
+`REFERENCES` is the one place where published numbers live (percent, as published; None
+where a paper gave no macro-F1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Published results, as the original project's README compared against them.
+REFERENCES: dict[str, list[dict]] = {
+    "pubmedqa": [
+        {"model": "GPT-3.5 + Z-Code++", "accuracy": 79.6, "macro_f1": 55.8},
+        {"model": "Flan-PaLM (540B)", "accuracy": 79.0, "macro_f1": None},
+        {"model": "Human performance", "accuracy": 78.0, "macro_f1": 72.2},
+        {"model": "Galactica (120B)", "accuracy": 77.6, "macro_f1": None},
+        {"model": "LLaMA-33B-4bit + LoRA (original project)", "accuracy": 75.6, "macro_f1": 54.1},
+        {"model": "GPT-4 (0-shot)", "accuracy": 75.2, "macro_f1": None},
+        {"model": "PubMedGPT (2.7B)", "accuracy": 74.4, "macro_f1": None},
+        {"model": "DRAGON", "accuracy": 73.4, "macro_f1": None},
+    ],
+    "mmlu": [
+        {"model": "LLaMA-13B", "accuracy": 46.9},
+        {"model": "LLaMA-33B", "accuracy": 57.8},
+        {"model": "LLaMA-33B-4bit (original project)", "accuracy": 56.2},
+        {"model": "LLaMA-65B", "accuracy": 63.4},
+    ],
+}
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 1)
+
+
+def comparison_rows(metrics: dict, run_name: str = "this run") -> list[dict]:
+    """Reference rows plus this run's row, ranked by accuracy (this run first on a tie)."""
+    benchmark = metrics["benchmark"]
+    if benchmark == "pubmedqa":
+        ours = {"model": f"**{run_name}**", "accuracy": _pct(metrics["accuracy"]),
+                "macro_f1": _pct(metrics["macro_f1"])}
+    else:
+        ours = {"model": f"**{run_name}**", "accuracy": _pct(metrics["average"])}
+    rows = sorted([ours] + [dict(r) for r in REFERENCES[benchmark]],
+                  key=lambda r: (-r["accuracy"], r is not ours))
+    table = []
+    for rank, row in enumerate(rows, 1):
+        out = {"rank": rank, "model": row["model"], "accuracy (%)": row["accuracy"]}
+        if benchmark == "pubmedqa":
+            out["macro-F1 (%)"] = row["macro_f1"] if row["macro_f1"] is not None else "-"
+        table.append(out)
+    return table
+
+
+def markdown_tables(metrics: dict, run_name: str = "this run") -> dict[str, list[dict]]:
+    """Every table of report.md as {title: rows}; rows are dicts of JSON-ready cells."""
+    tables = {"comparison": comparison_rows(metrics, run_name)}
+    if metrics["benchmark"] == "pubmedqa":
+        tables.update(_pubmedqa_tables(metrics))
+    else:
+        tables.update(_mmlu_tables(metrics))
+    return tables
+
+
+def _pubmedqa_tables(m: dict) -> dict[str, list[dict]]:
+    base = m["majority_baseline"]
+    summary = [
+        {"metric": "accuracy (%)", "value": _pct(m["accuracy"])},
+        {"metric": "macro-F1 (%)", "value": _pct(m["macro_f1"])},
+        {"metric": f"majority baseline ('{base['label']}') accuracy (%)", "value": _pct(base["accuracy"])},
+        {"metric": "majority baseline macro-F1 (%)", "value": _pct(base["macro_f1"])},
+        {"metric": "questions", "value": m["n"]},
+    ]
+    per_class = [{"label": label, "precision (%)": _pct(v["precision"]), "recall (%)": _pct(v["recall"]),
+                  "F1 (%)": _pct(v["f1"]), "support": v["support"]} for label, v in m["per_class"].items()]
+    confusion = [{"gold \\ predicted": gold, **{p: n for p, n in zip(m["labels"], row)}}
+                 for gold, row in zip(m["labels"], m["confusion"])]
+    return {"summary": summary, "per_class": per_class, "confusion": confusion}
+
+
+def _mmlu_tables(m: dict) -> dict[str, list[dict]]:
+    base = m["majority_letter_baseline"]
+    summary = [
+        {"metric": "average accuracy, question-weighted (%)", "value": _pct(m["average"])},
+        {"metric": "mean of subject accuracies (%)", "value": _pct(m["subject_mean"])},
+        {"metric": "chance (%)", "value": _pct(m["chance"])},
+        {"metric": f"majority letter ('{base['letter']}') baseline (%)", "value": _pct(base["accuracy"])},
+        {"metric": "questions", "value": m["n"]},
+        {"metric": "subjects", "value": len(m["subjects"])},
+    ]
+    categories = [{"category": c, "accuracy (%)": _pct(acc), "questions": m["category_n"][c]}
+                  for c, acc in m["categories"].items()]
+    subjects = sorted(m["subjects"], key=lambda s: (m["subject_category"][s], s))
+    subject_rows = [{"subject": s, "category": m["subject_category"][s], "accuracy (%)": _pct(m["subjects"][s]),
+                     "questions": m["subject_n"][s]} for s in subjects]
+    return {"summary": summary, "categories": categories, "subjects": subject_rows}
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """A GitHub-flavoured markdown table of row dicts (columns from the first row)."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value).replace("|", "\\|")
+
+
+_TITLES = {"summary": "Summary", "comparison": "Comparison with published results",
+           "per_class": "Per class", "confusion": "Confusion matrix (rows gold, columns predicted)",
+           "categories": "Categories", "subjects": "Subjects"}
+
+
+def render_report(metrics: dict, run_name: str = "this run", details: dict | None = None) -> str:
+    """report.md text: what was run, then every table; MMLU links its plot."""
+    name = {"pubmedqa": "PubMedQA (zero-shot)", "mmlu": "MMLU (5-shot)"}[metrics["benchmark"]]
+    parts = [f"# {name}: {run_name}\n"]
+    if details:
+        parts.append("\n".join(f"- {key}: {value}" for key, value in details.items()) + "\n")
+    tables = markdown_tables(metrics, run_name)
+    order = ["summary", "comparison"] + [t for t in tables if t not in ("summary", "comparison")]
+    for title in order:
+        parts.append(f"## {_TITLES.get(title, title)}\n\n" + to_markdown(tables[title]))
+        if title == "comparison" and metrics["benchmark"] == "mmlu":
+            parts.append("![MMLU accuracy per subject](mmlu.png)\n")
+    return "\n".join(parts)
+
+
+def write_report(path: Path, metrics: dict, run_name: str = "this run", details: dict | None = None) -> Path:
+    path.write_text(render_report(metrics, run_name, details))
+    return path

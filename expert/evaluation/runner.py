@@ -1,0 +1,172 @@
+"""`evaluate(...)`: score one model (plus optional LoRA adapter) on one benchmark.
+
+Reads the benchmark's Parquet (data contract: id, prompt, answer, choices; MMLU adds
+subject, category), scores every choice by log-likelihood (see scoring.py), and writes
+into `out_dir`:
+- metrics.json: the numbers (see metrics.py) plus scoring mode and timing;
+- predictions.parquet: id, gold, prediction, correct, loglik_<choice> per choice;
+- pubmedqa_preds.json (PubMedQA): {pmid: label} for exactly the evaluated ids, the
+  submission format of the PubMedQA authors' evaluation.py;
+- mmlu.png (MMLU): accuracy per subject;
+- report.md: the tables, with published results for comparison.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from expert.errors import ConfigError, DataError
+from expert.evaluation.config import EvalConfig
+from expert.evaluation.loading import load_model
+from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
+from expert.evaluation.plots import plot_mmlu
+from expert.evaluation.report import write_report
+from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
+
+BENCHMARKS = ("pubmedqa", "mmlu")
+_COLUMNS = {"pubmedqa": ["id", "prompt", "answer", "choices"],
+            "mmlu": ["id", "prompt", "answer", "choices", "subject", "category"]}
+
+Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
+
+
+def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path, out_dir: Path,
+             adapter_dir: Path | None = None, progress: Progress | None = None,
+             run_name: str | None = None) -> dict:
+    """Score `model_dir` (+ `adapter_dir`) on `benchmark`, write the outputs, return metrics."""
+    benchmark = check_benchmark(benchmark)
+    frame = load_questions(config, benchmark, Path(data_dir))
+    loaded = load_model(Path(model_dir), adapter_dir and Path(adapter_dir), config.device, config.dtype)
+    started = time.perf_counter()
+    scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
+    seconds = time.perf_counter() - started
+    choices = frame["choices"].tolist()
+    predictions = [options[max(range(len(row)), key=row.__getitem__)] for options, row in zip(choices, scores)]
+    metrics = _metrics(benchmark, frame, predictions)
+    metrics["scoring"] = mode
+    metrics["timing"] = {"scoring_s": round(seconds, 3), "questions_per_s": round(len(frame) / seconds, 3),
+                         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")}
+    run_name = run_name or Path(model_dir).name + (" + LoRA" if adapter_dir else "")
+    _write_outputs(Path(out_dir), benchmark, frame, predictions, scores, metrics, run_name,
+                   {"model": Path(model_dir).name, "adapter": Path(adapter_dir).name if adapter_dir else "none"})
+    return metrics
+
+
+def check_benchmark(name: str) -> str:
+    if name not in BENCHMARKS:
+        hint = difflib.get_close_matches(name, BENCHMARKS, n=1)
+        raise ConfigError(f"unknown benchmark {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; known benchmarks: {', '.join(BENCHMARKS)}")
+    return name
+
+
+def load_questions(config: EvalConfig, benchmark: str, data_dir: Path) -> pd.DataFrame:
+    """The benchmark's evaluation split, checked and subset as the config says."""
+    split = config.pubmedqa_split if benchmark == "pubmedqa" else "test"
+    path = data_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; run the data stage (`expert data`) for {benchmark} first")
+    frame = pd.read_parquet(path)
+    missing = [c for c in _COLUMNS[benchmark] if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run the data stage to rewrite it")
+    frame["id"] = frame["id"].astype(str)
+    frame["choices"] = [list(c) for c in frame["choices"]]
+    if benchmark == "mmlu":
+        frame = _subset_mmlu(config, frame, path)
+    bad = [i for i, a, c in zip(frame["id"], frame["answer"], frame["choices"]) if a not in c]
+    if bad:
+        raise DataError(f"{path}: answer not among the choices for id(s) {', '.join(bad[:5])}")
+    if frame.empty:
+        raise DataError(f"{path} holds no questions to evaluate")
+    return frame.reset_index(drop=True)
+
+
+def _subset_mmlu(config: EvalConfig, frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if config.mmlu_subjects is not None:
+        known = sorted(frame["subject"].unique())
+        for name in config.mmlu_subjects:
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise ConfigError(f"eval.mmlu_subjects: unknown subject {name!r} in {path}"
+                                  + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                  + f"; {len(known)} subjects are available, e.g. {', '.join(known[:5])}")
+        frame = frame[frame["subject"].isin(config.mmlu_subjects)]
+    if config.mmlu_max_per_subject is not None:
+        frame = frame.groupby("subject", sort=False).head(config.mmlu_max_per_subject)
+    return frame
+
+
+def score_frame(model, tokenizer, frame: pd.DataFrame, config: EvalConfig, benchmark: str,
+                progress: Progress | None = None) -> tuple[list[list[float]], dict]:
+    """Log-likelihood of every choice of every row; plus how the scoring ran."""
+    from tqdm.auto import tqdm
+
+    questions = encode_questions(tokenizer, frame["prompt"].tolist(),
+                                 [[" " + c for c in choices] for choices in frame["choices"]])
+    groups = None
+    if benchmark == "mmlu" and config.prefix_cache:
+        key = "prefix" if "prefix" in frame.columns else "subject"
+        groups = list(frame.groupby(key, sort=False).indices.values())
+    max_length = config.max_length or model_max_length(model, tokenizer)
+    total = len(questions)
+    bar = tqdm(total=total, desc=f"eval {benchmark}", unit="q")
+    done = [0]
+
+    def tick(_question: int) -> None:
+        done[0] += 1
+        bar.update(1)
+        # ~100 calls at most: each may become a Prefect artifact update.
+        if progress is not None and (done[0] == total or done[0] % max(1, total // 100) == 0):
+            progress(done[0], total)
+
+    try:
+        scores = score_questions(model, questions, max_length=max_length, batch_size=config.batch_size,
+                                 groups=groups, on_question_done=tick)
+    finally:
+        bar.close()
+    mode = {"one_pass_questions": sum(one_pass(q) for q in questions), "prefix_cache": groups is not None,
+            "max_length": max_length, "batch_size": config.batch_size}
+    if mode["one_pass_questions"] < total:
+        log.warning("%s: %d of %d questions have a choice of several tokens with this tokenizer; they were "
+                    "scored with one forward pass per choice (same scores, slower)", benchmark,
+                    total - mode["one_pass_questions"], total)
+    return scores, mode
+
+
+def _metrics(benchmark: str, frame: pd.DataFrame, predictions: list[str]) -> dict:
+    if benchmark == "pubmedqa":
+        return pubmedqa_metrics(frame["answer"].tolist(), predictions)
+    return mmlu_metrics(frame["subject"].tolist(), frame["category"].tolist(), frame["answer"].tolist(),
+                        predictions)
+
+
+def _write_outputs(out_dir: Path, benchmark: str, frame: pd.DataFrame, predictions: list[str],
+                   scores: list[list[float]], metrics: dict, run_name: str, details: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({"id": frame["id"], "gold": frame["answer"], "prediction": predictions})
+    if benchmark == "mmlu":
+        table.insert(1, "subject", frame["subject"])
+        table.insert(2, "category", frame["category"])
+    table["correct"] = table["gold"] == table["prediction"]
+    for c, choice in enumerate(frame["choices"].iloc[0]):
+        table[f"loglik_{choice}"] = [row[c] for row in scores]
+    table.to_parquet(out_dir / "predictions.parquet", index=False)
+    if benchmark == "pubmedqa":
+        preds = dict(zip(frame["id"], predictions))
+        (out_dir / "pubmedqa_preds.json").write_text(json.dumps(preds, indent=1) + "\n")
+    else:
+        plot_mmlu(metrics, out_dir / "mmlu.png", title=f"MMLU 5-shot, {run_name}")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    timing = metrics["timing"]
+    write_report(out_dir / "report.md", metrics, run_name,
+                 {**details, "questions": metrics["n"], "scoring time": f"{timing['scoring_s']:.1f} s "
+                  f"({timing['questions_per_s']:.2f} questions/s on {timing['device']}, {timing['dtype']})"})

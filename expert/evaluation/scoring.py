@@ -1,0 +1,236 @@
+"""Log-likelihood scoring of multiple-choice questions, the lm-evaluation-harness way.
+
+A question is a context (the prompt) and choices (continuations such as " yes" or " A").
+Each choice's score is the summed log-probability of its tokens after the context.
+
+Tokenization follows lm-eval's `_encode_pair`: trailing whitespace of the context moves
+into the continuation, context+continuation is encoded as one string and split at the
+length of the encoded context, and the tokenizer's own defaults decide about a BOS token
+(none is added where the tokenizer adds none). Inputs longer than the context window
+lose tokens from the left, as lm-eval's `(ctx + cont)[-(max_length + 1):][:-1]`.
+
+Speed, without changing what is computed:
+- when every choice of a question is one token (MMLU letters, PubMedQA yes/no/maybe on
+  most tokenizers) the context shares all of its tokens across choices, so ONE forward
+  pass scores all of them from the last position's log-probs;
+- passes are sorted by length and padded on the right only to their batch's longest;
+- `logits_to_keep` asks the model for the last few positions' logits only;
+- questions that share a prompt prefix (an MMLU subject's 5 shots) can run that prefix
+  once and reuse its KV cache. The cached prefix is the longest common *token* prefix of
+  the group's encoded inputs, so prefix + suffix tokens are exactly the uncached tokens
+  (splitting the text at the prefix would not be: "\\n\\n" encodes as one token at the end
+  of a string and as two before a question).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# A shared prefix shorter than this is not worth a separate forward pass.
+MIN_PREFIX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Question:
+    """Encoded question: lm-eval's context_enc and each choice's continuation_enc."""
+
+    context: list[int]
+    choices: list[list[int]]
+
+
+@dataclass
+class _Pass:
+    """One model input: its tokens and the choices scored on its last positions."""
+
+    question: int
+    tokens: list[int]
+    targets: list[tuple[int, list[int]]]  # (choice index, tokens scored at the end)
+    truncated: bool
+
+    @property
+    def span(self) -> int:
+        return max(len(target) for _, target in self.targets)
+
+
+def encode_questions(tokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[Question]:
+    """Encode (context, continuations) like lm-eval's `_encode_pair` for a causal LM."""
+    ctxs, wholes, owner = [], [], []
+    for i, (context, conts) in enumerate(zip(contexts, choices, strict=True)):
+        if not context:
+            raise ValueError(f"question {i} has an empty prompt; every prompt must end with 'Answer:'")
+        stripped = context.rstrip()
+        moved = context[len(stripped):]  # trailing whitespace belongs to the continuation
+        ctxs.append(stripped)
+        for cont in conts:
+            wholes.append(stripped + moved + cont)
+            owner.append(i)
+    ctx_ids, whole_ids = _encode(tokenizer, ctxs), _encode(tokenizer, wholes)
+    split: list[list[list[int]]] = [[] for _ in ctxs]
+    for i, whole in zip(owner, whole_ids):
+        split[i].append(whole[len(ctx_ids[i]):])
+    for i, conts in enumerate(split):
+        if any(not cont for cont in conts):
+            raise ValueError(f"question {i}: a choice encodes to no tokens after its context")
+    return [Question(context=c, choices=s) for c, s in zip(ctx_ids, split)]
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Tokenizer defaults, except no special tokens for text that already starts with BOS."""
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = tokenizer.decode(bos_id) if bos_id is not None else None
+    plain = [i for i, t in enumerate(texts) if not (bos and t.startswith(bos))]
+    out: list[list[int]] = [[] for _ in texts]
+    for idx, special in ((plain, {}), (sorted(set(range(len(texts))) - set(plain)), {"add_special_tokens": False})):
+        if idx:
+            ids = tokenizer([texts[i] for i in idx], **special)["input_ids"]
+            for i, row in zip(idx, ids):
+                out[i] = list(row)
+    return out
+
+
+def model_max_length(model, tokenizer, default: int = 2048) -> int:
+    """The context window lm-eval would use: config attributes, then tokenizer, then 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit < 10**12 else default
+
+
+def one_pass(question: Question) -> bool:
+    return all(len(choice) == 1 for choice in question.choices)
+
+
+def _make_passes(index: int, question: Question, max_length: int) -> list[_Pass]:
+    ctx = question.context
+    if one_pass(question):
+        targets = [(c, choice) for c, choice in enumerate(question.choices)]
+        return [_Pass(index, ctx[-max_length:], targets, len(ctx) > max_length)]
+    passes = []
+    for c, cont in enumerate(question.choices):
+        full = ctx + cont
+        passes.append(_Pass(index, full[-(max_length + 1):][:-1], [(c, cont)], len(full) > max_length + 1))
+    return passes
+
+
+def score_questions(model, questions: Sequence[Question], *, max_length: int, batch_size: int = 8,
+                    groups: Sequence[Sequence[int]] | None = None,
+                    on_question_done: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Log-likelihood of every choice of every question: result[q][c].
+
+    `groups` lists questions that share a prompt prefix; each group's longest common token
+    prefix is run once and its KV cache reused (None: no prefix caching).
+    """
+    passes = [p for i, q in enumerate(questions) for p in _make_passes(i, q, max_length)]
+    scores = [[math.nan] * len(q.choices) for q in questions]
+    left = [0] * len(questions)
+    for p in passes:
+        left[p.question] += 1
+    device = next(model.parameters()).device
+
+    def record(p: _Pass, values: list[float]) -> None:
+        for (choice, _), value in zip(p.targets, values):
+            scores[p.question][choice] = value
+        left[p.question] -= 1
+        if left[p.question] == 0 and on_question_done is not None:
+            on_question_done(p.question)
+
+    for prefix, members in _plan(passes, groups):
+        cache = _prefix_cache(model, prefix, device) if prefix else None
+        members.sort(key=lambda p: (-len(p.tokens), p.tokens))
+        for start in range(0, len(members), batch_size):
+            batch = members[start:start + batch_size]
+            suffixes = [p.tokens[len(prefix):] for p in batch]
+            batch_cache = _expand(cache, len(batch)) if cache is not None else None
+            for p, values in zip(batch, _forward(model, suffixes, [p.targets for p in batch], device, batch_cache)):
+                record(p, values)
+    return scores
+
+
+def _plan(passes: list[_Pass], groups: Sequence[Sequence[int]] | None) -> list[tuple[list[int], list[_Pass]]]:
+    """Split passes into (shared prefix tokens, passes) runs; an empty prefix means no cache."""
+    if groups is None:
+        return [([], passes)]
+    by_question: dict[int, list[_Pass]] = {}
+    for p in passes:
+        by_question.setdefault(p.question, []).append(p)
+    runs, grouped = [], set()
+    for group in groups:
+        members = [p for q in group for p in by_question.get(q, [])]
+        grouped.update(group)
+        cacheable = [p for p in members if not p.truncated]
+        # Truncated inputs start mid-prefix: they run uncached, on their own.
+        rest = [p for p in members if p.truncated]
+        prefix = _common_prefix(cacheable)
+        if len(prefix) >= MIN_PREFIX_TOKENS:
+            runs.append((prefix, cacheable))
+        else:
+            rest = members
+        if rest:
+            runs.append(([], rest))
+    ungrouped = [p for p in passes if p.question not in grouped]
+    if ungrouped:
+        runs.append(([], ungrouped))
+    return runs
+
+
+def _common_prefix(passes: list[_Pass]) -> list[int]:
+    """Longest common token prefix that leaves every scored position in the suffix."""
+    if not passes:
+        return []
+    prefix = os.path.commonprefix([p.tokens for p in passes])
+    room = min(len(p.tokens) - p.span for p in passes)
+    return list(prefix[:max(room, 0)])
+
+
+@torch.inference_mode()
+def _prefix_cache(model, prefix: list[int], device: torch.device):
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+
+
+def _expand(cache, batch: int):
+    """A private copy of the prefix cache repeated over the batch (the forward appends to it)."""
+    fresh = copy.deepcopy(cache)
+    if batch > 1:
+        fresh.batch_repeat_interleave(batch)
+    return fresh
+
+
+@torch.inference_mode()
+def _forward(model, inputs: list[list[int]], targets: list[list[tuple[int, list[int]]]],
+             device: torch.device, cache=None) -> list[list[float]]:
+    """Right-padded batch forward; summed log-probs of each input's targets.
+
+    Right padding needs no attention mask: causal attention never lets a real token see
+    the pads after it (lm-eval relies on the same fact).
+    """
+    width = max(len(t) for t in inputs)
+    ids = torch.zeros((len(inputs), width), dtype=torch.long)
+    for row, tokens in enumerate(inputs):
+        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    spans = [max(len(t) for _, t in row) for row in targets]
+    first = min(len(t) - s for t, s in zip(inputs, spans))
+    keep = width - first
+    out = model(input_ids=ids.to(device), cache=cache, use_cache=cache is not None,
+                logits_to_keep=keep)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+    results = []
+    for row, (tokens, row_targets) in enumerate(zip(inputs, targets)):
+        end = len(tokens) - first  # index in the kept logits just past this input's last position
+        values = []
+        for _, target in row_targets:
+            rows = logprobs[row, end - len(target):end]
+            picked = rows.gather(1, torch.tensor(target, device=rows.device).unsqueeze(1))
+            values.append(float(picked.sum()))
+        results.append(values)
+    return results

@@ -1,0 +1,43 @@
+"""report.md and its tables: the run's row in rank order among the published results."""
+
+from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
+from expert.evaluation.plots import plot_mmlu
+from expert.evaluation.report import REFERENCES, comparison_rows, markdown_tables, render_report
+
+
+def pubmedqa(accuracy_of_25: int) -> dict:
+    gold = ["yes"] * 25
+    return pubmedqa_metrics(gold, ["yes"] * accuracy_of_25 + ["no"] * (25 - accuracy_of_25))
+
+
+def test_pubmedqa_row_is_ranked_among_references():
+    rows = comparison_rows(pubmedqa(19), "ours")  # 76.0%: between Galactica 77.6 and LLaMA-33B 75.6
+    assert [r["rank"] for r in rows] == list(range(1, len(REFERENCES["pubmedqa"]) + 2))
+    assert rows[4] == {"rank": 5, "model": "**ours**", "accuracy (%)": 76.0, "macro-F1 (%)": rows[4]["macro-F1 (%)"]}
+    assert rows[3]["model"].startswith("Galactica") and rows[5]["model"].startswith("LLaMA-33B-4bit")
+    accuracies = [r["accuracy (%)"] for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert comparison_rows(pubmedqa(1), "ours")[-1]["model"] == "**ours**"
+
+
+def test_report_markdown_holds_the_row_in_order():
+    text = render_report(pubmedqa(19), "ours", {"model": "tiny"})
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    galactica = next(i for i, line in enumerate(lines) if "Galactica" in line)
+    assert lines[galactica + 1].startswith("| 5 | **ours** | 76.0 |")
+    assert "- model: tiny" in text and "## Confusion matrix" in text
+
+
+def test_mmlu_tables_and_plot(tmp_path):
+    subjects = ["anatomy"] * 4 + ["philosophy"] * 4 + ["econometrics"] * 2
+    categories = ["STEM"] * 4 + ["humanities"] * 4 + ["social sciences"] * 2
+    gold = list("ABCDABCDAB")
+    pred = list("ABCAAAAAAB")  # anatomy 3/4, philosophy 1/4, econometrics 2/2 -> 6/10
+    m = mmlu_metrics(subjects, categories, gold, pred)
+    tables = markdown_tables(m, "ours")
+    assert set(tables) == {"comparison", "summary", "categories", "subjects"}
+    ranked = [r["model"] for r in tables["comparison"]]
+    assert ranked.index("**ours**") == 1  # 60.0 after LLaMA-65B 63.4, before LLaMA-33B 57.8
+    assert tables["categories"][0] == {"category": "STEM", "accuracy (%)": 75.0, "questions": 4}
+    path = plot_mmlu(m, tmp_path / "mmlu.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,87 @@
+"""evaluate(): files written, ids, subsets, progress, report and plot, errors."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from expert.errors import ConfigError, DataError
+from expert.evaluation import EvalConfig, evaluate
+from tests.expert.eval_fixtures import llama_dir, mmlu_dir, pubmedqa_dir, pubmedqa_frame  # noqa: F401
+
+
+def test_pubmedqa_outputs(llama_dir, pubmedqa_dir, tmp_path):
+    calls = []
+    out = tmp_path / "out"
+    metrics = evaluate(EvalConfig(device="cpu"), "pubmedqa", llama_dir, pubmedqa_dir, out,
+                       progress=lambda done, total: calls.append((done, total)), run_name="tiny")
+    ids = pubmedqa_frame()["id"].tolist()
+    preds = json.loads((out / "pubmedqa_preds.json").read_text())
+    assert sorted(preds) == sorted(ids)  # exactly the evaluated ids, as the authors' script demands
+    assert set(preds.values()) <= {"yes", "no", "maybe"}
+    table = pd.read_parquet(out / "predictions.parquet")
+    assert list(table.columns) == ["id", "gold", "prediction", "correct", "loglik_yes", "loglik_no", "loglik_maybe"]
+    argmax = table[["loglik_yes", "loglik_no", "loglik_maybe"]].to_numpy().argmax(axis=1)
+    assert [["yes", "no", "maybe"][i] for i in argmax] == table["prediction"].tolist()
+    assert dict(zip(table["id"], table["prediction"])) == preds
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert metrics["n"] == len(ids) and metrics["accuracy"] == pytest.approx(table["correct"].mean())
+    assert metrics["scoring"]["one_pass_questions"] == len(ids)
+    assert calls[-1] == (len(ids), len(ids))
+    assert "**tiny**" in (out / "report.md").read_text()
+
+
+def test_pubmedqa_dev_split(llama_dir, pubmedqa_dir, tmp_path):
+    evaluate(EvalConfig(device="cpu", pubmedqa_split="dev"), "pubmedqa", llama_dir, pubmedqa_dir, tmp_path)
+    assert len(json.loads((tmp_path / "pubmedqa_preds.json").read_text())) == 3
+
+
+def test_mmlu_subset_outputs(llama_dir, mmlu_dir, tmp_path):
+    config = EvalConfig(device="cpu", mmlu_subjects=["college_biology", "nutrition"], mmlu_max_per_subject=3,
+                        batch_size=2)
+    metrics = evaluate(config, "mmlu", llama_dir, mmlu_dir, tmp_path)
+    assert metrics["n"] == 6 and set(metrics["subjects"]) == {"college_biology", "nutrition"}
+    assert metrics["categories"].keys() == {"STEM", "other"}
+    table = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert table["id"].tolist() == [f"{s}/{i}" for s in ("college_biology", "nutrition") for i in range(3)]
+    assert metrics["average"] == pytest.approx(table["correct"].mean())
+    png = (tmp_path / "mmlu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    report = (tmp_path / "report.md").read_text()
+    assert "![MMLU accuracy per subject](mmlu.png)" in report and "| college_biology | STEM |" in report
+
+
+def test_prefix_cache_changes_no_prediction(llama_dir, mmlu_dir, tmp_path):
+    with_cache = evaluate(EvalConfig(device="cpu"), "mmlu", llama_dir, mmlu_dir, tmp_path / "a")
+    without = evaluate(EvalConfig(device="cpu", prefix_cache=False), "mmlu", llama_dir, mmlu_dir, tmp_path / "b")
+    a = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
+    assert a["prediction"].tolist() == b["prediction"].tolist()
+    assert a["loglik_A"].to_numpy() == pytest.approx(b["loglik_A"].to_numpy(), abs=1e-4)
+    assert with_cache["subjects"] == without["subjects"]
+
+
+def test_unknown_subject_says_did_you_mean(llama_dir, mmlu_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'college_bio'.*did you mean 'college_biology'"):
+        evaluate(EvalConfig(mmlu_subjects=["college_bio"]), "mmlu", llama_dir, mmlu_dir, tmp_path)
+
+
+def test_unknown_benchmark_and_missing_data(llama_dir, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'pubmedqa'"):
+        evaluate(EvalConfig(), "pubmed", llama_dir, tmp_path, tmp_path / "out")
+    with pytest.raises(DataError, match="test.parquet does not exist"):
+        evaluate(EvalConfig(), "mmlu", llama_dir, tmp_path, tmp_path / "out")
+
+
+def test_missing_column_is_named(llama_dir, tmp_path):
+    pubmedqa_frame().drop(columns=["choices"]).to_parquet(tmp_path / "test.parquet")
+    with pytest.raises(DataError, match="lacks column\\(s\\) choices"):
+        evaluate(EvalConfig(), "pubmedqa", llama_dir, tmp_path, tmp_path / "out")
+
+
+def test_config_rejects_typos_and_bad_values():
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        EvalConfig.from_dict({"batchsize": 4}, where="eval")
+    with pytest.raises(ConfigError, match="pubmedqa_split"):
+        EvalConfig.from_dict({"pubmedqa_split": "train"}, where="eval")

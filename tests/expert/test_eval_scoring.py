@@ -1,0 +1,129 @@
+"""Log-likelihood scoring on the tiny Llama against brute-force references."""
+
+import pytest
+import torch
+
+from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
+from tests.expert.eval_fixtures import loaded, llama_dir, mmlu_frame, pubmedqa_frame  # noqa: F401
+
+LETTERS = [" A", " B", " C", " D"]
+
+
+def brute_force(model, tokenizer, context: str, choice: str, max_length: int = 10**9) -> float:
+    """One full forward per choice over the untruncated-or-cut text, summing token log-probs one by one."""
+    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + choice)
+    cont = whole[len(ctx):]
+    tokens = (ctx + cont)[-(max_length + 1):]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    total = 0.0
+    for j, token in enumerate(cont):
+        position = len(tokens) - 1 - len(cont) + j  # the logit row that predicts cont[j]
+        total += float(logprobs[position, token])
+    return total
+
+
+def test_encoding_moves_trailing_space_into_the_continuation(loaded):
+    tok = loaded.tokenizer
+    with_space = encode_questions(tok, ["Answer: "], [["yes"]])[0]
+    without = encode_questions(tok, ["Answer:"], [[" yes"]])[0]
+    assert with_space == without
+    assert without.context == tok.encode("Answer:")
+    assert without.context + without.choices[0] == tok.encode("Answer: yes")
+
+
+def test_no_bos_is_added_where_the_tokenizer_adds_none(loaded):
+    q = encode_questions(loaded.tokenizer, ["Answer:"], [[" yes"]])[0]
+    assert loaded.tokenizer.bos_token_id not in q.context
+
+
+@pytest.mark.parametrize("choices", [[" yes", " no", " maybe"], [" yes", " xyzzy qq", " no plugh"]])
+def test_choice_scores_match_brute_force(loaded, choices):
+    prompts = pubmedqa_frame()["prompt"].tolist()[:4]
+    questions = encode_questions(loaded.tokenizer, prompts, [choices] * len(prompts))
+    assert all(one_pass(q) for q in questions) == all(len(loaded.tokenizer.encode(c)) == 1 for c in choices)
+    got = score_questions(loaded.model, questions, max_length=256, batch_size=3)
+    for prompt, row in zip(prompts, got):
+        want = [brute_force(loaded.model, loaded.tokenizer, prompt, c) for c in choices]
+        assert row == pytest.approx(want, abs=1e-4)
+
+
+def test_mmlu_one_pass_equals_four_full_passes(loaded):
+    prompts = mmlu_frame(2)["prompt"].tolist()
+    questions = encode_questions(loaded.tokenizer, prompts, [LETTERS] * len(prompts))
+    assert all(one_pass(q) for q in questions), "each letter with its space should be one token"
+    got = score_questions(loaded.model, questions, max_length=256, batch_size=4)
+    for prompt, row in zip(prompts, got):
+        assert row == pytest.approx([brute_force(loaded.model, loaded.tokenizer, prompt, c) for c in LETTERS],
+                                    abs=1e-4)
+
+
+def test_left_truncation_matches_lm_eval(loaded):
+    prompt = pubmedqa_frame()["prompt"].iloc[1]
+    short = 12
+    assert len(loaded.tokenizer.encode(prompt)) > short
+    for choices in ([" yes", " no"], [" xyzzy", " no plugh"]):
+        questions = encode_questions(loaded.tokenizer, [prompt], [choices])
+        got = score_questions(loaded.model, questions, max_length=short)[0]
+        assert got == pytest.approx([brute_force(loaded.model, loaded.tokenizer, prompt, c, short)
+                                     for c in choices], abs=1e-4)
+
+
+def test_prefix_cache_equals_uncached(loaded, monkeypatch):
+    from expert.evaluation import scoring
+
+    prefixes = []
+    real = scoring._prefix_cache
+    monkeypatch.setattr(scoring, "_prefix_cache", lambda m, p, d: prefixes.append(len(p)) or real(m, p, d))
+    frame = mmlu_frame(4)
+    questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), [LETTERS] * len(frame))
+    groups = list(frame.groupby("subject", sort=False).indices.values())
+    plain = score_questions(loaded.model, questions, max_length=256, batch_size=3)
+    cached = score_questions(loaded.model, questions, max_length=256, batch_size=3, groups=groups)
+    assert cached == [pytest.approx(row, abs=1e-4) for row in plain]
+    assert len(prefixes) == len(groups) and min(prefixes) > 30  # one cached prefix per subject
+    # Multi-token choices take the per-choice path, also through the cache.
+    texts = [[" xyzzy", " B", " no plugh", " D"]] * len(frame)
+    questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), texts)
+    plain = score_questions(loaded.model, questions, max_length=256, batch_size=5)
+    cached = score_questions(loaded.model, questions, max_length=256, batch_size=5, groups=groups)
+    assert cached == [pytest.approx(row, abs=1e-4) for row in plain]
+
+
+def test_prefix_cache_is_exact_when_the_text_prefix_is_not_a_token_prefix(loaded):
+    # The cache splits at the group's common *token* prefix, never at the text prefix: here
+    # the shared text ends inside the word " following", so the text split is no token split
+    # (with SmolLM2's tokenizer the usual "\n\n" end of an MMLU prefix is such a case too).
+    tok = loaded.tokenizer
+    shared = mmlu_frame(1)["prefix"].iloc[0] + "Which of the follow"
+    prompts = [shared + rest for rest in ("ing is a virus?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:",
+                                          "ing is a prion?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:")]
+    assert tok.encode(shared) + tok.encode(prompts[0][len(shared):]) != tok.encode(prompts[0])
+    questions = encode_questions(tok, prompts, [LETTERS] * 2)
+    plain = score_questions(loaded.model, questions, max_length=256)
+    cached = score_questions(loaded.model, questions, max_length=256, groups=[[0, 1]])
+    assert cached == [pytest.approx(row, abs=1e-4) for row in plain]
+
+
+def test_batched_equals_unbatched(loaded):
+    prompts = pubmedqa_frame()["prompt"].tolist() + mmlu_frame(1)["prompt"].tolist()
+    choices = [[" yes", " no", " maybe plugh"]] * len(prompts)
+    questions = encode_questions(loaded.tokenizer, prompts, choices)
+    assert len({len(q.context) for q in questions}) > 3, "lengths must differ for padding to matter"
+    one = score_questions(loaded.model, questions, max_length=256, batch_size=1)
+    many = score_questions(loaded.model, questions, max_length=256, batch_size=16)
+    assert many == [pytest.approx(row, abs=1e-4) for row in one]
+
+
+def test_every_question_reported_done_once(loaded):
+    prompts = pubmedqa_frame()["prompt"].tolist()
+    questions = encode_questions(loaded.tokenizer, prompts, [[" yes", " no plugh"]] * len(prompts))
+    done = []
+    score_questions(loaded.model, questions, max_length=256, batch_size=4, on_question_done=done.append)
+    assert sorted(done) == list(range(len(prompts)))
+
+
+def test_model_max_length_reads_the_config(loaded):
+    assert model_max_length(loaded.model, loaded.tokenizer) == loaded.model.config.max_position_embeddings
