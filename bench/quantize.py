@@ -1,0 +1,187 @@
+"""Benchmark: the quantize stage vs gptqmodel used directly with its own defaults.
+
+Both sides quantize the same model with the same tokenized calibration samples (PubMedQA train
+texts, seeded, cut to --max-length tokens) and save the result; each runs in a fresh process, so
+its wall time (calibration tokenizing + load + GPTQ + save; imports excluded) and peak RSS are
+its own. Ours is `expert.quantize.quantize` (transformers GPTQConfig -> optimum -> gptqmodel)
+with the perplexity comparison switched off; the peer is `GPTQModel.load` + `quantize` + `save`
+with gptqmodel's default QuantizeConfig, except group_size 64 when 128 does not divide the model
+(SmolLM2-135M: 576). Quality check: both outputs and the base are scored on --perplexity dev texts.
+
+    python bench/quantize.py --model /path/to/SmolLM2-135M-Instruct --data /path/to/pubmedqa_formatted \
+        --out bench/results/quantize_smollm2_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(_child(args)), flush=True)
+        return
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-quantize-"))
+    sides = {side: _run_child(args, side, work / side) for side in ("peer", "ours")}
+    result = _result(args, sides)
+    if args.perplexity:
+        result["perplexity"] = _perplexities(args, work)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face folder of the base model")
+    p.add_argument("--data", required=True, help="formatted PubMedQA folder (train.parquet, dev.parquet)")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--perplexity", type=int, default=32,
+                   help="dev texts to score both outputs on (the quality check; 0 skips)")
+    p.add_argument("--work", help="folder for the two quantized models (default: a temp folder)")
+    p.add_argument("--out", default=str(ROOT / "bench/results/quantize_smollm2_cpu.json"))
+    p.add_argument("--child", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    return p
+
+
+def _run_child(args, side: str, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--child-out", str(out), "--model", args.model,
+           "--data", args.data, "--samples", str(args.samples), "--max-length", str(args.max_length),
+           "--group-size", str(args.group_size)]
+    env = dict(os.environ)
+    # gptqmodel cannot quantize on a 2-core machine without it; ours sets it by itself if unset.
+    if side == "peer":
+        env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _child(args) -> dict:
+    import torch  # noqa: F401 (imports are not timed)
+    from transformers import AutoTokenizer
+
+    out = Path(args.child_out)
+    if args.child == "ours":
+        import optimum.gptq  # noqa: F401 (the stage imports these lazily; imports are not timed)
+
+        from expert.quantize import QuantizeConfig, quantize
+
+        start = time.perf_counter()
+        config = QuantizeConfig(group_size=args.group_size, num_samples=args.samples,
+                                max_length=args.max_length, perplexity_samples=0)
+        quantize(config, Path(args.model), Path(args.data), out)
+        seconds, extra = time.perf_counter() - start, {}
+    else:
+        from gptqmodel import GPTQModel, QuantizeConfig as PeerConfig
+
+        from expert.quantize.calibration import task_texts, tokenize_samples
+
+        start = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(args.model)
+        samples = tokenize_samples(task_texts(Path(args.data) / "train.parquet", args.samples, 0),
+                                   tok, args.max_length)
+        calibration = [{k: v[0].tolist() for k, v in s.items()} for s in samples]
+        model = GPTQModel.load(args.model, PeerConfig(group_size=args.group_size))
+        log = model.quantize(calibration, tokenizer=tok)
+        model.save(str(out))
+        seconds = time.perf_counter() - start
+        extra = {"gptq_loss_mean": _mean_loss(log if isinstance(log, list) else model.quant_log)}
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, **extra}
+
+
+def _mean_loss(log) -> float | None:
+    losses = []
+    for row in log or []:
+        try:
+            losses.append(float(row.get("loss")))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return sum(losses) / len(losses) if losses else None
+
+
+def _perplexities(args, work: Path) -> dict:
+    from expert.modeling import load_model
+    from expert.quantize.calibration import heldout_texts
+    from expert.quantize.report import perplexity
+
+    texts = heldout_texts(Path(args.data), args.perplexity, 0)
+    result = {"texts": len(texts)}
+    for name, folder in (("unquantized", Path(args.model)), ("ours", work / "ours"), ("peer", work / "peer")):
+        model, tok = load_model(folder)
+        result[name] = perplexity(model, tok, texts, args.max_length)["perplexity"]
+        del model
+    return result
+
+
+def _result(args, sides: dict) -> dict:
+    import gptqmodel
+    import optimum.version
+    import torch
+    import transformers
+
+    return {
+        "metric": f"GPTQ quantization wall time (calibration + load + quantize + save), {args.samples} "
+                  f"calibration samples of up to {args.max_length} tokens, bits 4, group size {args.group_size}",
+        "unit": "s",
+        "peer": {"name": f"gptqmodel {gptqmodel.__version__} GPTQModel.load + quantize + save, default "
+                         f"QuantizeConfig (group_size {args.group_size})", "value": sides["peer"]["seconds"]},
+        "ours": {"value": sides["ours"]["seconds"]},
+        "ratio": sides["peer"]["seconds"] / sides["ours"]["seconds"],  # > 1: ours is faster
+        "peak_rss_mib": {"ours": sides["ours"]["peak_rss_mib"], "peer": sides["peer"]["peak_rss_mib"]},
+        "peer_gptq_loss_mean": sides["peer"].get("gptq_loss_mean"),
+        "machine": _machine(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "optimum": optimum.version.__version__,
+                     "gptqmodel": gptqmodel.__version__},
+        "command": _command(args),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _command(args) -> str:
+    """The command line with this machine's paths replaced by what they stand for."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cmd = f"OMP_NUM_THREADS={threads} " if threads else ""
+    cmd += "python bench/quantize.py --model SMOLLM2_135M_INSTRUCT_DIR --data PUBMEDQA_FORMATTED_DIR"
+    for flag, value, default in (("--samples", args.samples, 128), ("--max-length", args.max_length, 512),
+                                 ("--group-size", args.group_size, 64), ("--perplexity", args.perplexity, 32)):
+        cmd += f" {flag} {value}" if value != default else ""
+    return cmd
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The `expert` command line.
+
+    expert run CONFIG [--set key=value ...]          the cached Prefect pipeline
+    expert import-model --source SRC --out DIR        gguf:FILE | hf:ORG/NAME | DIR | embedded:NAME
+    expert format pubmedqa --source FILE_OR_URL --out DIR [--fold K]
+    expert format mmlu --source DIR_OR_HF --out DIR
+    expert eval --model DIR [--adapter DIR] --benchmark pubmedqa|mmlu --data DIR --out DIR [--set key=value]
+
+A failure prints one paragraph and exits non-zero (2 for a problem with the input, 1 for
+anything unexpected); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from expert.errors import ExpertError
+
+PREFECT_DEFAULTS = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "expert",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+        return 0
+    except ExpertError as exc:
+        _fail(str(exc), args.debug)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed stages are kept and will be reused", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last resort: one paragraph instead of a traceback
+        _fail(f"unexpected {type(exc).__name__}: {exc}. Rerun with --debug for the traceback.", args.debug)
+        return 1
+
+
+def _fail(message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"expert: error: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = argparse.ArgumentParser(prog="expert", description=__doc__.split("\n\n")[0], parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the cached pipeline flow")
+    run.add_argument("config", help="YAML preset, e.g. configs/default.yaml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set data.pubmedqa.fold=3 (repeatable)")
+    run.set_defaults(handler=cmd_run)
+
+    imp = sub.add_parser("import-model", parents=[common], help="import a base model as a standard HF folder")
+    imp.add_argument("--source", required=True, help="gguf:FILE, hf:ORG/NAME, a local HF folder, or embedded:NAME")
+    imp.add_argument("--out", required=True, type=Path)
+    imp.add_argument("--revision", help="hub revision for hf: sources")
+    imp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    imp.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code to run")
+    imp.set_defaults(handler=cmd_import_model)
+
+    fmt = sub.add_parser("format", parents=[common], help="format a benchmark's data to Parquet")
+    fsub = fmt.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    pq = fsub.add_parser("pubmedqa", parents=[common], help="PubMedQA PQA-L -> train/dev/test.parquet")
+    pq.add_argument("--source", required=True, help="ori_pqal.json path or URL, or hf:qiaojin/PubMedQA")
+    pq.add_argument("--out", required=True, type=Path)
+    pq.add_argument("--fold", type=int, default=0, help="CV fold of the official split (0-9)")
+    pq.add_argument("--template", default=None, help="prompt template name")
+    pq.add_argument("--extra-train", default=None, help="optional PQA-A ori_pqaa.json added to train")
+    pq.add_argument("--tokenizer", type=Path, default=None, help="model folder whose tokenizer sets the budget")
+    pq.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate contexts to this token budget")
+    pq.set_defaults(handler=cmd_format_pubmedqa)
+    mm = fsub.add_parser("mmlu", parents=[common], help="MMLU -> dev/test.parquet (5-shot prompts)")
+    mm.add_argument("--source", required=True, help="folder in the original CSV layout, or hf:cais/mmlu")
+    mm.add_argument("--out", required=True, type=Path)
+    mm.add_argument("--num-shots", type=int, default=None)
+    mm.set_defaults(handler=cmd_format_mmlu)
+
+    ev = sub.add_parser("eval", parents=[common], help="evaluate a model folder (+ adapter) on a benchmark")
+    ev.add_argument("--model", required=True, type=Path)
+    ev.add_argument("--adapter", type=Path, default=None)
+    ev.add_argument("--benchmark", required=True, choices=["pubmedqa", "mmlu"])
+    ev.add_argument("--data", required=True, type=Path, help="folder written by `expert format`")
+    ev.add_argument("--out", required=True, type=Path)
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an eval config field, e.g. --set mmlu_max_per_subject=20")
+    ev.set_defaults(handler=cmd_eval)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from expert.pipeline_config import load_config
+
+    config = load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    from flows.pipeline import pipeline  # imports prefect: only now that the env is set
+
+    result = pipeline(config=config)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_import_model(args: argparse.Namespace) -> None:
+    from expert.models import ModelConfig, import_model, resolve_model_source
+
+    config = ModelConfig.from_dict({"source": args.source, "revision": args.revision, "dtype": args.dtype,
+                                    "trust_remote_code": args.trust_remote_code}, where="import-model")
+    workspace = _workspace()
+    resolved = resolve_model_source(config, cache_dir=workspace.downloads / "models",
+                                    fingerprints=workspace.fingerprints)
+    _write_into(args.out, lambda tmp: import_model(config, resolved, tmp))
+
+
+def cmd_format_pubmedqa(args: argparse.Namespace) -> None:
+    from expert.benchmarks.pubmedqa import PubMedQAConfig, format_pubmedqa
+    from expert.sources import fetch
+
+    raw = {"source": args.source, "fold": args.fold, "template": args.template,
+           "extra_train_source": args.extra_train, "max_prompt_tokens": args.max_prompt_tokens}
+    config = PubMedQAConfig.from_dict({k: v for k, v in raw.items() if v is not None}, where="format pubmedqa")
+    workspace = _workspace()
+    source = fetch(config.source, workspace.downloads, workspace.fingerprints)
+    extra = fetch(args.extra_train, workspace.downloads, workspace.fingerprints) if args.extra_train else None
+    tokenizer = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    _write_into(args.out, lambda tmp: format_pubmedqa(config, source.path, tmp, tokenizer=tokenizer,
+                                                      extra_source=extra.path if extra else None))
+
+
+def cmd_format_mmlu(args: argparse.Namespace) -> None:
+    from expert.benchmarks.mmlu import MMLUConfig, format_mmlu
+    from expert.sources import fetch
+
+    raw = {"source": args.source, "num_shots": args.num_shots}
+    config = MMLUConfig.from_dict({k: v for k, v in raw.items() if v is not None}, where="format mmlu")
+    workspace = _workspace()
+    source = fetch(config.source, workspace.downloads, workspace.fingerprints)
+    _write_into(args.out, lambda tmp: format_mmlu(config, source.path, tmp))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from expert.evaluation import EvalConfig, evaluate
+    from expert.pipeline_config import apply_override
+
+    raw: dict[str, Any] = {}
+    for item in args.overrides:
+        apply_override(raw, item)
+    config = EvalConfig.from_dict(raw, where="eval")
+    for role, path in (("--model", args.model), ("--data", args.data), ("--adapter", args.adapter)):
+        if path is not None and not path.is_dir():
+            raise ExpertError(f"{role} '{path}' is not a folder")
+    metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
+                                                          data_dir=args.data, out_dir=tmp,
+                                                          adapter_dir=args.adapter))
+    keys = ("accuracy", "macro_f1", "average", "subject_mean", "n")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+
+
+def _workspace():
+    from expert.workspace import Workspace
+
+    return Workspace.at(os.environ.get("EXPERT_ARTIFACTS", "artifacts"))
+
+
+def _write_into(out: Path, produce: Callable[[Path], Any]) -> Any:
+    """Produce into a temp folder beside `out`, then move the files in: no half-written outputs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        result = produce(tmp)
+        out.mkdir(exist_ok=True)
+        for item in sorted(tmp.iterdir()):
+            target = out / item.name
+            if target.is_dir() and not item.is_dir():
+                shutil.rmtree(target)
+            if item.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        print(f"wrote {out}", file=sys.stderr)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

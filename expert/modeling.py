@@ -1,0 +1,225 @@
+"""The one model loader every stage uses (quantize, train, select, evaluate).
+
+A model folder is one of
+  - a plain Hugging Face folder (config.json, *.safetensors, tokenizer files);
+  - a GPTQ folder: the same, with `quantization_config` in config.json (written by the
+    quantize stage through transformers + optimum + gptqmodel);
+  - a quantize-stage record: `quantization.json` and no weights. `{"method": "nf4"}` loads the
+    base it names with bitsandbytes 4-bit NF4 (double quant, QLoRA-style) at load time;
+    `{"method": "none"}` loads the base as is.
+
+    model, tokenizer = load_model(Path("artifacts/quantize/<key>"), training=True)
+
+`training=True` applies the settings without which LoRA silently gets no gradient on a CPU:
+  1. gptqmodel's default CPU kernel (TorchAtenLinear) decides its mode on its first forward:
+     a first forward in eval mode under no_grad repacks the weights for an int4 ATen kernel that
+     runs under `torch.no_grad`, for good. Nothing upstream of it then gets a gradient, and
+     switching the mode back afterwards reads the repacked weights wrongly. For training we
+     load gptqmodel's plain torch kernel (no such latch) and pin `linear_mode = "train"` on any
+     module that still has the latch, before any forward runs.
+  2. bitsandbytes `Linear4bit`, on CPUs with AVX512-BF16, repacks its weight into an
+     inference-only layout on the first eval forward under no_grad; later training forwards
+     give no gradient. We switch that repacking off for nf4 models, always (see `_nf4_safe`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expert.errors import ConfigError, ModelError
+
+RECORD_FILE = "quantization.json"  # written by the quantize stage for nf4 / none
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# aten::_weight_int4pack_mm_for_cpu: "expect qGroupSize to be 32, 64, 128 or 256".
+_ATEN_INT4_GROUP_SIZES = (32, 64, 128, 256)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_record(model_dir: Path) -> dict[str, Any] | None:
+    """The quantize stage's `quantization.json` of `model_dir`, or None for a weights folder."""
+    path = Path(model_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); rerun the quantize stage") from None
+    if record.get("method") not in ("nf4", "none") or not isinstance(record.get("base_model"), str):
+        raise ModelError(f"{path} must hold 'method' (nf4 or none) and 'base_model' (a path relative "
+                         f"to its folder); got {record!r}. Rerun the quantize stage")
+    return record
+
+
+def resolve_base(model_dir: Path) -> Path:
+    """Follow `quantization.json` to the folder holding the real weights, else `model_dir`."""
+    model_dir = Path(model_dir)
+    record = read_record(model_dir)
+    if record is None:
+        return model_dir
+    base = (model_dir / record["base_model"]).resolve()
+    if not (base / "config.json").is_file():
+        raise ModelError(f"{model_dir / RECORD_FILE} points at base model {base}, which has no "
+                         "config.json; the base artifact was moved or deleted: rerun the import stage")
+    return base
+
+
+def model_kind(model_dir: Path) -> str:
+    """'nf4', 'none', 'gptq' or 'plain' (a quantization_config of another method counts as plain:
+    transformers loads it by itself)."""
+    record = read_record(model_dir)
+    if record is not None:
+        return record["method"]
+    quant = _config_json(model_dir).get("quantization_config") or {}
+    return "gptq" if quant.get("quant_method") == "gptq" else "plain"
+
+
+def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bool = False,
+               device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """Load (model, tokenizer) from any model folder of the pipeline; see the module docstring.
+
+    device: "auto" (CUDA if visible, else CPU), "cpu" or "cuda[:N]". dtype: "auto" (float32 on
+    the CPU; on a GPU the checkpoint's 16-bit dtype, else bfloat16) or a torch dtype name.
+    The model is returned in eval mode; the caller switches to train mode when it trains.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    kind = model_kind(model_dir)
+    base = resolve_base(model_dir)
+    check_model_dir(base)
+    torch_device = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, torch_device, base),
+                              "device_map": {"": torch_device}}
+    if kind == "gptq":
+        kwargs["quantization_config"] = _gptq_loading_config(base, torch_device, training)
+    elif kind == "nf4":
+        kwargs["quantization_config"] = _nf4_config(kwargs["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if kind == "gptq" and training:
+        _pin_gptq_train_mode(model)
+    if kind == "nf4":
+        _nf4_safe(model)
+    if adapter_dir is not None:
+        model = _attach_adapter(model, Path(adapter_dir), training)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(base)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device is {device!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dtype:
+    """float32 on the CPU for 'auto' (CPU half-precision matmuls are slow or missing); on a GPU the
+    checkpoint's 16-bit dtype, else bfloat16."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype: unknown {dtype!r}; use 'auto' or one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    config = _config_json(model_dir)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(stored, torch.bfloat16) if stored != "float32" else torch.bfloat16
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ModelError naming what a Hugging Face model folder lacks."""
+    if not model_dir.is_dir():
+        raise ModelError(f"model folder {model_dir} does not exist; run the import stage first "
+                         "(`expert import`) or point at a Hugging Face model folder")
+    missing = [] if (model_dir / "config.json").is_file() else ["config.json"]
+    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+        missing.append("a tokenizer (one of " + ", ".join(_TOKENIZER_FILES) + ")")
+    if not list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin")):
+        missing.append("weights (*.safetensors or *.bin)")
+    if missing:
+        raise ModelError(f"model folder {model_dir} lacks {'; '.join(missing)}; it should be "
+                         "written by `save_pretrained` of both the model and its tokenizer")
+
+
+def _config_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        check_model_dir(Path(model_dir))  # raises, saying how to get the folder
+    if not path.is_file():
+        raise ModelError(f"model folder {model_dir} has neither config.json nor {RECORD_FILE}; "
+                         "point at an imported or quantized model folder")
+    return json.loads(path.read_text())
+
+
+def _gptq_loading_config(model_dir: Path, device: torch.device, training: bool):
+    """A GPTQConfig carrying only loading options: transformers merges them into the stored config.
+
+    For training, gptqmodel's plain torch kernel on the CPU (TorchAtenLinear, picked by "auto",
+    latches into inference mode, see the module docstring; "auto_trainable" still picks it), and
+    a trainable kernel on a GPU. For inference, gptqmodel's fastest kernel ("auto").
+    """
+    from transformers import GPTQConfig
+
+    stored = _config_json(model_dir)["quantization_config"]
+    backend = "auto"
+    if training:
+        backend = "gptq_torch" if device.type == "cpu" else "auto_trainable"
+    elif device.type == "cpu" and not _aten_int4_fits(stored):
+        # "auto" picks the int4 ATen kernel for any 4-bit model, which then fails on the first
+        # forward for group sizes it lacks: take the plain torch kernel instead.
+        backend = "gptq_torch"
+    return GPTQConfig(bits=stored["bits"], backend=backend)
+
+
+def _aten_int4_fits(stored: dict[str, Any]) -> bool:
+    """Whether torch's CPU int4 kernel (behind gptqmodel's TorchAtenLinear) takes this group size."""
+    return stored["bits"] != 4 or stored.get("group_size") in _ATEN_INT4_GROUP_SIZES
+
+
+def _pin_gptq_train_mode(model: torch.nn.Module) -> None:
+    """Fix the forward mode of latching gptqmodel kernels to "train" before any forward runs."""
+    for module in model.modules():
+        if hasattr(module, "linear_mode") and getattr(module, "qweight", None) is not None:
+            if module.linear_mode not in (None, "train"):
+                raise ModelError("a quantized layer already ran an inference forward; load the model "
+                                 "with training=True before running it")
+            module.linear_mode = "train"
+
+
+def _nf4_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _nf4_safe(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes 4-bit layers in their trainable layout, for training and inference alike.
+
+    Why always, not only with training=True: an nf4 model is quantized afresh at each load, so
+    the weights every stage sees are whatever this layout gives; the AVX512-BF16 repack computes
+    in bfloat16, so scoring (select, evaluate) would see a numerically different model from the
+    one training saw, and a process that scores, then trains (dev loss between steps) would stop
+    getting gradients. The repack is an inference speed-up only; on a GPU the flag is unused.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, training: bool) -> torch.nn.Module:
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"adapter folder {adapter_dir} lacks adapter_config.json; point at the "
+                         "folder written by the train stage (PeftModel.save_pretrained)")
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=training)

@@ -1,0 +1,95 @@
+"""The pipeline's final report: base vs quantized vs tuned expert, in one place.
+
+Reads the upstream artifacts (evaluations, quantization report, training summary,
+selection) and writes `report.md` with its plots beside it, and `summary.json`:
+{"pubmedqa": {"base", "quantized", "expert"}, "mmlu": {"base", "expert"},
+ "timings_s": {stage: seconds}, "config": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from expert.evaluation.report import REFERENCES, to_markdown
+
+PLOTS = {"select": "dev_scores.png", "train": "loss.png", "mmlu/expert": "mmlu.png"}
+HEADLINE = {"pubmedqa": ("accuracy", "macro_f1", "n"), "mmlu": ("average", "subject_mean", "n")}
+
+
+def write_pipeline_report(upstream: dict[str, Path], config: dict[str, Any], out_dir: Path) -> dict:
+    """`upstream` maps roles ("pubmedqa/base", "mmlu/expert", "quantize", "train", ...) to artifact folders."""
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {"pubmedqa": {}, "mmlu": {}, "timings_s": {}, "config": config}
+    for role, path in sorted(upstream.items()):
+        manifest = _json(path / "manifest.json")
+        summary["timings_s"][role] = manifest.get("timings", {}).get("seconds")
+        if "/" in role:
+            benchmark, which = role.split("/", 1)
+            summary[benchmark][which] = _json(path / "metrics.json")
+    for role, name in PLOTS.items():
+        if role in upstream and (upstream[role] / name).is_file():
+            shutil.copy2(upstream[role] / name, out_dir / name.replace(".png", f"_{role.replace('/', '_')}.png"))
+    details = {role: _json(upstream[role] / name) for role, name in
+               (("quantize", "quantization_report.json"), ("train", "summary.json"), ("select", "selection.json"))
+               if role in upstream}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out_dir / "report.md").write_text(render(summary, details, sorted(p.name for p in out_dir.glob("*.png"))))
+    return {b: {w: {k: m.get(k) for k in HEADLINE[b]} for w, m in summary[b].items()} for b in HEADLINE}
+
+
+def render(summary: dict, details: dict, plots: list[str]) -> str:
+    model = summary["config"].get("model", {}).get("source", "?")
+    lines = [f"# EXPERT report: {summary['config'].get('name', '')}", "", f"Base model: `{model}`", ""]
+    lines += ["## PubMedQA (reasoning-required, test split)", "", to_markdown(pubmedqa_rows(summary["pubmedqa"])), ""]
+    if summary["mmlu"]:
+        lines += ["## MMLU (5-shot): what tuning costs in general knowledge", "",
+                  to_markdown(mmlu_rows(summary["mmlu"])), ""]
+    for role, title in (("quantize", "Quantization"), ("train", "Training"), ("select", "Checkpoint selection")):
+        if role in details:
+            lines += [f"## {title}", "", to_markdown(_flat_rows(details[role])), ""]
+    timings = [{"stage": k, "seconds (when built)": v} for k, v in summary["timings_s"].items()]
+    lines += ["## Stage timings", "", to_markdown(timings), ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def pubmedqa_rows(runs: dict[str, dict]) -> list[dict]:
+    """This run's models among the published results, ranked by accuracy."""
+    rows = [{"model": r["model"], "accuracy (%)": r["accuracy"],
+             "macro-F1 (%)": "-" if r["macro_f1"] is None else r["macro_f1"]} for r in REFERENCES["pubmedqa"]]
+    rows += [{"model": f"**{name}** (this run, n={m['n']})", "accuracy (%)": round(100 * m["accuracy"], 1),
+              "macro-F1 (%)": round(100 * m["macro_f1"], 1)} for name, m in runs.items()]
+    return [{"rank": i, **r} for i, r in enumerate(sorted(rows, key=lambda r: -r["accuracy (%)"]), 1)]
+
+
+def mmlu_rows(runs: dict[str, dict]) -> list[dict]:
+    names = list(runs)
+    categories = sorted({c for m in runs.values() for c in m.get("categories", {})})
+    rows = [{"": "average (question-weighted)", **{n: _pct(runs[n]["average"]) for n in names}},
+            {"": "mean over subjects", **{n: _pct(runs[n]["subject_mean"]) for n in names}}]
+    rows += [{"": c, **{n: _pct(runs[n]["categories"].get(c)) for n in names}} for c in categories]
+    rows.append({"": "questions", **{n: runs[n]["n"] for n in names}})
+    if {"base", "expert"} <= set(names):
+        for row in rows[:-1]:
+            if row["base"] is not None and row["expert"] is not None:
+                row["change (points)"] = round(row["expert"] - row["base"], 1)
+    return rows
+
+
+def _flat_rows(values: dict) -> list[dict]:
+    rows = []
+    for key, value in values.items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            rows.append({"": key, "value": value})
+    return rows
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 1)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

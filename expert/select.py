@@ -1,0 +1,125 @@
+"""Checkpoint selection: score every saved adapter on the dev split, keep the best.
+
+The dev split (PubMedQA fold k, 50 questions) is scored with the evaluator's own
+log-likelihood scoring, so "best on dev" means best under exactly the protocol used on the
+test split, which this stage never reads. The base model is loaded once; adapters are
+swapped in one after another. Ties go to the earlier step (less training, same dev score).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import Field
+
+from expert.config import StageConfig
+from expert.errors import ExpertError
+
+METRICS = ("accuracy", "macro_f1", "dev_loss")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class SelectConfig(StageConfig):
+    metric: Literal["accuracy", "macro_f1", "dev_loss"] = Field(
+        "accuracy", description="dev score to maximise (accuracy, macro_f1) or minimise (dev_loss: mean "
+        "negative log-likelihood of the gold answer's tokens)")
+
+
+def select_checkpoint(config: SelectConfig, eval_config, model_dir: Path, train_dir: Path, data_dir: Path,
+                      out_dir: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+    from expert.train import list_checkpoints
+
+    checkpoints = list_checkpoints(Path(train_dir))
+    if not checkpoints:
+        raise ExpertError(f"{train_dir} holds no complete checkpoint to select from; rerun the train stage")
+    dev_config = eval_config.model_copy(update={"pubmedqa_split": "dev"})
+    rows = score_checkpoints(dev_config, Path(model_dir), checkpoints, Path(data_dir), progress)
+    best = pick_best(rows, config.metric)
+    out_dir = Path(out_dir)
+    adapter = out_dir / "adapter"
+    adapter.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copy2(Path(best["path"]) / name, adapter / name)
+    table = [{k: v for k, v in row.items() if k != "path"} for row in rows]
+    (out_dir / "scores.json").write_text(json.dumps(table, indent=2) + "\n")
+    summary = {"metric": config.metric, "step": best["step"], "score": best[config.metric],
+               "checkpoints": len(rows), "dev_questions": best["n"]}
+    (out_dir / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_scores(table, config.metric, best["step"], out_dir / "dev_scores.png")
+    return summary
+
+
+def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, Path]], data_dir: Path,
+                      progress=None) -> list[dict]:
+    from peft import PeftModel
+
+    from expert.evaluation.loading import load_model
+    from expert.evaluation.runner import load_questions, score_frame
+
+    frame = load_questions(dev_config, "pubmedqa", data_dir)
+    loaded = load_model(model_dir, None, dev_config.device, dev_config.dtype)
+    model = None
+    rows = []
+    for i, (step, path) in enumerate(checkpoints):
+        name = f"step{step}"
+        if model is None:
+            model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        model.set_adapter(name)
+        model.to(loaded.device).eval()
+        scores, _ = score_frame(model, loaded.tokenizer, frame, dev_config, "pubmedqa")
+        rows.append(_row(step, path, frame, scores))
+        if i:
+            model.delete_adapter(f"step{checkpoints[i - 1][0]}")
+        if progress:
+            progress(i + 1, len(checkpoints))
+    return rows
+
+
+def _row(step: int, path: Path, frame, scores: list[list[float]]) -> dict:
+    from expert.evaluation.metrics import pubmedqa_metrics
+
+    choices = frame["choices"].tolist()
+    preds = [opts[max(range(len(s)), key=s.__getitem__)] for opts, s in zip(choices, scores)]
+    gold = frame["answer"].tolist()
+    nll = [-s[opts.index(g)] for g, opts, s in zip(gold, choices, scores)]
+    metrics = pubmedqa_metrics(gold, preds)
+    return {"step": step, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "dev_loss": sum(nll) / len(nll), "n": len(gold), "path": str(path)}
+
+
+def pick_best(rows: list[dict], metric: str) -> dict:
+    """Highest accuracy / macro-F1, or lowest dev loss; ties to the earlier step."""
+    sign = -1.0 if metric == "dev_loss" else 1.0
+    return max(sorted(rows, key=lambda r: r["step"]), key=lambda r: sign * r[metric])
+
+
+def plot_scores(rows: list[dict], metric: str, best_step: int, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("accuracy", "macro_f1"):
+        ax.plot(steps, [r[name] for r in rows], marker="o", label=f"dev {name}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev score")
+    ax.set_ylim(0, 1)
+    loss_ax = ax.twinx()
+    loss_ax.plot(steps, [r["dev_loss"] for r in rows], color="grey", linestyle="--", marker=".", label="dev loss")
+    loss_ax.set_ylabel("dev loss (gold answer NLL)")
+    ax.axvline(best_step, color="green", alpha=0.4, label=f"selected: step {best_step} ({metric})")
+    lines = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + loss_ax.get_legend_handles_labels()[1]
+    ax.legend(lines, labels, loc="lower right", fontsize=8)
+    ax.set_title("Checkpoint selection on the dev split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,59 @@
+"""Stages that measure: evaluation of one model on one benchmark, and the final report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+from expert.stages.base import Stage
+
+
+@dataclass(frozen=True)
+class Evaluate(Stage):
+    """Score one model (+ optional adapter) on one benchmark's evaluation split."""
+
+    benchmark: str = "pubmedqa"
+    name: ClassVar[str] = "evaluate"
+    version: ClassVar[int] = 1
+
+    def key_config(self, config):
+        # Only the settings that matter for this benchmark: a new MMLU subset must not
+        # rerun the PubMedQA evaluation.
+        other = "mmlu_" if self.benchmark == "pubmedqa" else "pubmedqa_"
+        canon = {k: v for k, v in config.canonical().items() if not k.startswith(other)}
+        return {"benchmark": self.benchmark, **canon}
+
+    def split_file(self, config) -> str:
+        return f"{config.pubmedqa_split}.parquet" if self.benchmark == "pubmedqa" else "test.parquet"
+
+    def request(self, config, upstream, inputs):
+        request = super().request(config, upstream, inputs)
+        # Keyed by the content of the split it reads, not by the data artifact's key: a new
+        # training fold reformats the data but leaves the test split, and its scores, as they are.
+        manifest = json.loads((Path(upstream["data"]["path"]) / "manifest.json").read_text())
+        digest = manifest["files"][self.split_file(config)]["sha256"]
+        return replace(request, upstream={**request.upstream, "data": f"{self.split_file(config)}@{digest}"})
+
+    def produce(self, config, upstream, inputs, out, progress=None, work_dir=None):
+        from expert.evaluation import evaluate
+
+        return evaluate(config, self.benchmark, model_dir=upstream["model"], data_dir=upstream["data"],
+                        out_dir=out, adapter_dir=upstream.get("adapter"), progress=progress)
+
+
+@dataclass(frozen=True)
+class Report(Stage):
+    """base vs quantized vs expert, with the published results, in report.md + summary.json."""
+
+    name: ClassVar[str] = "report"
+    version: ClassVar[int] = 1
+
+    def key_config(self, config):
+        return {k: v for k, v in config.canonical().items() if k != "artifacts_dir"}
+
+    def produce(self, config, upstream, inputs, out, progress=None, work_dir=None):
+        from expert.report import write_pipeline_report
+
+        return write_pipeline_report(upstream, self.key_config(config), out)

@@ -1,0 +1,15 @@
+"""LoRA training of a (possibly 4-bit) base model on a formatted benchmark's train split.
+
+    from expert.train import TrainConfig, train, list_checkpoints
+    summary = train(TrainConfig(epochs=2), model_dir, data_dir, out_dir, work_dir)
+    for step, adapter in list_checkpoints(out_dir): ...
+
+Modules: `config` (TrainConfig), `data` (tokenize, mask, length-bucketed batches), `lora`
+(LoRA wrapping, optimizer, schedule), `step` (one optimizer step, dev loss), `loop` (the run),
+`checkpoint` (save/resume), `logging` (progress bar, callback, TensorBoard, JSONL, loss plot).
+"""
+
+from expert.train.config import TrainConfig
+from expert.train.loop import list_checkpoints, train
+
+__all__ = ["TrainConfig", "train", "list_checkpoints"]

@@ -1,0 +1,89 @@
+"""`TrainConfig`: every knob of the LoRA training stage, validated at construction.
+
+Defaults are the original project's: LoRA r=8, alpha=16 on q_proj + v_proj, 10 epochs at an
+effective batch of 50 with AdamW at 1e-4. Build one from YAML with
+`TrainConfig.from_dict(data, where="train")` so errors name the field as the user wrote it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from expert.config import StageConfig
+
+
+class TrainConfig(StageConfig):
+    """How to train a LoRA adapter on a formatted benchmark's train split."""
+
+    # LoRA
+    lora_r: int = Field(8, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"],
+        description="names (last name part) of the linear modules that get LoRA, or 'all-linear' "
+                    "for every linear layer but the output head",
+    )
+
+    # Schedule
+    epochs: float = Field(10, gt=0, description="passes over train.parquet (fractions allowed)")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    micro_batch_size: int = Field(2, gt=0, description="examples per forward pass")
+    effective_batch_size: int = Field(
+        50, gt=0, description="examples per optimizer step; a multiple of micro_batch_size"
+    )
+    warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear warmup from 0")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="decay after warmup: linear or cosine to 0, or constant"
+    )
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="torch AdamW, or bitsandbytes' 8-bit (optionally paged) AdamW"
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the gradient norm to this before each step; null: no clipping"
+    )
+
+    # Data and memory
+    max_length: int = Field(
+        512, ge=8, description="tokens per example; longer prompts lose tokens from the left"
+    )
+    gradient_checkpointing: bool = Field(True, description="recompute activations in backward")
+    seed: int = Field(0, ge=0, description="seeds LoRA init, dropout and the data order")
+
+    # Checkpoints, logs, dev loss
+    save_every_steps: int = Field(10, gt=0, description="checkpoint every N optimizer steps (and at the end)")
+    log_every_steps: int = Field(1, gt=0, description="log loss, lr, tokens/s, memory every N steps")
+    dev_loss: bool = Field(True, description="answer-token loss on dev.parquet at every checkpoint")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
+
+    @field_validator("effective_batch_size")
+    @classmethod
+    def _multiple_of_micro(cls, value: int, info: ValidationInfo) -> int:
+        micro = info.data.get("micro_batch_size")
+        if micro and value % micro:
+            raise ValueError(
+                f"must be a multiple of micro_batch_size ({micro}), e.g. "
+                f"{max(micro, value - value % micro)} or {value - value % micro + micro}"
+            )
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_named(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one module name, e.g. ['q_proj', 'v_proj'], or 'all-linear'")
+            blank = [v for v in value if not v.strip()]
+            if blank:
+                raise ValueError("module names must not be empty")
+            if "all-linear" in value:
+                raise ValueError("write target_modules: all-linear (a string), not inside a list")
+        return value
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.effective_batch_size // self.micro_batch_size

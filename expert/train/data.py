@@ -1,0 +1,174 @@
+"""Training examples: the evaluation prompt + " {answer}" + EOS, with the loss on the answer only.
+
+Each row of a formatted split (`prompt`, `answer` columns) becomes one example. Tokenization
+is the evaluator's (`expert.evaluation.scoring.encode_questions`, lm-eval's `_encode_pair`):
+prompt + " " + answer is encoded as one string and split at the encoded prompt's length, so
+the answer tokens trained on are exactly the tokens scored at evaluation. EOS follows the
+answer, so the model also learns to stop. Prompt tokens get label -100 (no loss).
+
+Batches are length-bucketed: each epoch shuffles the examples (seeded by seed and epoch),
+cuts them into buckets of `BUCKET_BATCHES` micro-batches, sorts each bucket by length, splits
+it into micro-batches and shuffles the micro-batches. A batch is padded on the right only to
+its own longest example, so similar lengths meet and little compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from expert.errors import DataError, ModelError
+
+IGNORE = -100  # label of positions without loss (torch cross_entropy's default ignore_index)
+BUCKET_BATCHES = 8  # micro-batches per sorting bucket: big enough to group lengths, small enough to stay random
+_COLUMNS = ("id", "prompt", "answer")
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE over the prompt, the token itself over answer + EOS
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    examples: list[Example]
+    truncated: int  # examples whose prompt lost tokens on the left to fit max_length
+    truncated_ids: list[str]  # the first few of them, for the log
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.examples]
+
+
+def read_split(path: Path) -> dict[str, list[str]]:
+    """The id, prompt and answer columns of a formatted split (`train.parquet`, `dev.parquet`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; run the data formatting stage first (it writes "
+                        "train.parquet and dev.parquet)")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path} is not a readable Parquet file ({exc}); format the data again") from None
+    missing = [c for c in _COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}. "
+                        "Training needs a split written by expert.benchmarks (id, prompt, answer)")
+    cols = {c: table.column(c).to_pylist() for c in _COLUMNS}
+    for i, (pid, prompt, answer) in enumerate(zip(cols["id"], cols["prompt"], cols["answer"])):
+        if not prompt or not answer:
+            raise DataError(f"{path}: row {i} (id {pid!r}) has an empty prompt or answer")
+    if not cols["id"]:
+        raise DataError(f"{path} has no rows; nothing to train on")
+    return cols
+
+
+def encode_split(tokenizer, rows: dict[str, list[str]], max_length: int) -> EncodedSplit:
+    """Tokenize as the evaluator does, append EOS, mask the prompt, fit into max_length."""
+    from expert.evaluation.scoring import encode_questions
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError("the tokenizer has no eos_token; training appends it after each answer. "
+                         "Set eos_token in the model folder's tokenizer_config.json")
+    questions = encode_questions(tokenizer, rows["prompt"], [[" " + a] for a in rows["answer"]])
+    examples, truncated = [], []
+    for pid, question in zip(rows["id"], questions):
+        prompt, answer = question.context, question.choices[0] + [eos]
+        if len(answer) >= max_length:
+            raise DataError(f"example {pid!r}: its answer and EOS take {len(answer)} tokens, which leaves no room "
+                            f"for the prompt in max_length={max_length}; raise train.max_length")
+        overflow = len(prompt) + len(answer) - max_length
+        if overflow > 0:
+            prompt = prompt[overflow:]  # keep the end of the prompt, next to the answer
+            truncated.append(str(pid))
+        examples.append(Example(prompt + answer, [IGNORE] * len(prompt) + answer))
+    return EncodedSplit(examples, len(truncated), truncated[:5])
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of this batch; pad positions get no loss.
+
+    No attention mask: with padding on the right, causal attention keeps real tokens from
+    ever seeing a pad (see `loop.answer_loss_sum`).
+    """
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  bucket_batches: int = BUCKET_BATCHES) -> list[list[int]]:
+    """One epoch's micro-batches (lists of example indices), length-bucketed, seeded by (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    bucket = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = sorted(order[start:start + bucket], key=lambda i: lengths[i])  # stable: ties keep shuffled order
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+class BatchPlan:
+    """The whole run's data order: optimizer step -> its micro-batches, a pure function of the seed.
+
+    Epochs follow each other as one stream of micro-batches; step s takes micro-batches
+    s*accum .. (s+1)*accum-1 of it, so a resumed run needs only its step counter.
+    """
+
+    def __init__(self, lengths: list[int], micro_batch_size: int, accumulation: int, epochs: float,
+                 seed: int, max_steps: int | None = None):
+        self.lengths, self.micro, self.accum, self.seed = lengths, micro_batch_size, accumulation, seed
+        self.per_epoch = math.ceil(len(lengths) / micro_batch_size)
+        self.total_steps = max(1, math.ceil(epochs * self.per_epoch / accumulation))
+        if max_steps is not None:
+            self.total_steps = min(self.total_steps, max_steps)
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def _batch(self, index: int) -> list[int]:
+        epoch, pos = divmod(index, self.per_epoch)
+        if epoch not in self._epochs:
+            self._epochs = {epoch: epoch_batches(self.lengths, self.micro, self.seed, epoch)}
+        return self._epochs[epoch][pos]
+
+    def step(self, step: int) -> list[list[int]]:
+        """Micro-batches of optimizer step `step` (0-based)."""
+        return [self._batch(i) for i in range(step * self.accum, (step + 1) * self.accum)]
+
+    def epoch_after(self, steps: int) -> float:
+        """Epochs completed after `steps` optimizer steps."""
+        return steps * self.accum / self.per_epoch
+
+    def padding_fraction(self) -> float:
+        """Share of padded positions over all micro-batches of the run."""
+        real = padded = 0
+        for step in range(self.total_steps):
+            for batch in self.step(step):
+                lens = [self.lengths[i] for i in batch]
+                real += sum(lens)
+                padded += max(lens) * len(lens)
+        return 1 - real / padded
+
+
+def unbucketed_padding_fraction(lengths: list[int], batch_size: int, seed: int) -> float:
+    """Padding share of plain shuffled batches (for comparison in the summary)."""
+    order = np.random.default_rng([seed, 0]).permutation(len(lengths)).tolist()
+    batches = [[lengths[i] for i in order[j:j + batch_size]] for j in range(0, len(order), batch_size)]
+    return 1 - sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
+
+
+def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Length-sorted batches for the dev loss: the order does not matter, the padding does."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[j:j + batch_size] for j in range(0, len(order), batch_size)]

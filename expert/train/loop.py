@@ -1,0 +1,216 @@
+"""The training run: load, wrap with LoRA, step, checkpoint, resume, write the outputs.
+
+    summary = train(TrainConfig(), model_dir, data_dir, out_dir, work_dir)
+
+`work_dir` outlives a crash: checkpoints, train_log.jsonl and tensorboard/ are written there
+as the run goes, and a restarted run resumes from the last complete checkpoint with the same
+data order, optimizer, schedule and RNG, so it ends with the same adapter an uninterrupted
+run would have (bit for bit on CPU). Only at the end is `out_dir` filled: every checkpoint,
+final/ (the last adapter), the logs, loss.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from expert.errors import DataError, ExpertError
+from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, read_marker,
+                                     save_checkpoint)
+from expert.train.config import TrainConfig
+from expert.train.data import BatchPlan, EncodedSplit, encode_split, read_split, unbucketed_padding_fraction
+from expert.train.logging import Progress, TrainLogger, log, plot_loss
+from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+from expert.train.step import Runner
+
+
+def train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,
+          progress: Progress | None = None, device: str = "auto") -> dict:
+    """Train a LoRA adapter on data_dir/train.parquet; returns a small summary (see summary.json)."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(work_dir):  # before the model load, so a second run fails at once
+        return _train(config, Path(model_dir), Path(data_dir), Path(out_dir), work_dir, progress, device)
+
+
+def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,
+           progress: Progress | None, device: str) -> dict:
+    rows = read_split(data_dir / "train.parquet")  # data first: a missing file fails before a long load
+    dev_rows = _dev_rows(data_dir / "dev.parquet") if config.dev_loss else None
+    model, tokenizer = _load_base(model_dir, device)
+    train_set = _encode(tokenizer, rows, config.max_length)
+    dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
+    plan = BatchPlan(train_set.lengths, config.micro_batch_size, config.accumulation_steps, config.epochs,
+                     config.seed, config.max_steps)
+    log.info("%d training examples, %d optimizer steps of %d micro-batches; padding fraction %.3f",
+             len(train_set.examples), plan.total_steps, plan.accum, plan.padding_fraction())
+    torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
+    model = attach_lora(model, config)
+    model.train()
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer, plan.total_steps)
+    state = _resume(work_dir, config, model, optimizer, scheduler)
+    runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm)
+    logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress)
+    try:
+        _run(config, runner, plan, state, logger, dev_set, work_dir)
+    finally:
+        logger.close()
+    return _finish(config, work_dir, out_dir, state, plan, train_set, dev_set, logger.records, runner)
+
+
+@contextlib.contextmanager
+def _exclusive(work_dir: Path):
+    """One run per work_dir at a time: two would overwrite each other's checkpoints and logs.
+
+    An advisory lock (flock) rather than a lock file's existence: the OS drops it when its
+    process dies, kill -9 included, so a crashed run never blocks its own restart.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock; there, do not start two runs on one folder
+        yield
+        return
+    with open(work_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExpertError(f"another training run is using {work_dir} (it holds {work_dir / '.lock'}); "
+                              "wait for it to finish or stop it, then run again") from None
+        yield
+
+
+def _run(config: TrainConfig, runner: Runner, plan: BatchPlan, state: dict, logger: TrainLogger,
+         dev_set: EncodedSplit | None, work_dir: Path) -> None:
+    """Optimizer steps from state["step"] to the end, checkpointing every save_every_steps."""
+    if state["step"]:
+        logger.done(state["step"])
+    for step in range(state["step"], plan.total_steps):
+        loss, tokens, seconds, grad_norm, lr = runner.step(plan.step(step))
+        done = step + 1
+        state.update(step=done, tokens=state["tokens"] + tokens, last_loss=loss,
+                     train_seconds=state["train_seconds"] + seconds)
+        logger.step(done, plan.epoch_after(done), loss, lr, tokens, seconds, grad_norm)
+        if done % config.save_every_steps == 0 or done == plan.total_steps:
+            _checkpoint(work_dir, config, runner, dev_set, logger, state, plan)
+        logger.done(done)  # after the checkpoint, so a callback that sees step k may rely on its checkpoint
+
+
+def _encode(tokenizer, rows: dict[str, list[str]], max_length: int) -> EncodedSplit:
+    split = encode_split(tokenizer, rows, max_length)
+    if split.truncated:
+        log.warning("%d of %d training prompts were cut on the left to fit max_length=%d (e.g. ids %s)",
+                    split.truncated, len(split.examples), max_length, split.truncated_ids)
+    return split
+
+
+def _dev_rows(path: Path) -> dict[str, list[str]]:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; the dev loss needs it. Format the data again, "
+                        "or set train.dev_loss: false")
+    return read_split(path)
+
+
+def _load_base(model_dir: Path, device: str):
+    """The shared loader: plain, GPTQ or nf4 folders, with settings safe for training."""
+    from expert.modeling import load_model
+
+    return load_model(model_dir, training=True, device=device)
+
+
+def _pad_id(tokenizer) -> int:
+    # Pad positions are masked out and never scored, so any valid id does.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _fresh_state() -> dict:
+    return {"step": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None, "dev_losses": {}, "resumed_from": []}
+
+
+def _resume(work_dir: Path, config: TrainConfig, model, optimizer, scheduler) -> dict:
+    """Restore the last complete checkpoint of this config in work_dir, if any; else a fresh state."""
+    found = complete_checkpoints(work_dir / "checkpoints")
+    if not found:
+        return _fresh_state()
+    step, path = found[-1]
+    if read_marker(path).get("config") != config.canonical():
+        log.warning("checkpoints in %s belong to another training config; starting over", work_dir)
+        shutil.rmtree(work_dir / "checkpoints")
+        return _fresh_state()
+    state = load_checkpoint(path, model, optimizer, scheduler)
+    state["resumed_from"] = [*state.get("resumed_from", []), step]
+    log.info("resuming from checkpoint %s (step %d)", path, step)
+    return state
+
+
+def _checkpoint(work_dir: Path, config: TrainConfig, runner: Runner, dev_set: EncodedSplit | None,
+                logger: TrainLogger, state: dict, plan: BatchPlan) -> None:
+    step = state["step"]
+    dev = runner.dev_loss(dev_set, config.micro_batch_size * 2) if dev_set else None
+    if dev is not None:
+        state["dev_losses"][str(step)] = dev
+        logger.dev(step, dev)
+    marker = {"config": config.canonical(), "epoch": plan.epoch_after(step), "train_loss": state["last_loss"],
+              "dev_loss": dev}
+    save_checkpoint(work_dir / "checkpoints", step, runner.model, runner.optimizer, runner.scheduler, state, marker)
+
+
+def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
+    """(step, adapter folder) of the complete checkpoints of a train output (or work) folder."""
+    return complete_checkpoints(Path(train_dir) / "checkpoints")
+
+
+def _finish(config: TrainConfig, work_dir: Path, out_dir: Path, state: dict, plan: BatchPlan,
+            train_set: EncodedSplit, dev_set: EncodedSplit | None, records: list[dict], runner: Runner) -> dict:
+    """Copy checkpoints, final adapter and logs into out_dir; write loss.png and summary.json."""
+    found = list_checkpoints(work_dir)
+    if not found or found[-1][0] != plan.total_steps:
+        raise RuntimeError(f"training in {work_dir} did not reach its last step {plan.total_steps}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for _, path in found:
+        shutil.copytree(path, out_dir / "checkpoints" / path.name, dirs_exist_ok=True)
+    (out_dir / "final").mkdir(exist_ok=True)
+    for name in ADAPTER_FILES:
+        shutil.copy2(found[-1][1] / name, out_dir / "final" / name)
+    shutil.copy2(work_dir / "train_log.jsonl", out_dir / "train_log.jsonl")
+    shutil.copytree(work_dir / "tensorboard", out_dir / "tensorboard", dirs_exist_ok=True)
+    plot_loss(records, out_dir / "loss.png")
+    summary = _summary(config, state, plan, train_set, dev_set, runner, [p.name for _, p in found])
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.info("trained %d steps (%.2f epochs) in %.0f s, final loss %.4f; adapter in %s", summary["steps"],
+             summary["epochs"], summary["train_seconds"], summary["final_loss"], out_dir / "final")
+    return {k: summary[k] for k in ("steps", "epochs", "final_loss", "final_dev_loss", "tokens_per_s",
+                                    "padding_fraction", "train_seconds", "truncated")}
+
+
+def _summary(config, state, plan, train_set, dev_set, runner, checkpoints) -> dict:
+    trainable = sum(p.numel() for p in runner.params)
+    dev_losses = state["dev_losses"]
+    return {
+        "steps": state["step"],
+        "epochs": plan.epoch_after(state["step"]),
+        "examples": len(train_set.examples),
+        "dev_examples": len(dev_set.examples) if dev_set else 0,
+        "truncated": train_set.truncated,
+        "truncated_ids": train_set.truncated_ids,
+        "train_seconds": state["train_seconds"],
+        "tokens": state["tokens"],
+        "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
+        "padding_fraction": plan.padding_fraction(),
+        "padding_fraction_unbucketed": unbucketed_padding_fraction(train_set.lengths, config.micro_batch_size,
+                                                                   config.seed),
+        "final_loss": state["last_loss"],
+        "dev_loss": dev_losses,
+        "final_dev_loss": dev_losses.get(str(state["step"])),
+        "checkpoints": checkpoints,
+        "trainable_params": trainable,
+        "resumed_from": state["resumed_from"],
+        "device": str(runner.device),
+    }

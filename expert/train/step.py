@@ -1,0 +1,90 @@
+"""One optimizer step (forward, backward, update) and the dev loss, on answer tokens only.
+
+The loss of a step is the summed cross-entropy of its answer + EOS tokens divided by their
+count over the whole step (all micro-batches), so gradient accumulation gives the gradient
+of one big batch. On a GPU the forward runs under bf16 autocast; on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from expert.train.data import IGNORE, EncodedSplit, collate, eval_batches
+
+
+class Runner:
+    """Forward/backward/update of one optimizer step, and the dev loss."""
+
+    def __init__(self, model, optimizer, scheduler, train_set: EncodedSplit, pad_id: int,
+                 max_grad_norm: float | None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.examples, self.pad_id, self.max_grad_norm = train_set.examples, pad_id, max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls there are slow and inexact
+
+    def step(self, batches: list[list[int]]) -> tuple[float, int, float, float | None, float]:
+        """One optimizer step over `batches`; loss is the mean over the step's answer tokens."""
+        start = time.perf_counter()
+        chosen = [self.examples[i] for batch in batches for i in batch]
+        targets = sum(sum(label != IGNORE for label in e.labels) for e in chosen)
+        tokens = sum(len(e.input_ids) for e in chosen)
+        total = 0.0
+        for batch in batches:
+            with self.autocast():
+                loss_sum = answer_loss_sum(self.model, collate([self.examples[i] for i in batch], self.pad_id),
+                                           self.device)
+            # Divide by the step's token count, not the micro-batch's: every answer token weighs the same.
+            (loss_sum / targets).backward()
+            total += loss_sum.item()
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / targets, tokens, time.perf_counter() - start, grad_norm, lr
+
+    @torch.no_grad()
+    def dev_loss(self, dev_set: EncodedSplit, batch_size: int) -> float:
+        """Mean answer-token loss on the dev split (dropout off)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in eval_batches(dev_set.lengths, batch_size):
+            chosen = [dev_set.examples[i] for i in batch]
+            with self.autocast():
+                total += answer_loss_sum(self.model, collate(chosen, self.pad_id), self.device).item()
+            count += sum(sum(label != IGNORE for label in e.labels) for e in chosen)
+        self.model.train()
+        return total / count
+
+
+def answer_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Summed cross-entropy over the labelled (answer + EOS) tokens of a right-padded batch.
+
+    Only the last positions of the batch carry labels, so the model is asked for logits
+    from the first labelled position on (`logits_to_keep`): the vocabulary projection of
+    the prompt, the biggest tensor of a small model's step, is never built.
+    """
+    labels = batch["labels"]
+    width = labels.shape[1]
+    first = int((labels != IGNORE).int().argmax(dim=1).min())  # >= 1: every example keeps a prompt token
+    keep = width - first + 1
+    # No attention mask: padding is on the right, so causal attention never lets a real token
+    # see a pad, and pad positions carry no label. Without a mask SDPA takes its plain causal
+    # (flash) path; with one, on an H100 it took cuDNN attention, which builds a graph for
+    # every new batch shape (a third of a step's CPU time on SmolLM2-135M).
+    out = model(input_ids=batch["input_ids"].to(device), logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, :-1].float()  # position p predicts token p + 1
+    target = labels[:, width - keep + 1:].to(device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")

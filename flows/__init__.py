@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (see flows/pipeline.py)."""

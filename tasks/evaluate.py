@@ -1,0 +1,52 @@
+"""Prefect task: evaluate a model (+ adapter) on one benchmark, and show the results in the UI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from expert.evaluation import EvalConfig
+from expert.stages import Evaluate
+from tasks.stage import run_stage
+
+
+def evaluate(benchmark: str, config: EvalConfig, workspace: str, model: dict, data: dict | None,
+             adapter: dict | None = None, label: str = "", force: bool = False) -> dict[str, str] | None:
+    if data is None:  # benchmark switched off in the config
+        return None
+    name = f"evaluate {benchmark}" + (f" ({label})" if label else "")
+    ref = run_stage(Evaluate(benchmark), config, workspace, force=force, label=name,
+                    upstream={"model": model, "data": data, "adapter": adapter})
+    publish(benchmark, ref, label)
+    return ref
+
+
+def evaluate_all(config: EvalConfig, workspace: str, base: dict, quantized: dict | None, expert: dict,
+                 pubmedqa: dict, mmlu: dict | None) -> dict[str, dict | None]:
+    """PubMedQA: base, quantized (zero-shot) and the expert; MMLU: base and the expert."""
+    runs = {
+        "pubmedqa/base": evaluate("pubmedqa", config, workspace, base, pubmedqa, label="base"),
+        "pubmedqa/expert": evaluate("pubmedqa", config, workspace, quantized or base, pubmedqa, adapter=expert, label="expert"),
+        "mmlu/base": evaluate("mmlu", config, workspace, base, mmlu, label="base"),
+        "mmlu/expert": evaluate("mmlu", config, workspace, quantized or base, mmlu, adapter=expert, label="expert"),
+    }
+    if quantized is not None:
+        runs["pubmedqa/quantized"] = evaluate("pubmedqa", config, workspace, quantized, pubmedqa, label="quantized")
+    return runs
+
+
+def publish(benchmark: str, ref: dict, label: str) -> None:
+    """The evaluation's tables and report as Prefect artifacts on this flow run."""
+    folder = Path(ref["path"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    key = f"{benchmark}-{label}".lower().replace(" ", "-").replace("_", "-")
+    headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    create_table_artifact([headline], key=f"{key}-metrics", description=f"{benchmark} {label}: headline metrics")
+    if isinstance(metrics.get("subjects"), dict):
+        rows = [{"subject": s, "accuracy": a} for s, a in sorted(metrics["subjects"].items())]
+        create_table_artifact(rows, key=f"{key}-subjects", description=f"{benchmark} {label}: per subject")
+    report = folder / "report.md"
+    if report.is_file():
+        create_markdown_artifact(report.read_text(), key=f"{key}-report", description=f"{benchmark} {label}: report")

@@ -1,0 +1,97 @@
+"""One mechanism for every stage task: fetch inputs, check the artifact store, build or reuse.
+
+Prefect's cache key is the stage's content key (stage, version, config, upstream keys,
+input fingerprints), never the run id. Prefect's cached record is trusted only while the
+artifact folder itself is complete: the flow-side check in `run_stage` forces a refresh
+when the folder is gone or fails verification, so a deleted artifact is rebuilt even
+though Prefect still remembers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from expert.config import StageConfig
+from expert.stages import Stage
+from expert.workspace import Workspace
+
+
+def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return parameters["cache_key"]
+
+
+# Downloads retry with backoff inside expert.sources / expert.models (the library is used
+# without Prefect too), so this task adds no Prefect retries of its own.
+@task(name="fetch", cache_policy=NO_CACHE, persist_result=False)
+def fetch_inputs(stage: Stage, config: StageConfig, workspace_root: str) -> dict[str, Any]:
+    return stage.fetch(config, Workspace.at(workspace_root))
+
+
+@task(cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json",
+      cache_result_in_memory=False)
+def build_stage(stage: Stage, config: StageConfig, upstream: dict[str, dict], inputs: dict[str, Any],
+                workspace_root: str, cache_key: str) -> dict[str, str]:
+    logger = get_run_logger()
+    store = Workspace.at(workspace_root).store
+    request = stage.request(config, upstream, inputs)
+    existing = store.get(request)
+    if existing is not None:  # complete on disk, but Prefect had no record of it
+        logger.info("%s: reusing the complete artifact %s", stage.name, existing.path)
+        return existing.ref()
+    logger.info("%s: building %s", stage.name, store.path(request.stage, request.key))
+    paths = {role: Path(ref["path"]) for role, ref in upstream.items()}
+    progress = _ProgressArtifact(f"{stage.name} [{request.key}]")
+    work_dir = store.work_dir(request)
+    artifact = store.build(request, lambda out: stage.produce(config, paths, inputs, out, progress, work_dir))
+    logger.info("%s: done in %.1f s -> %s", stage.name, artifact.manifest["timings"]["seconds"], artifact.path)
+    return artifact.ref()
+
+
+def run_stage(stage: Stage, config: StageConfig, workspace_root: str | Path,
+              upstream: dict[str, dict | None] | None = None, force: bool = False,
+              label: str | None = None) -> dict[str, str]:
+    """Run `stage` as a Prefect task (inside a flow); returns the artifact's ref."""
+    workspace = Workspace.at(workspace_root)
+    upstream = {role: ref for role, ref in (upstream or {}).items() if ref is not None}
+    inputs = {}
+    if type(stage).fetch is not Stage.fetch:
+        inputs = fetch_inputs.with_options(task_run_name=f"fetch {label or stage.name}")(
+            stage, config, str(workspace.root))
+    request = stage.request(config, upstream, inputs)
+    refresh = force or workspace.store.get(request) is None
+    root_tag = hashlib.sha256(str(workspace.root).encode()).hexdigest()[:8]
+    task_run = build_stage.with_options(
+        name=stage.name, task_run_name=f"{label or stage.name} [{request.key}]", refresh_cache=refresh)
+    return task_run(stage, config, upstream, inputs, str(workspace.root),
+                    cache_key=f"{stage.name}-{request.key}-{root_tag}")
+
+
+def read_json(ref: dict[str, str], name: str):
+    """A small JSON file of an artifact (for publishing tables in the UI)."""
+    return json.loads((Path(ref["path"]) / name).read_text())
+
+
+class _ProgressArtifact:
+    """A Prefect progress artifact, created on first use and updated at most every 1%."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.artifact_id = None
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(pct, description=self.description)
+        elif pct - self.last >= 1.0 or done >= total:
+            update_progress_artifact(self.artifact_id, pct)
+        else:
+            return
+        self.last = pct

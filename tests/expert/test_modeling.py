@@ -1,0 +1,147 @@
+"""The shared loader: plain, GPTQ, nf4 and none folders, adapters, errors, and the two silent
+CPU traps that leave LoRA without gradients after an eval forward under no_grad."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from expert.errors import ModelError
+from expert.modeling import RECORD_FILE, _aten_int4_fits, load_model, model_kind, resolve_base
+from tests.expert.quantize_fixtures import PROBE, logits, tiny_setup
+
+LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(setup, tmp_path_factory):
+    """An nf4 record, or a skip saying why bitsandbytes 4-bit cannot run on this machine."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path_factory.mktemp("nf4")
+    (out / RECORD_FILE).write_text(json.dumps({"method": "nf4", "base_model": str(setup.base)}))
+    try:
+        model, tok = load_model(out)
+        logits(model, tok)
+    except Exception as exc:  # bitsandbytes without a CPU backend raises various types
+        pytest.skip(f"bitsandbytes nf4 cannot run on this CPU: {exc}")
+    return out
+
+
+def test_plain_folder_loads_in_float32_eval_mode(setup):
+    model, tok = load_model(setup.base)
+    assert model_kind(setup.base) == "plain" and resolve_base(setup.base) == setup.base
+    assert model.dtype == torch.float32 and not model.training and tok.eos_token == "<|im_end|>"
+
+
+def test_gptq_folder_is_recognized(setup):
+    assert model_kind(setup.gptq) == "gptq" and resolve_base(setup.gptq) == setup.gptq
+
+
+@pytest.mark.parametrize("kind", ["gptq", "nf4"])
+def test_lora_gets_gradients_after_an_eval_forward(kind, setup, request):
+    """The pipeline scores (eval, no_grad) and trains the same kind of model: a training step
+    after a scoring pass must still reach every LoRA weight, and the loss must fall."""
+    folder = setup.gptq if kind == "gptq" else request.getfixturevalue("nf4_dir")
+    model, tok = load_model(folder, training=True)
+    losses, grads = _eval_then_train(model, tok)
+    assert all(g > 0 for g in grads.values()), grads
+    assert losses[-1] < losses[0], losses
+
+
+def test_gptq_trap_is_real_without_training_settings(setup):
+    """Control for the test above: loaded for inference, gptqmodel's CPU kernel latches into its
+    no-grad int4 path on the eval forward, and LoRA upstream of it gets no gradient."""
+    model, tok = load_model(setup.gptq)
+    _, grads = _eval_then_train(model, tok, steps=1)
+    assert any(g == 0 for g in grads.values()), grads
+
+
+def test_nf4_trap_is_real_without_the_flag(setup):
+    """Control for the nf4 case: stock bitsandbytes on an AVX512-BF16 CPU repacks on the eval
+    forward into a no-grad path: LoRA upstream of a repacked layer gets no gradient."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not bnb.nn.Linear4bit(4, 4).support_avx512bf16_for_cpu:
+        pytest.skip("this CPU lacks AVX512-BF16: bitsandbytes never repacks here")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(setup.base, quantization_config=config, device_map="cpu")
+    _, tok = load_model(setup.base)
+    _, grads = _eval_then_train(model, tok, steps=1)
+    assert any(g == 0 for g in grads.values()), grads
+
+
+def test_adapter_is_attached_trainable_only_for_training(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_model(setup.base)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = logits(peft_model, tok)
+    for training in (False, True):
+        loaded, _ = load_model(setup.gptq if training else setup.base, adapter_dir=tmp_path / "adapter",
+                               training=training)
+        trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+        assert bool(trainable) == training and all("lora_" in n for n in trainable)
+    loaded, _ = load_model(setup.base, adapter_dir=tmp_path / "adapter")
+    assert torch.allclose(logits(loaded, tok), expected)
+
+
+def test_errors_name_the_folder_and_the_fix(setup, tmp_path):
+    with pytest.raises(ModelError, match="does not exist; run the import stage"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / RECORD_FILE).write_text(json.dumps({"method": "nf4", "base_model": "../gone"}))
+    with pytest.raises(ModelError, match="moved or deleted: rerun the import stage"):
+        load_model(tmp_path / "moved")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / RECORD_FILE).write_text(json.dumps({"method": "awq"}))
+    with pytest.raises(ModelError, match="must hold 'method'"):
+        resolve_base(tmp_path / "bad")
+    with pytest.raises(ModelError, match="lacks adapter_config.json"):
+        load_model(setup.base, adapter_dir=tmp_path)
+
+
+@pytest.mark.parametrize("bits, group_size, fits", [
+    (4, 32, True), (4, 64, True), (4, 256, True), (4, 16, False), (4, -1, False), (8, 16, True),
+])
+def test_cpu_int4_kernel_group_sizes(bits, group_size, fits):
+    assert _aten_int4_fits({"bits": bits, "group_size": group_size}) == fits
+
+
+def _eval_then_train(model, tok, steps: int = 5) -> tuple[list[float], dict[str, float]]:
+    """An eval forward under no_grad (a scoring pass), then `steps` LoRA training steps.
+
+    Returns the losses and the gradient magnitude of every LoRA weight after the first step.
+    LoRA B starts non-zero so that A's gradient is non-zero too when everything works.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                             init_lora_weights=False))
+    ids = tok(PROBE, return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    optimizer = torch.optim.Adam(lora.values(), lr=1e-2)
+    losses, grads = [], {}
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = {n: (0.0 if p.grad is None else p.grad.abs().sum().item()) for n, p in lora.items()}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, grads

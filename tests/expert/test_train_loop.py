@@ -1,0 +1,189 @@
+"""Whole training runs on a tiny Llama: learning, outputs, exact resume after a crash."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from expert.errors import DataError, ExpertError
+from expert.train import TrainConfig, list_checkpoints, train
+from expert.train.checkpoint import MARKER
+from expert.train.data import read_split
+from tests.expert.train_fixtures import WORDS, plain_load, write_toy_data
+from tests.fixtures.models import tiny_llama_dir
+
+# 24 examples, micro-batch 2, 2 per step: 6 steps an epoch; 1.5 epochs = 9 steps, crossing an epoch.
+RUN = dict(epochs=1.5, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3, warmup_steps=2,
+           save_every_steps=2, lora_dropout=0.1)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise comparisons need the same kernels; a 64-wide model needs no threads
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_toy_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, data_dir, tmp_path_factory):
+    """One uninterrupted run of RUN, with the progress calls it made."""
+    root = tmp_path_factory.mktemp("reference")
+    calls = []
+    summary = train(TrainConfig(**RUN), llama_dir, data_dir, root / "out", root / "work",
+                    progress=lambda done, total: calls.append((done, total)), device="cpu")
+    return root / "out", summary, calls
+
+
+def crash_at(step):
+    def progress(done, total):
+        if done == step:
+            raise Crash(f"killed after step {done}")
+    return progress
+
+
+def adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_writes_every_output(reference):
+    out, summary, calls = reference
+    assert calls == [(step, 9) for step in range(1, 10)]
+    assert [step for step, _ in list_checkpoints(out)] == [2, 4, 6, 8, 9]
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert_bitwise_equal(adapter(out / "final"), adapter(out / "checkpoints" / "step-000009"))
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 10))
+    assert [r["step"] for r in records if "dev_loss" in r] == [2, 4, 6, 8, 9]
+    assert all(r["tokens_per_s"] > 0 and r["memory_mb"] > 0 for r in records if "loss" in r)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((out / "summary.json").read_text())
+    assert written["steps"] == summary["steps"] == 9 and written["epochs"] == 1.5
+    assert set(written["dev_loss"]) == {"2", "4", "6", "8", "9"}
+    assert 0 <= written["padding_fraction"] < written["padding_fraction_unbucketed"]
+    marker = json.loads((out / "checkpoints" / "step-000004" / MARKER).read_text())
+    assert marker["dev_loss"] == written["dev_loss"]["4"] and marker["step"] == 4
+
+
+def test_loss_falls_and_dev_answers_are_learned(llama_dir, data_dir, tmp_path):
+    config = TrainConfig(epochs=6, micro_batch_size=4, effective_batch_size=8, learning_rate=2e-2,
+                         warmup_steps=2, save_every_steps=100, target_modules="all-linear", lora_dropout=0.0)
+    summary = train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert summary["final_dev_loss"] < 0.5 * losses[0]
+    # The tuned model now prefers the right answer on the dev questions it never trained on.
+    from peft import PeftModel
+
+    base, tok = plain_load(llama_dir)
+    model = PeftModel.from_pretrained(base, tmp_path / "out" / "final").eval()
+    choice_ids = [tok(" " + answer)["input_ids"][-1] for answer in WORDS]
+    dev = read_split(data_dir / "dev.parquet")
+    assert set(dev["answer"]) == set(WORDS)
+    for prompt, answer in zip(dev["prompt"], dev["answer"]):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+        assert list(WORDS)[int(logits[choice_ids].argmax())] == answer
+
+
+def test_resume_after_crash_continues_and_matches_uninterrupted_run(reference, llama_dir, data_dir, tmp_path):
+    out, _, _ = reference
+    config = TrainConfig(**RUN)
+    with pytest.raises(Crash):
+        train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", progress=crash_at(5), device="cpu")
+    assert [s for s, _ in list_checkpoints(tmp_path / "work")] == [2, 4]
+    calls = []
+    summary = train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work",
+                    progress=lambda done, total: calls.append(done), device="cpu")
+    assert calls[0] == 4 and calls[1:] == [5, 6, 7, 8, 9]  # from the checkpoint, not from step 0
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["resumed_from"] == [4] and summary["steps"] == 9
+    assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(out / "final"))
+    assert_bitwise_equal(adapter(tmp_path / "out" / "checkpoints" / "step-000006"),
+                         adapter(out / "checkpoints" / "step-000006"))
+    ours = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+    theirs = (out / "train_log.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "memory_mb")}
+                           for x in lines]
+    assert strip(ours) == strip(theirs)  # no duplicated or missing steps, same losses
+
+
+def test_checkpoint_without_marker_is_ignored(reference, llama_dir, data_dir, tmp_path):
+    out, _, _ = reference
+    config = TrainConfig(**RUN)
+    with pytest.raises(Crash):
+        train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", progress=crash_at(5), device="cpu")
+    checkpoints = tmp_path / "work" / "checkpoints"
+    (checkpoints / "step-000004" / MARKER).unlink()  # as if killed while writing it
+    (checkpoints / ".step-000006.tmp").mkdir()  # a temp folder of a kill mid-save
+    (checkpoints / ".step-000006.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    summary = train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["resumed_from"] == [2] and summary["steps"] == 9
+    assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(out / "final"))
+
+
+def test_checkpoints_of_another_config_are_not_resumed(llama_dir, data_dir, tmp_path):
+    first = TrainConfig(**{**RUN, "max_steps": 2})
+    train(first, llama_dir, data_dir, tmp_path / "out1", tmp_path / "work", device="cpu")
+    second = TrainConfig(**{**RUN, "max_steps": 2, "learning_rate": 1e-3})
+    train(second, llama_dir, data_dir, tmp_path / "out2", tmp_path / "work", device="cpu")
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["resumed_from"] == []
+    assert not torch.equal(*(adapter(tmp_path / o / "final")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+                            for o in ("out1", "out2")))
+
+
+def test_a_second_run_on_the_same_work_dir_is_refused(llama_dir, data_dir, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / ".lock", "w") as held:  # as a run in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ExpertError, match="another training run is using"):
+            train(TrainConfig(**RUN), llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    assert not list_checkpoints(tmp_path / "work")
+
+
+def test_missing_dev_split_says_how_to_skip_it(llama_dir, tmp_path):
+    data = write_toy_data(tmp_path / "data")
+    (data / "dev.parquet").unlink()
+    with pytest.raises(DataError, match="dev.parquet does not exist.*dev_loss: false"):
+        train(TrainConfig(**RUN), llama_dir, data, tmp_path / "out", tmp_path / "work", device="cpu")
+
+
+def test_resume_with_8bit_optimizer_matches_uninterrupted_run(llama_dir, data_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    # all-linear: the MLP's LoRA A matrices (4 x 128 = 512) stay under bitsandbytes' 4096-value
+    # threshold, so a larger rank puts some state in 8 bits: r=32 -> 32 x 128 = 4096.
+    config = TrainConfig(**{**RUN, "optimizer": "adamw_8bit", "lora_r": 32, "target_modules": "all-linear",
+                            "max_steps": 6})
+    train(config, llama_dir, data_dir, tmp_path / "ref", tmp_path / "ref_work", device="cpu")
+    with pytest.raises(Crash):
+        train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", progress=crash_at(3), device="cpu")
+    train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["resumed_from"] == [2]
+    state = load_file(tmp_path / "out" / "checkpoints" / "step-000006" / "optimizer.safetensors")
+    assert any(t.dtype == torch.uint8 for t in state.values())  # 8-bit state really was saved
+    assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(tmp_path / "ref" / "final"))

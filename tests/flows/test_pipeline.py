@@ -1,0 +1,119 @@
+"""The whole pipeline on a tiny model through Prefect: what runs, what is `Cached`, and why."""
+
+import json
+import shutil
+
+import pytest
+
+from expert.pipeline_config import PipelineConfig
+from tests.fixtures.data import write_mmlu_dir, write_pubmedqa_json
+from tests.fixtures.models import tiny_llama_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return {
+        "model": tiny_llama_dir(root / "model"),
+        "pubmedqa": write_pubmedqa_json(root / "ori_pqal.json", n=60),
+        "mmlu": write_mmlu_dir(root / "mmlu", n_test=3),
+        "artifacts": root / "artifacts",
+    }
+
+
+def make_config(inputs, artifacts=None, **sections) -> PipelineConfig:
+    raw = {
+        "name": "tiny",
+        "artifacts_dir": str(artifacts or inputs["artifacts"]),
+        "model": {"source": str(inputs["model"])},
+        "data": {"pubmedqa": {"source": str(inputs["pubmedqa"])}, "mmlu": {"source": str(inputs["mmlu"])}},
+        "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "num_samples": 8, "max_length": 64,
+                     "perplexity_samples": 4},
+        "train": {"lora_r": 4, "lora_alpha": 8, "epochs": 1, "micro_batch_size": 2, "effective_batch_size": 4,
+                  "warmup_steps": 1, "save_every_steps": 2, "max_steps": 4, "max_length": 128,
+                  "learning_rate": 0.001},
+        "eval": {"batch_size": 4},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return PipelineConfig.from_dict(raw)
+
+
+def run(config) -> tuple[dict[str, str], dict]:
+    """Run the flow; return ({stage task name without its key: final state name}, result)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import pipeline
+
+    state = pipeline(config=config, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states = {r.name.split(" [")[0]: r.state.name for r in runs if not r.name.startswith("fetch")}
+    return states, state.result()
+
+
+STAGES = {"import model", "format pubmedqa fold 0", "format mmlu", "quantize gptq 4-bit", "train LoRA r4",
+          "select by dev accuracy", "evaluate pubmedqa (base)", "evaluate pubmedqa (quantized)",
+          "evaluate pubmedqa (expert)", "evaluate mmlu (base)", "evaluate mmlu (expert)", "report"}
+
+
+def reran(states: dict[str, str]) -> set[str]:
+    assert set(states.values()) <= {"Completed", "Cached"}, states
+    return {name for name, state in states.items() if state == "Completed"}
+
+
+def test_pipeline_end_to_end_and_cache_behaviour(prefect_harness, inputs):
+    states, result = run(make_config(inputs))
+    assert set(states) == STAGES and reran(states) == STAGES
+
+    summary = json.loads((inputs["artifacts"] / "report").glob("*/summary.json").__next__().read_text())
+    assert set(summary["pubmedqa"]) == {"base", "quantized", "expert"} and set(summary["mmlu"]) == {"base", "expert"}
+    for metrics in summary["pubmedqa"].values():
+        assert 0 <= metrics["accuracy"] <= 1 and metrics["n"] == 30
+    assert set(summary["timings_s"]) >= {"quantize", "train", "select"}
+    adapter = result["expert"]["adapter"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in __import__("pathlib").Path(adapter).iterdir()}
+
+    select_dir = next((inputs["artifacts"] / "select").iterdir())
+    scores = json.loads((select_dir / "scores.json").read_text())
+    chosen = json.loads((select_dir / "selection.json").read_text())
+    assert [r["step"] for r in scores] == [2, 4]
+    assert chosen["score"] == max(r["accuracy"] for r in scores) and (select_dir / "dev_scores.png").is_file()
+
+    # Nothing changed: no stage executes.
+    states, _ = run(make_config(inputs))
+    assert reran(states) == set()
+
+    # A new learning rate: train and everything after it, nothing before.
+    states, _ = run(make_config(inputs, train={"learning_rate": 0.002}))
+    assert reran(states) == {"train LoRA r4", "select by dev accuracy", "evaluate pubmedqa (expert)",
+                             "evaluate mmlu (expert)", "report"}
+
+    # A new MMLU subset: the MMLU evaluations and the report only.
+    states, _ = run(make_config(inputs, eval={"mmlu_max_per_subject": 2}))
+    assert reran(states) == {"evaluate mmlu (base)", "evaluate mmlu (expert)", "report"}
+
+    # A deleted artifact reruns that stage only, even though Prefect remembers its result; its
+    # content is the same, so nothing downstream reruns.
+    folders = list((inputs["artifacts"] / "format_mmlu").iterdir())
+    shutil.rmtree(folders[0])
+    states, _ = run(make_config(inputs))
+    assert reran(states) == {"format mmlu"}
+    assert (folders[0] / "manifest.json").is_file()
+
+
+def test_changed_input_file_reruns_what_reads_it(prefect_harness, inputs, tmp_path):
+    data = write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60)
+    config = make_config(inputs, artifacts=tmp_path / "artifacts", quantize={"method": "none"},
+                         data={"pubmedqa": {"source": str(data)}, "mmlu": None})
+    states, _ = run(config)
+    assert "evaluate pubmedqa (quantized)" not in states and "evaluate mmlu (base)" not in states
+    data.write_text(data.read_text().replace("mortality", "morbidity"))
+    states, _ = run(config)
+    assert "import model" not in reran(states) and "quantize none" not in reran(states)
+    assert {"format pubmedqa fold 0", "train LoRA r4", "evaluate pubmedqa (base)"} <= reran(states)

@@ -1,0 +1,41 @@
+"""The library stays free of Prefect; every shipped preset parses."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_expert_never_imports_prefect():
+    offenders = []
+    for path in (ROOT / "expert").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "prefect"]
+    assert offenders == []
+
+
+def test_importing_the_library_does_not_load_prefect():
+    code = (
+        "import importlib, pkgutil, sys, expert\n"
+        "for m in pkgutil.walk_packages(expert.__path__, 'expert.'): importlib.import_module(m.name)\n"
+        "print('prefect' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_parses(preset):
+    from expert.pipeline_config import load_config
+
+    config = load_config(preset)
+    assert config.model.source
