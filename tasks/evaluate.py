@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from expert.evaluation import EvalConfig
+from expert.evaluation import EvalConfig, markdown_tables
 from expert.stages import Evaluate
 from tasks.stage import run_stage
 
@@ -38,15 +38,13 @@ def evaluate_all(config: EvalConfig, workspace: str, base: dict, quantized: dict
 
 
 def publish(benchmark: str, ref: dict, label: str) -> None:
-    """The evaluation's tables and report as Prefect artifacts on this flow run."""
+    """Every table of the evaluation's report.md, and the report itself, as Prefect artifacts."""
     folder = Path(ref["path"])
     metrics = json.loads((folder / "metrics.json").read_text())
     key = f"{benchmark}-{label}".lower().replace(" ", "-").replace("_", "-")
-    headline = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    create_table_artifact([headline], key=f"{key}-metrics", description=f"{benchmark} {label}: headline metrics")
-    if isinstance(metrics.get("subjects"), dict):
-        rows = [{"subject": s, "accuracy": a} for s, a in sorted(metrics["subjects"].items())]
-        create_table_artifact(rows, key=f"{key}-subjects", description=f"{benchmark} {label}: per subject")
+    for title, rows in markdown_tables(metrics, run_name=label).items():
+        create_table_artifact(rows, key=f"{key}-{title}".replace("_", "-"),
+                              description=f"{benchmark} ({label}): {title.replace('_', ' ')}")
     report = folder / "report.md"
     if report.is_file():
-        create_markdown_artifact(report.read_text(), key=f"{key}-report", description=f"{benchmark} {label}: report")
+        create_markdown_artifact(report.read_text(), key=f"{key}-report", description=f"{benchmark} ({label}): report")

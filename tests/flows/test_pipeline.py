@@ -79,6 +79,16 @@ def test_pipeline_end_to_end_and_cache_behaviour(prefect_harness, inputs):
     adapter = result["expert"]["adapter"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in __import__("pathlib").Path(adapter).iterdir()}
 
+    # The tables and reports show in the UI, on the flow run.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["pubmedqa-base-comparison", "pubmedqa-expert-confusion", "mmlu-expert-subjects",
+            "checkpoint-dev-scores", "expert-report"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in found} == set(keys)
+
     select_dir = next((inputs["artifacts"] / "select").iterdir())
     scores = json.loads((select_dir / "scores.json").read_text())
     chosen = json.loads((select_dir / "selection.json").read_text())
