@@ -35,6 +35,8 @@ def write_pipeline_report(upstream: dict[str, Path], config: dict[str, Any], out
     details = {role: _json(upstream[role] / name) for role, name in
                (("quantize", "quantization_report.json"), ("train", "summary.json"), ("select", "selection.json"))
                if role in upstream}
+    if "select" in upstream:
+        details["select"]["per checkpoint"] = json.loads((upstream["select"] / "scores.json").read_text())
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out_dir / "report.md").write_text(render(summary, details, sorted(p.name for p in out_dir.glob("*.png"))))
     return {b: {w: {k: m.get(k) for k in HEADLINE[b]} for w, m in summary[b].items()} for b in HEADLINE}
@@ -50,6 +52,9 @@ def render(summary: dict, details: dict, plots: list[str]) -> str:
     for role, title in (("quantize", "Quantization"), ("train", "Training"), ("select", "Checkpoint selection")):
         if role in details:
             lines += [f"## {title}", "", to_markdown(_flat_rows(details[role])), ""]
+        if role == "select" and details.get("select", {}).get("per checkpoint"):
+            rows = [{k: _round(v) for k, v in row.items()} for row in details["select"]["per checkpoint"]]
+            lines += ["Dev scores per checkpoint:", "", to_markdown(rows), ""]
     timings = [{"stage": k, "seconds (when built)": v} for k, v in summary["timings_s"].items()]
     lines += ["## Stage timings", "", to_markdown(timings), ""]
     lines += [f"![{p}]({p})" for p in plots]
@@ -79,12 +84,19 @@ def mmlu_rows(runs: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _flat_rows(values: dict) -> list[dict]:
+def _flat_rows(values: dict, prefix: str = "") -> list[dict]:
+    """Scalars of a (nested) summary as rows, `parent.child` named; lists are left to their own tables."""
     rows = []
     for key, value in values.items():
-        if isinstance(value, (int, float, str, bool)) or value is None:
-            rows.append({"": key, "value": value})
+        if isinstance(value, dict):
+            rows += _flat_rows(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            rows.append({"": prefix + key, "value": _round(value)})
     return rows
+
+
+def _round(value):
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def _pct(value: float | None) -> float | None:

@@ -103,12 +103,14 @@ def plot_scores(rows: list[dict], metric: str, best_step: int, path: Path) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ("accuracy", "macro_f1"):
         ax.plot(steps, [r[name] for r in rows], marker="o", label=f"dev {name}")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("dev score")
     ax.set_ylim(0, 1)
     loss_ax = ax.twinx()

@@ -42,5 +42,6 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     selected = select(config.select, config.eval, ws, model=quantized, checkpoints=checkpoints, data=pubmedqa)
     scores = evaluate_all(config.eval, ws, base=base, quantized=quantized if config.quantize.method != "none" else None,
                           expert=adapter_of(selected), pubmedqa=pubmedqa, mmlu=mmlu)
-    final = report(config, ws, parts={**scores, "quantize": quantized, "train": checkpoints, "select": selected})
+    final = report(config, ws, parts={**scores, "import_model": base, "format_pubmedqa": pubmedqa, "format_mmlu": mmlu,
+                                      "quantize": quantized, "train": checkpoints, "select": selected})
     return {"report": final["path"], "expert": {"model": quantized["path"], "adapter": adapter_of(selected)["path"]}}

@@ -48,7 +48,7 @@ class Report(Stage):
     """base vs quantized vs expert, with the published results, in report.md + summary.json."""
 
     name: ClassVar[str] = "report"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
 
     def key_config(self, config):
         return {k: v for k, v in config.canonical().items() if k != "artifacts_dir"}
