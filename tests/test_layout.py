@@ -39,3 +39,15 @@ def test_every_preset_parses(preset):
 
     config = load_config(preset)
     assert config.model.source
+
+
+def test_prefect_yaml_deployments_point_at_loadable_flows():
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
+        assert flow.name == "expert-pipeline"
