@@ -7,9 +7,9 @@ files, `output_type: multiple_choice`, `target_delimiter: " "`, 0 shots) and run
 own virtual environment: it brings many packages (datasets, evaluate, sacrebleu, ...) this
 project does not need:
 
-    python3 -m venv /tmp/lmeval-venv
-    /tmp/lmeval-venv/bin/pip install torch==2.13.0 lm-eval transformers==5.24.0 accelerate
-    LMEVAL_PYTHON=/tmp/lmeval-venv/bin/python .venv/bin/python bench/eval_vs_lmeval.py \
+    python3 -m venv .venv-lmeval
+    .venv-lmeval/bin/pip install torch==2.13.0 lm-eval transformers==5.24.0 accelerate
+    LMEVAL_PYTHON=.venv-lmeval/bin/python .venv/bin/python bench/eval_vs_lmeval.py \
         --model MODEL_DIR --data FORMATTED_DATA_DIR
 
 FORMATTED_DATA_DIR holds pubmedqa/test.parquet and mmlu/test.parquet (the data stage's
