@@ -82,9 +82,10 @@ def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, 
 
 def _row(step: int, path: Path, frame, scores: list[list[float]]) -> dict:
     from expert.evaluation.metrics import pubmedqa_metrics
+    from expert.evaluation.runner import predict
 
     choices = frame["choices"].tolist()
-    preds = [opts[max(range(len(s)), key=s.__getitem__)] for opts, s in zip(choices, scores)]
+    preds = predict(choices, scores)
     gold = frame["answer"].tolist()
     nll = [-s[opts.index(g)] for g, opts, s in zip(gold, choices, scores)]
     metrics = pubmedqa_metrics(gold, preds)

@@ -49,7 +49,7 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
     scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
     seconds = time.perf_counter() - started
     choices = frame["choices"].tolist()
-    predictions = [options[max(range(len(row)), key=row.__getitem__)] for options, row in zip(choices, scores)]
+    predictions = predict(choices, scores)
     metrics = _metrics(benchmark, frame, predictions)
     metrics["scoring"] = mode
     metrics["timing"] = {"scoring_s": round(seconds, 3), "questions_per_s": round(len(frame) / seconds, 3),
@@ -58,6 +58,11 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
     _write_outputs(Path(out_dir), benchmark, frame, predictions, scores, metrics, run_name,
                    {"model": Path(model_dir).name, "adapter": Path(adapter_dir).name if adapter_dir else "none"})
     return metrics
+
+
+def predict(choices: list[list[str]], scores: list[list[float]]) -> list[str]:
+    """The highest-scoring choice of each question (the first one on a tie)."""
+    return [options[max(range(len(row)), key=row.__getitem__)] for options, row in zip(choices, scores)]
 
 
 def check_benchmark(name: str) -> str:

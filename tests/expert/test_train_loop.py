@@ -10,8 +10,7 @@ from expert.errors import DataError, ExpertError
 from expert.train import TrainConfig, list_checkpoints, train
 from expert.train.checkpoint import MARKER
 from expert.train.data import read_split
-from tests.expert.train_fixtures import WORDS, plain_load, write_toy_data
-from tests.fixtures.models import tiny_llama_dir
+from tests.expert.train_fixtures import WORDS, plain_load, write_toy_data, llama_dir, one_thread  # noqa: F401 (fixtures)
 
 # 24 examples, micro-batch 2, 2 per step: 6 steps an epoch; 1.5 epochs = 9 steps, crossing an epoch.
 RUN = dict(epochs=1.5, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3, warmup_steps=2,
@@ -20,19 +19,6 @@ RUN = dict(epochs=1.5, micro_batch_size=2, effective_batch_size=4, learning_rate
 
 class Crash(Exception):
     pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise comparisons need the same kernels; a 64-wide model needs no threads
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tiny_llama_dir(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")

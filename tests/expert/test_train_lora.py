@@ -12,22 +12,7 @@ from expert.train.checkpoint import _join_optimizer, _split_optimizer
 from expert.train.data import IGNORE, collate, encode_split, read_split
 from expert.train.step import answer_loss_sum
 from expert.train.lora import attach_lora, lr_factor, make_optimizer, resolve_targets
-from tests.expert.train_fixtures import plain_load, write_toy_data
-from tests.fixtures.models import tiny_llama_dir
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # A 64-wide model gains nothing from threads; on a busy machine they only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return tiny_llama_dir(tmp_path_factory.mktemp("llama"))
+from tests.expert.train_fixtures import plain_load, write_toy_data, llama_dir, one_thread  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 from expert.benchmarks.pubmedqa import TEMPLATES
 from expert.benchmarks.schema import PUBMEDQA_SCHEMA, write_parquet
 
@@ -45,3 +48,22 @@ def plain_load(model_dir: Path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32"), AutoTokenizer.from_pretrained(model_dir)
+
+
+# Fixtures shared by the training test modules (import them by name into a test module).
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bitwise comparisons need the same kernels; a 64-wide model gains nothing from threads,
+    and on a busy machine they only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tests.fixtures.models import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("llama"))

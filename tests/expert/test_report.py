@@ -1,0 +1,42 @@
+"""The pipeline report: summary.json shape, nested details flattened, dev scores per checkpoint."""
+
+import json
+
+from expert.report import write_pipeline_report
+
+
+def artifact(root, name, files, seconds=1.5):
+    folder = root / name.replace("/", "_")
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"timings": {"seconds": seconds}}))
+    for fname, value in files.items():
+        (folder / fname).write_text(json.dumps(value))
+    return folder
+
+
+def test_report_compares_runs_and_shows_stage_details(tmp_path):
+    pubmedqa = {"accuracy": 0.5, "macro_f1": 0.4, "n": 500}
+    mmlu = {"average": 0.3, "subject_mean": 0.28, "n": 114, "categories": {"STEM": 0.25}}
+    upstream = {
+        "pubmedqa/base": artifact(tmp_path, "pubmedqa/base", {"metrics.json": pubmedqa}),
+        "pubmedqa/expert": artifact(tmp_path, "pubmedqa/expert", {"metrics.json": {**pubmedqa, "accuracy": 0.8}}),
+        "mmlu/base": artifact(tmp_path, "mmlu/base", {"metrics.json": mmlu}),
+        "mmlu/expert": artifact(tmp_path, "mmlu/expert", {"metrics.json": {**mmlu, "average": 0.2}}),
+        "quantize": artifact(tmp_path, "quantize", {"quantization_report.json": {
+            "perplexity": {"unquantized": 17.3499, "quantized": 20.8949}, "layers": [{"layer": "q"}]}}, 152.2),
+        "select": artifact(tmp_path, "select", {"selection.json": {"metric": "accuracy", "step": 4},
+                                                "scores.json": [{"step": 4, "accuracy": 0.4}, {"step": 8, "accuracy": 0.4}]}),
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    headline = write_pipeline_report(upstream, {"name": "t", "model": {"source": "m"}}, out)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["pubmedqa"]) == {"base", "expert"} and summary["timings_s"]["quantize"] == 152.2
+    assert headline["pubmedqa"]["expert"]["accuracy"] == 0.8
+    report = (out / "report.md").read_text()
+    assert "| perplexity.quantized | 20.89 |" in report  # nested details, rounded
+    assert "layers" not in report  # lists are not dumped into the key/value table
+    assert "| 8 | 0.4 |" in report  # dev score of every checkpoint
+    assert report.index("**expert**") < report.index("GPT-4") < report.index("**base**")  # ranked with references
+    assert "| average (question-weighted) | 30.0 | 20.0 | -10.0 |" in report
