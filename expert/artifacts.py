@@ -7,15 +7,23 @@ the same inputs always map to the same folder and any change maps to a new one.
 An artifact is complete only when its `manifest.json` exists and matches: the producer
 writes into a temporary folder beside the target, the manifest (config, upstream keys,
 file digests, package versions, timings) is written last, and the folder is renamed into
-place. A crash leaves at most a `.tmp-*` folder, which never counts.
+place. A crash leaves at most a `.tmp-*` folder, which never counts (and the next build of
+the same key deletes it).
+
+Two processes asking for the same artifact at once (two runs of one config) do the work once:
+`build` holds an advisory lock per key (`fcntl.flock`, dropped by the OS when its holder
+dies, kill -9 included); the second waits, then finds the first one's artifact and returns it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -25,12 +33,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from expert.errors import ExpertError
+from expert.locks import exclusive
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 16
-# Files up to this size are re-hashed on every use; larger ones are checked by size
-# (a full check is `verify(..., full=True)`).
+# Files up to this size are re-hashed on every use; larger ones (model shards of GBs) are
+# checked by size and a digest of SAMPLE_BLOCKS blocks spread over the file, which reads a few
+# MB instead of the whole file (a full check is `verify(..., full=True)`, `expert verify`).
 QUICK_DIGEST_LIMIT = 8 * 1024 * 1024
+SAMPLE_BLOCKS = 32
+SAMPLE_BLOCK_BYTES = 64 * 1024
+# Stage names and keys become folder names: nothing that could climb out of the store's root.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 VERSIONED_PACKAGES = (
     "torch", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum",
     "pandas", "pyarrow", "safetensors", "gguf", "prefect", "numpy",
@@ -82,6 +99,21 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sampled_digest(path: Path, size: int | None = None) -> str:
+    """sha256 of the file's size and of SAMPLE_BLOCKS blocks at evenly spaced offsets (the first
+    and the last block included). It catches truncation, a replaced or re-written file and
+    damage inside the sampled blocks; damage between them needs the full check."""
+    size = Path(path).stat().st_size if size is None else size
+    h = hashlib.sha256(str(size).encode() + b"\0")
+    span = max(size - SAMPLE_BLOCK_BYTES, 0)
+    offsets = sorted({span * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)})
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
@@ -99,6 +131,9 @@ class ArtifactStore:
         self.root = Path(root)
 
     def path(self, stage: str, key: str) -> Path:
+        for part in (stage, key):
+            if not _SAFE_NAME.fullmatch(part):
+                raise ValueError(f"{part!r} cannot name an artifact folder (letters, digits, '_', '.', '-' only)")
         return self.root / stage / key
 
     def work_dir(self, request: StageRequest) -> Path:
@@ -114,6 +149,8 @@ class ArtifactStore:
         path = self.path(request.stage, request.key)
         problem = verify(path, expected_key=request.key)
         if problem:
+            if path.exists():  # a damaged or half-written folder: say why it is not used
+                log.warning("not using %s: %s; it will be rebuilt", path, problem)
             return None
         manifest = json.loads((path / MANIFEST).read_text())
         return Artifact(request.stage, request.key, path, manifest)
@@ -130,6 +167,25 @@ class ArtifactStore:
         """
         target = self.path(request.stage, request.key)
         target.parent.mkdir(parents=True, exist_ok=True)
+        # Complete already: the caller asked for a recomputation (its result is then discarded
+        # by _publish, which never replaces a complete folder that others may be reading).
+        wanted_anyway = self.get(request) is not None
+        with exclusive(target.parent / f".lock-{request.key}", f"building {request.stage}/{request.key}"):
+            existing = None if wanted_anyway else self.get(request)
+            if existing is not None:  # another process built it while we waited for the lock
+                log.info("%s was built by another process meanwhile; reusing it", target)
+                return existing
+            for debris in target.parent.glob(f".tmp-{request.key}-*"):
+                shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
+            self._write(request, producer, target)
+        shutil.rmtree(self.work_dir(request), ignore_errors=True)
+        artifact = self.get(request)
+        if artifact is None:  # pragma: no cover - only if the disk lies to us
+            raise ExpertError(f"artifact {target} failed verification right after it was written")
+        return artifact
+
+    def _write(self, request: StageRequest, producer: Callable[[Path], dict[str, Any] | None],
+               target: Path) -> None:
         tmp = target.parent / f".tmp-{request.key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         started = time.time()
@@ -150,14 +206,15 @@ class ArtifactStore:
             }
             _write_json_durably(tmp / MANIFEST, manifest)
             _publish(tmp, target, request.key)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise ExpertError(
+                    f"the disk is full: writing the {request.stage} artifact into {target.parent} failed "
+                    f"({exc}). Nothing was marked complete and earlier artifacts are untouched; free space "
+                    f"on that disk (or set artifacts_dir to another one) and run again"
+                ) from exc
             raise
-        shutil.rmtree(self.work_dir(request), ignore_errors=True)
-        artifact = self.get(request)
-        if artifact is None:  # pragma: no cover - only if the disk lies to us
-            raise ExpertError(f"artifact {target} failed verification right after it was written")
-        return artifact
 
     def get_or_build(self, request: StageRequest, producer: Callable[[Path], dict | None]) -> Artifact:
         return self.get(request) or self.build(request, producer)
@@ -181,16 +238,55 @@ def verify(path: Path, expected_key: str | None = None, full: bool = False) -> s
             return f"{f}: listed in the manifest but missing"
         if f.stat().st_size != desc["size"]:
             return f"{f}: size {f.stat().st_size} != {desc['size']} in the manifest"
-        if (full or desc["size"] <= QUICK_DIGEST_LIMIT) and file_digest(f) != desc["sha256"]:
-            return f"{f}: content differs from the manifest digest (corrupted?)"
+        if full or desc["size"] <= QUICK_DIGEST_LIMIT:
+            if file_digest(f) != desc["sha256"]:
+                return f"{f}: content differs from the manifest digest (corrupted?)"
+        elif "sampled_sha256" in desc and sampled_digest(f, desc["size"]) != desc["sampled_sha256"]:
+            return f"{f}: content differs from the manifest's sampled digest (corrupted?)"
     return None
+
+
+def verify_tree(root: Path) -> list[tuple[Path, str | None]]:
+    """Fully verify every artifact at or under `root` (an artifact folder, a stage folder or the
+    whole store): (folder, problem or None) for each folder named like a key."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ExpertError(f"'{root}' is not a folder; give an artifact folder, a stage folder or the artifacts root")
+    if (root / MANIFEST).is_file() or _is_key(root.name):
+        return [(root, verify(root, full=True))]
+    folders = sorted(p for pattern in ("*", "*/*") for p in root.glob(pattern)
+                     if p.is_dir() and _is_key(p.name) and "downloads" not in p.relative_to(root).parts)
+    if not folders:
+        raise ExpertError(f"'{root}' holds no artifact folders (named by a {KEY_LENGTH}-hex-digit key)")
+    return [(p, verify(p, full=True)) for p in folders]
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
 def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        out[f.relative_to(folder).as_posix()] = {"size": f.stat().st_size, "sha256": file_digest(f)}
+        size = f.stat().st_size
+        desc: dict[str, Any] = {"size": size, "sha256": file_digest(f)}
+        if size > QUICK_DIGEST_LIMIT:
+            desc["sampled_sha256"] = sampled_digest(f, size)
+        out[f.relative_to(folder).as_posix()] = desc
     return out
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is the disk (or quota) being full.
+    Libraries wrap OSError (pyarrow, safetensors), so the chain and the message both count."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _write_json_durably(path: Path, value: Any) -> None:

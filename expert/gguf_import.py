@@ -139,6 +139,9 @@ def import_gguf(path: Path, out_dir: Path, dtype: str = "auto") -> dict:
     gguf_model, tokenizer = load_gguf(path, dtype)
     plain = to_plain_model(gguf_model)
     del gguf_model
+    from expert.models import check_special_tokens
+
+    check_special_tokens(tokenizer, path)
     vocab = plain.config.vocab_size
     if len(tokenizer) > vocab:
         raise ModelError(

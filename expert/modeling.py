@@ -222,4 +222,8 @@ def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, training: bool) -
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"adapter folder {adapter_dir} lacks adapter_config.json; point at the "
                          "folder written by the train stage (PeftModel.save_pretrained)")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: adapters load from safetensors only.
+        raise ModelError(f"adapter folder {adapter_dir} has no adapter_model.safetensors; adapters are loaded "
+                         "from safetensors only (save them with PeftModel.save_pretrained, the default format)")
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=training)

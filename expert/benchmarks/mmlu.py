@@ -115,21 +115,33 @@ def _read_csv(path: Path) -> list[Question]:
     with open(path, newline="", encoding="utf-8") as f:
         # The csv module, not pandas: pandas turns answer texts such as "None" or "NA" into NaN.
         reader = csv.reader(f)
-        for row in reader:
-            where = f"{path}: row {len(out) + 1} (line {reader.line_num})"
-            if len(row) != 6:
-                raise DataError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
-            if row[5].strip() not in LETTERS:
-                hint = " (a header row? the original files have none)" if not out else ""
-                raise DataError(f"{where}: field 'answer' must be one of A, B, C, D, got {row[5]!r}{hint}")
-            out.append(Question(row[0], row[1:5], row[5].strip()))
+        try:
+            for row in reader:
+                out.append(_csv_question(path, row, len(out) + 1, reader.line_num))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: row {len(out) + 1} (line {reader.line_num + 1}) is not readable CSV "
+                            f"({type(exc).__name__}: {exc}); restore the file from the MMLU data (UTF-8 CSV)") from None
     if not out:
         raise DataError(f"{path} holds no questions; restore it from the MMLU data")
     return out
 
 
+def _csv_question(path: Path, row: list[str], number: int, line: int) -> Question:
+    where = f"{path}: row {number} (line {line})"
+    if len(row) != 6:
+        raise DataError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+    if row[5].strip() not in LETTERS:
+        hint = " (a header row? the original files have none)" if number == 1 else ""
+        raise DataError(f"{where}: field 'answer' must be one of A, B, C, D, got {row[5]!r}{hint}")
+    return Question(row[0], row[1:5], row[5].strip())
+
+
 def _read_parquet(path: Path) -> list[Question]:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a damaged file
+        raise DataError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                        "download the cais/mmlu snapshot again") from None
     missing = {"question", "choices", "answer"} - set(table.column_names)
     if missing:
         raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected the cais/mmlu layout")

@@ -4,43 +4,42 @@ Reads the authors' `ori_pqal.json` or a folder holding the Hugging Face `qiaojin
 `pqa_labeled` parquet, rebuilds the official split (500 test, 500 cross-validation pool cut
 into 10 folds of 50; dev = fold k, train = the other nine) and writes `train.parquet`,
 `dev.parquet`, `test.parquet` and `stats.json`. Prompts use the reasoning-required setting:
-question and abstract, never the long answer (which holds the conclusion).
+question and abstract, never the long answer (which holds the conclusion). PQA-A questions
+added to train (`extra_source`, 211k of them) stream through: read one record at a time and
+written CHUNK_ROWS at a time, so memory stays flat (bench/format_scale.py measures it).
 
     format_pubmedqa(PubMedQAConfig(fold=0), Path("ori_pqal.json"), Path("out"))
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterable, Iterator
 
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from expert.benchmarks.schema import PUBMEDQA_SCHEMA, write_parquet, write_stats
+from expert.benchmarks.pubmedqa_records import LABELS, Record, iter_records, load_records
+from expert.benchmarks.schema import PUBMEDQA_SCHEMA, ParquetSink, write_parquet, write_stats
 from expert.config import StageConfig
 from expert.errors import ConfigError, DataError
 
-LABELS = ("yes", "no", "maybe")  # also the order in which the authors shuffle the labels
+__all__ = ["LABELS", "TEMPLATES", "PubMedQAConfig", "Record", "format_pubmedqa", "iter_records", "load_records",
+           "official_split"]
+
 SPLITS = ("train", "dev", "test")
 NUM_FOLDS = 10
 SPLIT_SEED = 0  # the authors' random.seed(0)
+CHUNK_ROWS = 10_000  # PQA-A records formatted and written at a time, so memory stays flat
 
 # Named prompt templates; {contexts} is the abstract's sections joined by newlines.
 TEMPLATES = {
     # lm-evaluation-harness's pubmedqa doc_to_text.
     "lm-eval": "Abstract: {contexts}\nQuestion: {question}\nAnswer:",
 }
-
-# Field names of the two layouts, so that errors name the field as the user's file spells it.
-_JSON_FIELDS = {"question": "QUESTION", "contexts": "CONTEXTS", "label": "final_decision"}
-_HF_FIELDS = {"question": "question", "contexts": "context.contexts", "label": "final_decision"}
-_HF_SUBDIRS = {"pqa_l": "pqa_labeled", "pqa_a": "pqa_artificial"}
-
 
 class PubMedQAConfig(StageConfig):
     """How to format PubMedQA."""
@@ -63,95 +62,6 @@ class PubMedQAConfig(StageConfig):
         if value not in TEMPLATES:
             raise ValueError(f"unknown template {value!r}; choose one of: {', '.join(sorted(TEMPLATES))}")
         return value
-
-
-class Record(NamedTuple):
-    pmid: str
-    question: str
-    contexts: list[str]
-    label: str
-    source: str  # "pqa_l" or "pqa_a"
-
-
-# ---------------------------------------------------------------- reading
-
-def load_records(path: Path, source: str = "pqa_l") -> list[Record]:
-    """Validated records of an ori_*.json file or an HF parquet folder, in stored order
-    (the order matters: the official split depends on it)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"PubMedQA source {path} does not exist; give ori_pqal.json "
-                        f"or a folder with {_HF_SUBDIRS[source]}/*.parquet")
-    if path.is_dir() or path.suffix == ".parquet":
-        return _records_from_parquet(path, source)
-    return [_check(path, pmid, rec, _JSON_FIELDS, source) for pmid, rec in _read_json(path).items()]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    text = path.read_bytes()
-    if not text.strip():
-        raise DataError(f"{path} is empty; re-download ori_pqal.json (a JSON object keyed by PMID)")
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise DataError(f"{path} is not valid JSON ({exc}); re-download it") from None
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path} must be a non-empty JSON object keyed by PMID, like the authors' ori_pqal.json")
-    return data
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads would silently keep the last of two records with the same PMID.
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        dup = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
-        raise ValueError(f"key {dup!r} appears twice")
-    return out
-
-
-def _records_from_parquet(path: Path, source: str) -> list[Record]:
-    subdir = _HF_SUBDIRS[source]
-    files = [path] if path.is_file() else sorted(path.glob(f"{subdir}/*.parquet")) or sorted(path.glob("*.parquet"))
-    if not files:
-        raise DataError(f"{path} holds no {subdir}/*.parquet; give the qiaojin/PubMedQA snapshot folder or ori_pqal.json")
-    records, seen = [], set()
-    for file in files:
-        table = pq.read_table(file)
-        missing = {"pubid", "question", "context", "final_decision"} - set(table.column_names)
-        if missing:
-            raise DataError(f"{file} lacks column(s) {sorted(missing)}; expected the qiaojin/PubMedQA {subdir} layout")
-        contexts = table.column("context").combine_chunks().field("contexts").to_pylist()
-        rows = zip(table.column("pubid").to_pylist(), table.column("question").to_pylist(), contexts,
-                   table.column("final_decision").to_pylist())
-        for pubid, question, ctx, label in rows:
-            fields = {"question": question, "context.contexts": ctx, "final_decision": label}
-            rec = _check(file, str(pubid), fields, _HF_FIELDS, source)
-            if rec.pmid in seen:
-                raise DataError(f"{file}: PMID {rec.pmid} appears twice; remove the duplicate")
-            seen.add(rec.pmid)
-            records.append(rec)
-    return records
-
-
-def _check(path: Path, pmid: str, rec: Any, names: dict[str, str], source: str) -> Record:
-    """One record, validated; the error names the file, the PMID and the field."""
-    where = f"{path}: record PMID {pmid}"
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected an object with {', '.join(names.values())}, got {type(rec).__name__}")
-    question, contexts, label = (rec.get(names[k]) for k in ("question", "contexts", "label"))
-    if not isinstance(question, str) or not question.strip():
-        raise DataError(f"{where}: field '{names['question']}' must be a non-empty string, got {question!r}")
-    if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):
-        raise DataError(
-            f"{where}: field '{names['contexts']}' must be a non-empty list of strings, got {_short(contexts)}")
-    if label not in LABELS:
-        raise DataError(f"{where}: field '{names['label']}' must be one of {', '.join(LABELS)}, got {label!r}")
-    return Record(pmid, question, contexts, label, source)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) < 80 else text[:77] + "..."
 
 
 # ---------------------------------------------------------------- the official split
@@ -253,32 +163,72 @@ def format_pubmedqa(config: PubMedQAConfig, source: Path, out_dir: Path, tokeniz
         raise ConfigError("data.pubmedqa.extra_train_source and the extra_source file must be given together")
     records = load_records(source, "pqa_l")
     splits = official_split(records, config.fold)
-    dropped = 0
-    if extra_source is not None:
-        known = {r.pmid for r in records}
-        extra = load_records(extra_source, "pqa_a")
-        kept = [r for r in extra if r.pmid not in known]  # no PQA-L question twice, and no dev/test leak
-        dropped = len(extra) - len(kept)
-        splits["train"] += kept
+    for name in ("dev", "test") if extra_source is not None else SPLITS:
+        _check_not_empty(source, len(records), name, len(splits[name]), config.fold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"benchmark": "pubmedqa", "fold": config.fold, "template": config.template,
-                             "max_prompt_tokens": config.max_prompt_tokens, "pqa_a_dropped_overlap": dropped,
+                             "max_prompt_tokens": config.max_prompt_tokens, "pqa_a_dropped_overlap": 0,
                              "splits": {}}
-    for name in SPLITS:
+    for name in ("dev", "test"):
         stats["splits"][name] = _write_split(out_dir, name, splits[name], config, tokenizer)
+    train: Iterable[Record] = splits["train"]
+    if extra_source is not None:
+        # PQA-A streams in, never all in memory.
+        train = itertools.chain(splits["train"], _new_records(iter_records(extra_source, "pqa_a"), records, stats))
+    stats["splits"]["train"] = _write_chunked(out_dir, "train", train, config, tokenizer)
+    if extra_source is not None:
+        _check_not_empty(source, len(records), "train", stats["splits"]["train"]["total"], config.fold)
     return write_stats(out_dir, stats)
 
 
-def _write_split(out_dir: Path, name: str, rows: list[Record], config: PubMedQAConfig, tokenizer: Any) -> dict:
+def _new_records(extra: Iterable[Record], records: list[Record], stats: dict) -> Iterator[Record]:
+    """The PQA-A records that are not PQA-L questions: none twice, and no dev/test leak."""
+    known = {r.pmid for r in records}
+    for rec in extra:
+        if rec.pmid in known:
+            stats["pqa_a_dropped_overlap"] += 1
+        else:
+            yield rec
+
+
+def _check_not_empty(source: Path, n: int, split: str, size: int, fold: int) -> None:
+    if not size:
+        raise DataError(f"{source}: the official split of its {n} record(s) leaves split '{split}' of fold {fold} "
+                        "empty; it needs enough records for 2 halves and 10 folds (the real ori_pqal.json has "
+                        "1,000). Give the full file, or another data.pubmedqa.fold")
+
+
+def _columns(name: str, rows: list[Record], config: PubMedQAConfig, tokenizer: Any) -> dict[str, list]:
     prompts, truncated = _prompts(rows, config.template, tokenizer, config.max_prompt_tokens)
-    columns = {
+    return {
         "id": [r.pmid for r in rows], "split": [name] * len(rows), "prompt": prompts,
         "answer": [r.label for r in rows], "choices": [list(LABELS)] * len(rows),
         "question": [r.question for r in rows], "contexts": [r.contexts for r in rows],
         "truncated": truncated, "source": [r.source for r in rows],
     }
+
+
+def _write_split(out_dir: Path, name: str, rows: list[Record], config: PubMedQAConfig, tokenizer: Any) -> dict:
+    columns = _columns(name, rows, config, tokenizer)
     write_parquet(out_dir / f"{name}.parquet", columns, PUBMEDQA_SCHEMA)
-    labels = Counter(r.label for r in rows)
-    return {"total": len(rows), **{lab: labels[lab] for lab in LABELS},
-            "truncated": sum(truncated), "sources": dict(Counter(r.source for r in rows))}
+    return _split_stats(Counter(columns["answer"]), sum(columns["truncated"]), Counter(columns["source"]))
+
+
+def _write_chunked(out_dir: Path, name: str, rows: Iterable[Record], config: PubMedQAConfig, tokenizer: Any) -> dict:
+    """Like _write_split, CHUNK_ROWS rows at a time (one row group each)."""
+    labels, sources, truncated = Counter(), Counter(), 0
+    rows = iter(rows)
+    with ParquetSink(out_dir / f"{name}.parquet", PUBMEDQA_SCHEMA) as sink:
+        while chunk := list(itertools.islice(rows, CHUNK_ROWS)):
+            columns = _columns(name, chunk, config, tokenizer)
+            sink.write(columns)
+            labels.update(columns["answer"])
+            sources.update(columns["source"])
+            truncated += sum(columns["truncated"])
+    return _split_stats(labels, truncated, sources)
+
+
+def _split_stats(labels: Counter, truncated: int, sources: Counter) -> dict:
+    return {"total": sum(labels.values()), **{lab: labels[lab] for lab in LABELS},
+            "truncated": truncated, "sources": dict(sources)}

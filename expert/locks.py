@@ -1,0 +1,50 @@
+"""An inter-process lock on a file, for work that two runs must not do at the same time.
+
+`fcntl.flock` rather than a lock file's mere existence: the OS drops the lock when its
+holder dies, kill -9 included, so a crashed run never blocks the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str):
+    """Hold an exclusive lock on `path` for the `with` block, waiting for it if needed.
+
+    The lock file is deleted on release so nothing is left behind; a process that opened the
+    old file and then got its lock finds that the path names another file (or none) and retries.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent runs are not guarded there
+        yield
+        return
+    path = Path(path)
+    while True:
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process %s (it holds %s)", what, path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            if _names(path, handle):
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)  # before the close below releases the lock
+                return
+
+
+def _names(path: Path, handle) -> bool:
+    """Whether `path` still names the open file `handle`."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,258 @@
+"""Security: no pickle or foreign code on the load path, no leaked tokens, no path escapes.
+
+Every user-supplied file is loaded as data: weights and adapters from safetensors (a .bin is
+unpickled only by torch's weights-only loader, which refuses anything but tensors), optimizer
+state from safetensors and JSON. A model's own Python code runs only when the config says
+model.trust_remote_code: true, and the log says so. A hub token in the environment never
+reaches a file or a log line, and names from configs or data never climb out of artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from expert.artifacts import ArtifactStore, StageRequest
+from expert.errors import ConfigError, DataError, ModelError
+from tests.fixtures.data import write_mmlu_dir, write_mmlu_hf, write_pubmedqa_json
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "hf_PLANTEDtokenDoNotLeak0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tests.fixtures.models import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("llama"))
+
+
+class Payload:
+    """A pickle that runs a command when loaded: what a malicious .bin holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------- pickles
+
+# Calls that unpickle (or may) what they read. torch.load is allowed only with weights_only=True.
+UNSAFE = [
+    (re.compile(r"\bpickle\.loads?\("), "pickle.load"),
+    (re.compile(r"\b(cloudpickle|dill|joblib)\b"), "a pickle library"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "numpy allow_pickle"),
+    (re.compile(r"weights_only\s*=\s*False"), "torch.load(weights_only=False)"),
+    (re.compile(r"use_safetensors\s*=\s*False"), "from_pretrained(use_safetensors=False)"),
+]
+
+
+def test_no_pickle_loading_anywhere_in_the_code():
+    found = []
+    for path in sorted([*REPO.glob("expert/**/*.py"), *REPO.glob("tasks/*.py"), *REPO.glob("flows/*.py")]):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for pattern, what in UNSAFE:
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(REPO)}:{number}: {what}")
+            if "torch.load(" in line and "weights_only=True" not in line:
+                found.append(f"{path.relative_to(REPO)}:{number}: torch.load without weights_only=True")
+    assert not found, found
+
+
+def test_a_malicious_bin_model_is_refused_and_its_code_never_runs(llama_dir, tmp_path):
+    from expert.models import ModelConfig, import_model, resolve_model_source
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(llama_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    marker = tmp_path / "code-ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Payload(marker)}))
+    config = ModelConfig(source=str(folder))
+    with pytest.raises(ModelError, match=r"refused to load the \.bin weights.*bin_model.*safetensors"):
+        import_model(config, resolve_model_source(config), tmp_path / "out")
+    assert not marker.exists()
+
+
+def test_adapters_load_from_safetensors_only(llama_dir, tmp_path):
+    from expert.modeling import load_model
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2,
+                                                             "target_modules": ["q_proj"]}))
+    marker = tmp_path / "code-ran"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ModelError, match="no adapter_model.safetensors; adapters are loaded from safetensors only"):
+        load_model(llama_dir, adapter_dir=adapter, device="cpu")
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_no_pickles():
+    """Optimizer, scheduler and RNG state go to safetensors + JSON (stricter than
+    torch.load(weights_only=True)); the resume tests in test_train_loop read them back."""
+    from expert.train import checkpoint
+
+    source = Path(checkpoint.__file__).read_text()
+    assert "torch.load(" not in source and "import pickle" not in source
+    assert checkpoint.OPTIMIZER.endswith(".safetensors") and checkpoint.RNG.endswith(".safetensors")
+
+
+# ---------------------------------------------------------------- remote code
+
+def remote_code_model(llama_dir: Path, folder: Path, marker: Path) -> Path:
+    shutil.copytree(llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["EvilForCausalLM"], model_type="evil",
+                  auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    return folder
+
+
+def test_remote_code_is_off_by_default_everywhere():
+    from expert.models import ModelConfig
+    from expert.pipeline_config import load_config
+
+    assert ModelConfig().trust_remote_code is False
+    for preset in sorted(REPO.glob("configs/*.yaml")):
+        assert load_config(preset).model.trust_remote_code is False, preset
+
+
+def test_a_model_with_its_own_code_is_refused_and_the_code_never_runs(llama_dir, tmp_path):
+    from expert.modeling import load_model
+    from expert.models import ModelConfig, resolve_model_source
+
+    marker = tmp_path / "code-ran"
+    folder = remote_code_model(llama_dir, tmp_path / "evil", marker)
+    with pytest.raises(ModelError, match="own Python code.*refused.*model.trust_remote_code=true"):
+        resolve_model_source(ModelConfig(source=str(folder)))
+    with pytest.raises(Exception):  # later stages never pass trust_remote_code either
+        load_model(folder, device="cpu")
+    assert not marker.exists()
+
+
+def test_turning_remote_code_on_is_logged(llama_dir, tmp_path, caplog):
+    from expert.models import ModelConfig, resolve_model_source
+
+    folder = remote_code_model(llama_dir, tmp_path / "evil", tmp_path / "code-ran")
+    with caplog.at_level(logging.WARNING, logger="expert"):
+        resolved = resolve_model_source(ModelConfig(source=str(folder), trust_remote_code=True))
+    assert "model.trust_remote_code is on" in caplog.text and str(folder) in caplog.text
+    assert resolved.kind == "local"  # resolving reads config.json only: nothing ran yet
+    assert not (tmp_path / "code-ran").exists()
+
+
+# ---------------------------------------------------------------- hub tokens
+
+def run_stages(root: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """Every stage but the report (which only reads the others' JSON), run directly on a tiny model."""
+    from expert.pipeline_config import load_config
+    from expert.stages import Evaluate, FormatMMLU, FormatPubMedQA, ImportModel, Quantize, Select, Train
+    from expert.workspace import Workspace
+
+    overrides = [f"model.source={llama_dir}", f"data.pubmedqa.source={write_pubmedqa_json(tmp_path / 'p.json', n=60)}",
+                 f"data.mmlu.source={write_mmlu_dir(tmp_path / 'mmlu', n_test=2)}", "quantize.method=none",
+                 "train.max_steps=2", "train.save_every_steps=1", "train.micro_batch_size=2",
+                 "train.effective_batch_size=2", "train.max_length=128", "eval.batch_size=8",
+                 "eval.mmlu_max_per_subject=2", "eval.device=cpu"]
+    config = load_config(None, overrides)
+    assert TOKEN not in config.model_dump_json()  # the flow's Prefect parameters
+    workspace = Workspace.at(root)
+
+    def build(stage, section, **upstream):
+        inputs = stage.fetch(section, workspace)
+        request = stage.request(section, {k: v.ref() for k, v in upstream.items()}, inputs)
+        paths = {k: v.path for k, v in upstream.items()}
+        return workspace.store.build(request, lambda out: stage.produce(section, paths, inputs, out, None,
+                                                                        workspace.store.work_dir(request)))
+
+    model = build(ImportModel(), config.model)
+    data = build(FormatPubMedQA(), config.data.pubmedqa, model=model)
+    mmlu = build(FormatMMLU(), config.data.mmlu)
+    quantized = build(Quantize(), config.quantize, model=model)
+    trained = build(Train(), config.train, model=quantized, data=data)
+    selected = build(Select(eval_config=config.eval), config.select, model=quantized, train=trained, data=data)
+    adapter = type(selected)(selected.stage, selected.key, selected.path / "adapter", selected.manifest)
+    build(Evaluate("pubmedqa"), config.eval, model=quantized, data=data, adapter=adapter)
+    build(Evaluate("mmlu"), config.eval, model=model, data=mmlu)
+
+
+@pytest.mark.slow
+def test_a_hub_token_in_the_environment_reaches_no_artifact_and_no_log(llama_dir, tmp_path, monkeypatch, caplog):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.setenv(name, TOKEN)
+    root = tmp_path / "artifacts"
+    with caplog.at_level(logging.DEBUG):
+        run_stages(root, llama_dir, tmp_path)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert len({p.parent.parent.name for p in files if p.name == "manifest.json"}) == 7  # every stage wrote
+    leaks = [str(p) for p in files if TOKEN.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    assert TOKEN not in caplog.text
+
+
+# ---------------------------------------------------------------- names that become paths
+
+@pytest.mark.parametrize("stage, key", [("../outside", "0123456789abcdef"), ("train", "../../etc"),
+                                        ("train", "/abs"), (".hidden", "k"), ("a/b", "k"), ("..", "k")])
+def test_artifact_folders_cannot_escape_the_store(tmp_path, stage, key):
+    store = ArtifactStore(tmp_path / "artifacts")
+    with pytest.raises(ValueError, match="cannot name an artifact folder"):
+        store.path(stage, key)
+    if stage != "train":  # keys are hashes; a stage name comes from code, but is checked all the same
+        with pytest.raises(ValueError):
+            store.build(StageRequest(stage, 1, {}), lambda out: None)
+    assert list(tmp_path.iterdir()) in ([], [tmp_path / "artifacts"])
+    assert not list(tmp_path.rglob("*outside*"))
+
+
+@pytest.mark.parametrize("subjects", [["../../etc/passwd"], ["anatomy", "../anatomy"], ["/tmp/x"]])
+def test_mmlu_subjects_are_only_filters_over_known_names(tmp_path, subjects):
+    """eval.mmlu_subjects never becomes a path: it selects rows of the formatted data, and a
+    name the data does not hold is refused."""
+    from expert.benchmarks.mmlu import MMLUConfig, format_mmlu
+    from expert.evaluation import EvalConfig
+    from expert.evaluation.runner import load_questions
+
+    format_mmlu(MMLUConfig(num_shots=1), write_mmlu_dir(tmp_path / "mmlu", n_dev=1), tmp_path / "data")
+    with pytest.raises(ConfigError, match="eval.mmlu_subjects: unknown subject"):
+        load_questions(EvalConfig(mmlu_subjects=subjects), "mmlu", tmp_path / "data")
+
+
+def test_mmlu_subject_folders_outside_the_list_are_refused(tmp_path):
+    from expert.benchmarks.mmlu import find_subjects
+
+    root = write_mmlu_hf(tmp_path / "hf", subjects=("anatomy",))
+    (root / "..anatomy").mkdir()
+    shutil.copy(next((root / "anatomy").glob("test-*.parquet")), root / "..anatomy" / "test-00000-of-00001.parquet")
+    with pytest.raises(DataError, match="unknown MMLU subject '..anatomy'"):
+        find_subjects(root)
+
+
+@pytest.mark.parametrize("path", ["/x/..", "/x/%2e%2e", "/..%2f..%2fevil", "/", "/%2e", "/.bashrc"])
+def test_download_names_stay_in_the_downloads_folder(path):
+    from urllib.parse import unquote
+
+    from expert.sources import _safe_name
+
+    name = _safe_name(Path(unquote(path)).name)
+    assert name and "/" not in name and not name.startswith(".")
+
+
+@pytest.mark.parametrize("source", ["hf:../../etc", "hf:..", "hf:org/../../x"])
+def test_hub_dataset_names_are_validated_before_any_path_is_made(tmp_path, source, monkeypatch):
+    from expert import sources
+    from expert.fingerprint import FingerprintCache
+
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    with pytest.raises(DataError, match="cannot fetch the Hugging Face dataset"):
+        sources.fetch(source, tmp_path / "dl", FingerprintCache())
+    assert not (tmp_path.parent / "etc").exists() and not (tmp_path / "x").exists()
