@@ -18,7 +18,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 LOCAL_DATA := $(if $(wildcard $(DATA)/pubmedqa/ori_pqal.json),--set data.pubmedqa.source=$(DATA)/pubmedqa/ori_pqal.json) \
               $(if $(wildcard $(DATA)/mmlu/data/test),--set data.mmlu.source=$(DATA)/mmlu/data)
 
-.PHONY: run test setup clean-venv
+# A local Prefect server (SQLite under $(PREFECT_HOME)) and the process work pool of prefect.yaml.
+HOST   ?= 127.0.0.1
+PORT   ?= 4200
+API    := http://$(HOST):$(PORT)/api
+POOL   := expert-process
+PIPELINE_DEPLOYMENTS := pipeline-default retrain-weekly
+
+.PHONY: run test setup clean-venv server deploy worker
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -36,6 +43,23 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+server: setup
+	$(BIN)/prefect server start --host $(HOST) --port $(PORT)
+
+# Deploys every deployment of prefect.yaml; with a local copy of the data, the pipeline
+# deployments get it as their parameters (the default preset fetches it from the web).
+deploy: setup
+	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process --overwrite
+	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
+	$(if $(strip $(LOCAL_DATA)),for name in $(PIPELINE_DEPLOYMENTS); do PREFECT_API_URL=$(API) \
+		$(BIN)/prefect --no-prompt deploy --name $$name --params "$$($(BIN)/expert params $(CONFIG) $(LOCAL_DATA) $(SET))" \
+		|| exit 1; done)
+	$(if $(strip $(LOCAL_DATA)),PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --name evaluate \
+		--params "$$($(BIN)/expert params $(CONFIG) $(LOCAL_DATA) $(SET) --evaluate)")
+
+worker: deploy
+	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,10 +1,12 @@
 """The `expert` command line.
 
-    expert run CONFIG [--set key=value ...]          the cached Prefect pipeline
+    expert run CONFIG [--set key=value ...] [--force STAGE]   the cached Prefect pipeline
+    expert params CONFIG [--set key=value ...] [--force STAGE] the same, as deployment parameters (JSON)
     expert import-model --source SRC --out DIR        gguf:FILE | hf:ORG/NAME | DIR | embedded:NAME
     expert format pubmedqa --source FILE_OR_URL --out DIR [--fold K]
     expert format mmlu --source DIR_OR_HF --out DIR
     expert eval --model DIR [--adapter DIR] --benchmark pubmedqa|mmlu --data DIR --out DIR [--set key=value]
+    expert verify PATH ...                            check artifacts fully against their manifests
 
 A failure prints one paragraph and exits non-zero (2 for a problem with the input, 1 for
 anything unexpected); `--debug` shows the traceback.
@@ -66,7 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML preset, e.g. configs/default.yaml")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set data.pubmedqa.fold=3 (repeatable)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="recompute STAGE and everything after it, even if cached (repeatable), e.g. --force train")
     run.set_defaults(handler=cmd_run)
+
+    par = sub.add_parser("params", parents=[common],
+                         help="print a config as deployment parameters (for prefect deploy/deployment run --params)")
+    par.add_argument("config", help="YAML preset, e.g. configs/default.yaml")
+    par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    par.add_argument("--force", action="append", default=[], metavar="STAGE")
+    par.add_argument("--evaluate", action="store_true",
+                     help="parameters of the evaluation-only flow (data, evaluation, artifacts_dir) instead")
+    par.set_defaults(handler=cmd_params)
 
     imp = sub.add_parser("import-model", parents=[common], help="import a base model as a standard HF folder")
     imp.add_argument("--source", required=True, help="gguf:FILE, hf:ORG/NAME, a local HF folder, or embedded:NAME")
@@ -102,20 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override an eval config field, e.g. --set mmlu_max_per_subject=20")
     ev.set_defaults(handler=cmd_eval)
+
+    ver = sub.add_parser("verify", parents=[common], help="check artifacts against their manifests, every byte")
+    ver.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                     help="an artifact folder, a stage folder (artifacts/train) or the artifacts root")
+    ver.set_defaults(handler=cmd_verify)
     return parser
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from expert.pipeline_config import load_config
+    from expert.pipeline_config import check_stage_names, load_config
 
     config = load_config(args.config, args.overrides)  # fail fast, before Prefect starts
+    force = check_stage_names(args.force)
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     from flows.pipeline import pipeline  # imports prefect: only now that the env is set
 
-    result = pipeline(config=config)
+    result = pipeline(config=config, force=force)
     print(json.dumps(result, indent=2))
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    """The flow's parameters as JSON: `prefect deployment run ... --params "$(expert params CONFIG)"`."""
+    from expert.pipeline_config import check_stage_names, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.evaluate:
+        dump = config.model_dump(mode="json")
+        params = {"data": dump["data"], "evaluation": dump["eval"], "artifacts_dir": dump["artifacts_dir"]}
+    else:
+        params = {"config": config.model_dump(mode="json"), "force": check_stage_names(args.force)}
+    print(json.dumps(params))
 
 
 def cmd_import_model(args: argparse.Namespace) -> None:
@@ -175,6 +207,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                                           adapter_dir=args.adapter))
     keys = ("accuracy", "macro_f1", "average", "subject_mean", "n")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from expert.artifacts import verify_tree
+
+    results = [result for path in args.paths for result in verify_tree(path)]
+    for folder, problem in results:
+        print(f"{'ok' if problem is None else 'BAD'}  {folder}" + (f": {problem}" if problem else ""))
+    bad = [folder for folder, problem in results if problem]
+    if bad:
+        raise ExpertError(f"{len(bad)} of {len(results)} artifact(s) failed verification; delete them (the next "
+                          "run rebuilds them) or restore them from a backup")
 
 
 def _workspace():

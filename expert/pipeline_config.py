@@ -7,8 +7,9 @@ validates everything at once, naming each bad field.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field
@@ -22,6 +23,17 @@ from expert.models import ModelConfig
 from expert.quantize import QuantizeConfig
 from expert.select import SelectConfig
 from expert.train import TrainConfig
+
+
+# The stages in pipeline order; `--force STAGE` (and the flow's `force` parameter) recompute
+# the named stages and everything downstream of them.
+StageName = Literal["import_model", "format_pubmedqa", "format_mmlu", "quantize", "train", "select",
+                    "evaluate", "report"]
+STAGE_NAMES: tuple[str, ...] = get_args(StageName)
+
+# Shipped presets live beside the code (configs/), so a deployment run finds them from its
+# working directory and a notebook finds them from anywhere.
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class DataConfig(StageConfig):
@@ -76,3 +88,23 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def load_preset(name: str = "default", overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """A shipped preset by name (configs/NAME.yaml), e.g. `load_preset("gpu-8b")`."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset '{name}' in {PRESETS_DIR}; known presets: {', '.join(known) or 'none'}")
+    return load_config(path, overrides)
+
+
+def check_stage_names(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Validate `--force` stage names, with a "did you mean" for a typo."""
+    for name in names:
+        if name not in STAGE_NAMES:
+            hint = difflib.get_close_matches(name, STAGE_NAMES, n=1)
+            raise ConfigError(f"unknown stage '{name}' for --force"
+                              + (f"; did you mean '{hint[0]}'?" if hint else "")
+                              + f" Stages, in order: {', '.join(STAGE_NAMES)}")
+    return list(names)

@@ -8,7 +8,9 @@ selection) and writes `report.md` with its plots beside it, and `summary.json`:
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,18 @@ def render(summary: dict, details: dict, plots: list[str]) -> str:
     lines += ["## Stage timings", "", to_markdown(timings), ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """`![x](plot.png)` links to files in `folder` become data URIs, for viewers (the Prefect UI)
+    that show the markdown without the folder beside it."""
+    def embed(match: re.Match) -> str:
+        path = Path(folder) / match.group(2)
+        if "/" in match.group(2) or not path.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, markdown)
 
 
 def pubmedqa_rows(runs: dict[str, dict]) -> list[dict]:

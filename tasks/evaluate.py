@@ -24,16 +24,19 @@ def evaluate(benchmark: str, config: EvalConfig, workspace: str, model: dict, da
 
 
 def evaluate_all(config: EvalConfig, workspace: str, base: dict, quantized: dict | None, expert: dict,
-                 pubmedqa: dict, mmlu: dict | None) -> dict[str, dict | None]:
+                 pubmedqa: dict, mmlu: dict | None, force: bool = False) -> dict[str, dict | None]:
     """PubMedQA: base, quantized (zero-shot) and the expert; MMLU: base and the expert."""
     runs = {
-        "pubmedqa/base": evaluate("pubmedqa", config, workspace, base, pubmedqa, label="base"),
-        "pubmedqa/expert": evaluate("pubmedqa", config, workspace, quantized or base, pubmedqa, adapter=expert, label="expert"),
-        "mmlu/base": evaluate("mmlu", config, workspace, base, mmlu, label="base"),
-        "mmlu/expert": evaluate("mmlu", config, workspace, quantized or base, mmlu, adapter=expert, label="expert"),
+        "pubmedqa/base": evaluate("pubmedqa", config, workspace, base, pubmedqa, label="base", force=force),
+        "pubmedqa/expert": evaluate("pubmedqa", config, workspace, quantized or base, pubmedqa, adapter=expert,
+                                    label="expert", force=force),
+        "mmlu/base": evaluate("mmlu", config, workspace, base, mmlu, label="base", force=force),
+        "mmlu/expert": evaluate("mmlu", config, workspace, quantized or base, mmlu, adapter=expert, label="expert",
+                                force=force),
     }
     if quantized is not None:
-        runs["pubmedqa/quantized"] = evaluate("pubmedqa", config, workspace, quantized, pubmedqa, label="quantized")
+        runs["pubmedqa/quantized"] = evaluate("pubmedqa", config, workspace, quantized, pubmedqa, label="quantized",
+                                              force=force)
     return runs
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,19 @@ def fetch_inputs(stage: Stage, config: StageConfig, workspace_root: str) -> dict
 @task(cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json",
       cache_result_in_memory=False)
 def build_stage(stage: Stage, config: StageConfig, upstream: dict[str, dict], inputs: dict[str, Any],
-                workspace_root: str, cache_key: str) -> dict[str, str]:
+                workspace_root: str, cache_key: str, forced: bool = False) -> dict[str, str]:
     logger = get_run_logger()
+    _library_logs_at_info()
     store = Workspace.at(workspace_root).store
     request = stage.request(config, upstream, inputs)
     existing = store.get(request)
-    if existing is not None:  # complete on disk, but Prefect had no record of it
+    if existing is not None and not forced:  # complete on disk, but Prefect had no record of it
         logger.info("%s: reusing the complete artifact %s", stage.name, existing.path)
         return existing.ref()
+    if existing is not None:
+        # Recomputed on request; a complete artifact under the same key stays in place (a
+        # concurrent run may be reading it). Delete the folder to have it replaced.
+        logger.info("%s: forced; recomputing although %s is complete", stage.name, existing.path)
     logger.info("%s: building %s", stage.name, store.path(request.stage, request.key))
     paths = {role: Path(ref["path"]) for role, ref in upstream.items()}
     progress = _ProgressArtifact(f"{stage.name} [{request.key}]")
@@ -65,12 +71,31 @@ def run_stage(stage: Stage, config: StageConfig, workspace_root: str | Path,
         inputs = fetch_inputs.with_options(task_run_name=f"fetch {label or stage.name}")(
             stage, config, str(workspace.root))
     request = stage.request(config, upstream, inputs)
+    # A forced stage reruns, and so does everything downstream of it: a forced ref carries
+    # the mark on to the stages that read it (their keys alone would not change when the
+    # recomputed artifact is bit-identical, as it is on a CPU).
+    force = force or any(ref.get("forced") for ref in upstream.values())
     refresh = force or workspace.store.get(request) is None
     root_tag = hashlib.sha256(str(workspace.root).encode()).hexdigest()[:8]
     task_run = build_stage.with_options(
         name=stage.name, task_run_name=f"{label or stage.name} [{request.key}]", refresh_cache=refresh)
-    return task_run(stage, config, upstream, inputs, str(workspace.root),
-                    cache_key=f"{stage.name}-{request.key}-{root_tag}")
+    ref = task_run(stage, config, upstream, inputs, str(workspace.root),
+                   cache_key=f"{stage.name}-{request.key}-{root_tag}", forced=force)
+    return {**ref, "forced": True} if force else ref
+
+
+def _library_logs_at_info() -> None:
+    """The library's own loggers reach the run's log in the UI at INFO.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS (set for deployments in prefect.yaml, and by `expert run`)
+    gives them Prefect's handler; their level is still the root's WARNING unless set here.
+    """
+    from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
+
+    for name in ["expert", *PREFECT_LOGGING_EXTRA_LOGGERS.value()]:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
 
 
 def read_json(ref: dict[str, str], name: str):

@@ -46,8 +46,19 @@ def test_prefect_yaml_deployments_point_at_loadable_flows():
     from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert spec["deployments"]
+    flows = {}
     for deployment in spec["deployments"]:
         path, name = deployment["entrypoint"].split(":")
-        flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
-        assert flow.name == "expert-pipeline"
+        flows[deployment["name"]] = load_flow_from_entrypoint(f"{ROOT / path}:{name}").name
+        assert deployment["enforce_parameter_schema"] is True, deployment["name"]
+    assert flows == {"pipeline-default": "expert-pipeline", "retrain-weekly": "expert-pipeline",
+                     "evaluate": "expert-evaluate"}
+
+
+def test_pipeline_default_is_the_default_preset():
+    """`prefect deployment run expert-pipeline/pipeline-default` with no parameters runs configs/default.yaml."""
+    from expert.pipeline_config import load_config
+    from flows.pipeline import pipeline
+
+    assert pipeline.parameters.properties["config"]["default"] == load_config(
+        ROOT / "configs" / "default.yaml").model_dump(mode="json")

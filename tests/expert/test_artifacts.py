@@ -103,3 +103,22 @@ def test_work_dir_survives_a_failed_build_and_goes_after_success(tmp_path):
     store.build(request(), write_files)
     assert not work.exists()
     assert store.get(request()) is not None
+
+
+def test_folder_ref_keeps_an_artifacts_key_and_keys_other_folders_by_content(tmp_path):
+    from expert.errors import ExpertError
+    from expert.workspace import Workspace
+
+    ws = Workspace.at(tmp_path / "ws")
+    artifact = ws.store.build(StageRequest("quantize", 1, {"bits": 4}, {}, {}),
+                              lambda out: (out / "w.bin").write_bytes(b"w"))
+    assert ws.folder_ref(artifact.path) == {"stage": "quantize", "key": artifact.key, "path": str(artifact.path)}
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"a")
+    first = ws.folder_ref(folder)
+    assert first["stage"] == "external" and len(first["key"]) == 16
+    (folder / "adapter_model.safetensors").write_bytes(b"b")
+    assert ws.folder_ref(folder)["key"] != first["key"]
+    with pytest.raises(ExpertError, match="not a folder"):
+        ws.folder_ref(tmp_path / "nope")

@@ -16,7 +16,8 @@ def _workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPERT_ARTIFACTS", str(tmp_path / "artifacts"))
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["format"], ["format", "pubmedqa"], ["import-model"], ["eval"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["params"], ["format"], ["format", "pubmedqa"], ["import-model"],
+                                  ["eval"]])
 def test_help_for_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv + ["--help"])
@@ -61,6 +62,22 @@ def test_bad_config_key_fails_before_prefect_starts(tmp_path, capsys):
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "data.pubmedqa.fodl" in err and "did you mean 'fold'" in err
+
+
+def test_unknown_force_stage_is_named_with_a_hint_before_prefect_starts(capsys):
+    assert main(["run", "configs/default.yaml", "--force", "trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'trian'" in err and "did you mean 'train'" in err
+
+
+def test_params_prints_the_deployment_parameters(capsys):
+    assert main(["params", "configs/default.yaml", "--set", "train.learning_rate=0.0003", "--force", "select"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert params["force"] == ["select"] and params["config"]["train"]["learning_rate"] == 0.0003
+    assert params["config"]["name"] == "smollm2-pubmedqa"
+    assert main(["params", "configs/default.yaml", "--evaluate"]) == 0
+    params = json.loads(capsys.readouterr().out)
+    assert set(params) == {"data", "evaluation", "artifacts_dir"} and params["evaluation"]["mmlu_max_per_subject"] == 2
 
 
 def test_bad_override_value_is_named(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 import json
 
-from expert.report import write_pipeline_report
+from expert.report import inline_images, write_pipeline_report
 
 
 def artifact(root, name, files, seconds=1.5):
@@ -40,3 +40,11 @@ def test_report_compares_runs_and_shows_stage_details(tmp_path):
     assert "| 8 | 0.4 |" in report  # dev score of every checkpoint
     assert report.index("**expert**") < report.index("GPT-4") < report.index("**base**")  # ranked with references
     assert "| average (question-weighted) | 30.0 | 20.0 | -10.0 |" in report
+
+
+def test_inline_images_embeds_local_plots_only(tmp_path):
+    (tmp_path / "mmlu.png").write_bytes(b"\x89PNG fake")
+    text = "# r\n![mmlu](mmlu.png)\n![gone](missing.png)\n![up](../secret.png)\n"
+    out = inline_images(text, tmp_path)
+    assert "![mmlu](data:image/png;base64,iVBORyBmYWtl)" in out
+    assert "![gone](missing.png)" in out and "![up](../secret.png)" in out

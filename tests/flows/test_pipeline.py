@@ -5,50 +5,28 @@ import shutil
 
 import pytest
 
-from expert.pipeline_config import PipelineConfig
-from tests.fixtures.data import write_mmlu_dir, write_pubmedqa_json
-from tests.fixtures.models import tiny_llama_dir
+from tests.fixtures.data import write_pubmedqa_json
+from tests.fixtures.pipeline import tiny_config, tiny_inputs
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    return {
-        "model": tiny_llama_dir(root / "model"),
-        "pubmedqa": write_pubmedqa_json(root / "ori_pqal.json", n=60),
-        "mmlu": write_mmlu_dir(root / "mmlu", n_test=3),
-        "artifacts": root / "artifacts",
-    }
+    return tiny_inputs(tmp_path_factory.mktemp("inputs"))
 
 
-def make_config(inputs, artifacts=None, **sections) -> PipelineConfig:
-    raw = {
-        "name": "tiny",
-        "artifacts_dir": str(artifacts or inputs["artifacts"]),
-        "model": {"source": str(inputs["model"])},
-        "data": {"pubmedqa": {"source": str(inputs["pubmedqa"])}, "mmlu": {"source": str(inputs["mmlu"])}},
-        "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "num_samples": 8, "max_length": 64,
-                     "perplexity_samples": 4},
-        "train": {"lora_r": 4, "lora_alpha": 8, "epochs": 1, "micro_batch_size": 2, "effective_batch_size": 4,
-                  "warmup_steps": 1, "save_every_steps": 2, "max_steps": 4, "max_length": 128,
-                  "learning_rate": 0.001},
-        "eval": {"batch_size": 4},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return PipelineConfig.from_dict(raw)
+make_config = tiny_config
 
 
-def run(config) -> tuple[dict[str, str], dict]:
+def run(config, force=None) -> tuple[dict[str, str], dict]:
     """Run the flow; return ({stage task name without its key: final state name}, result)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.pipeline import pipeline
 
-    state = pipeline(config=config, return_state=True)
+    state = pipeline(config=config, force=force, return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
@@ -96,6 +74,13 @@ def test_pipeline_end_to_end_and_cache_behaviour(prefect_harness, inputs):
     assert chosen["score"] == max(r["accuracy"] for r in scores) and (select_dir / "dev_scores.png").is_file()
 
     # Nothing changed: no stage executes.
+    states, _ = run(make_config(inputs))
+    assert reran(states) == set()
+
+    # Rerun from a stage: train and everything after it, although nothing changed.
+    states, _ = run(make_config(inputs), force=["train"])
+    assert reran(states) == {"train LoRA r4", "select by dev accuracy", "evaluate pubmedqa (expert)",
+                             "evaluate mmlu (expert)", "report"}
     states, _ = run(make_config(inputs))
     assert reran(states) == set()
 

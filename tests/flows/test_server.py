@@ -1,0 +1,208 @@
+"""The repository's own prefect.yaml against a real Prefect server, the way users drive it.
+
+Starts `prefect server start` on 127.0.0.1 (SQLite in a temp folder), creates the process work
+pool, `prefect --no-prompt deploy --all` from the repository, starts a worker, and runs the
+pipeline deployment on the tiny preset with `prefect deployment run --watch`: first everything
+computes, then everything is `Cached`, then `force=["train"]` recomputes train and what follows
+only. Every process it starts runs in its own process group and is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+POOL = "expert-process"
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(root / "home"),  # the server's SQLite database lives here
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",  # poll every second, not every 10
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            "PWD": str(REPO),  # prefect.yaml's {{ $PWD }}: the repository, as from a shell there
+        }
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, *args: str, log: str) -> subprocess.Popen:
+        """A long-running prefect command in its own process group (so SIGTERM reaches its children)."""
+        proc = subprocess.Popen([PREFECT, *args], cwd=REPO, env=self.env, start_new_session=True,
+                                stdout=open(self.root / log, "w"), stderr=subprocess.STDOUT)
+        self.processes.append(proc)
+        return proc
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        done = subprocess.run([PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            pytest.fail(f"prefect {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}\n"
+                        + self.logs())
+        return done
+
+    def post(self, path: str, body: dict) -> list[dict]:
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> dict:
+        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[0].poll() is not None:
+                pytest.fail("prefect server exited at start-up:\n" + self.logs())
+            try:
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"prefect server not healthy after {timeout} s:\n" + self.logs())
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            _stop_group(proc)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.read_text()[-4000:]}" for p in sorted(self.root.glob("*.log")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("prefect-server"))
+    try:
+        server.start("server", "start", "--host", "127.0.0.1", "--port", str(server.port), "--no-ui",
+                     log="server.log")
+        server.wait_healthy()
+        server.cli("work-pool", "create", POOL, "--type", "process")
+        server.cli("--no-prompt", "deploy", "--all")
+        server.start("worker", "start", "--pool", POOL, "--name", "test-worker", log="worker.log")
+        yield server
+    finally:
+        server.stop()
+    for proc in server.processes:
+        assert proc.poll() is not None, f"process {proc.pid} still running"
+
+
+def deployment_run(server: Server, name: str, params: dict) -> str:
+    """`prefect deployment run NAME --params JSON --watch`; returns the flow run id once it completed."""
+    done = server.cli("deployment", "run", name, "--params", json.dumps(params), "--watch",
+                      "--watch-interval", "1", "--watch-timeout", "900")
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout).group(1)
+    state = server.get(f"/flow_runs/{run_id}")["state"]
+    assert state["type"] == "COMPLETED", f"{state}\n{done.stdout}\n{server.logs()}"
+    return run_id
+
+
+def stage_states(server: Server, run_id: str) -> dict[str, str]:
+    runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    return {r["name"].split(" [")[0]: r["state"]["name"] for r in runs
+            if not r["name"].startswith(("fetch", "model folder"))}
+
+
+def recomputed(states: dict[str, str]) -> set[str]:
+    assert set(states.values()) <= {"Completed", "Cached"}, states
+    return {name for name, state in states.items() if state == "Completed"}
+
+
+def test_deployments_as_declared(server):
+    deployments = {d["name"]: d for d in server.post("/deployments/filter", {})}
+    assert set(deployments) == {"pipeline-default", "retrain-weekly", "evaluate"}
+    for d in deployments.values():
+        assert d["enforce_parameter_schema"] and d["work_pool_name"] == POOL
+        assert d["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "expert"
+        assert d["job_variables"]["env"]["PYTHONPATH"] == str(REPO)  # {{ $PWD }} resolved at deploy time
+    assert deployments["pipeline-default"]["global_concurrency_limit"]["limit"] == 1
+    schedules = deployments["retrain-weekly"]["schedules"]
+    assert [s["schedule"]["cron"] for s in schedules] == ["0 3 * * 1"] and not schedules[0]["active"]
+    # The default preset is the flow's default: a run with no parameters runs it.
+    schema = deployments["pipeline-default"]["parameter_openapi_schema"]
+    assert set(schema["properties"]) == {"config", "force"}
+
+
+def test_bad_parameter_is_rejected_by_the_server_naming_the_field(server):
+    done = server.cli("deployment", "run", "expert-pipeline/pipeline-default", "--params",
+                      json.dumps({"config": {"train": {"learning_rate": "fast"}}}), check=False)
+    assert done.returncode != 0
+    assert "learning_rate" in done.stdout + done.stderr
+    done = server.cli("deployment", "run", "expert-pipeline/pipeline-default", "--params",
+                      json.dumps({"force": ["trian"]}), check=False)
+    assert done.returncode != 0 and "trian" in done.stdout + done.stderr
+
+
+def test_run_cached_rerun_and_force_through_a_worker(server, tmp_path_factory):
+    inputs = tiny_inputs(tmp_path_factory.mktemp("inputs"))
+    params = {"config": tiny_config_dict(inputs)}
+    name = "expert-pipeline/pipeline-default"
+
+    first = deployment_run(server, name, params)
+    states = stage_states(server, first)
+    assert len(states) == 12 and recomputed(states) == set(states)
+    flow_run = server.get(f"/flow_runs/{first}")
+    assert flow_run["name"].startswith("tiny: ") and "gptq4 LoRA r4" in flow_run["name"]
+    artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first]}}})
+    kinds = {a["type"] for a in artifacts}
+    assert {"table", "markdown", "progress"} <= kinds, kinds
+    report = next(a for a in artifacts if a["key"] == "expert-report")
+    assert "data:image/png;base64," in report["data"]  # the plots are embedded, not links to files
+    logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [first]}}, "limit": 200})
+    assert any(log["name"].startswith("expert.") for log in logs), "library logs missing from the run"
+
+    second = deployment_run(server, name, params)
+    assert recomputed(stage_states(server, second)) == set()
+
+    forced = deployment_run(server, name, {**params, "force": ["train"]})
+    assert recomputed(stage_states(server, forced)) == {
+        "train LoRA r4", "select by dev accuracy", "evaluate pubmedqa (expert)", "evaluate mmlu (expert)", "report"}
+
+    # Evaluation only: the quantized model and the selected adapter, from their folders.
+    model = next((inputs["artifacts"] / "quantize").glob("[0-9a-f]*"))
+    adapter = next((inputs["artifacts"] / "select").glob("[0-9a-f]*")) / "adapter"
+    evaluation = deployment_run(server, "expert-evaluate/evaluate", {
+        "model": str(model), "adapter": str(adapter), "label": "check", "artifacts_dir": str(inputs["artifacts"]),
+        "data": params["config"]["data"], "evaluation": params["config"]["eval"]})
+    assert set(stage_states(server, evaluation)) >= {"evaluate pubmedqa (check)", "evaluate mmlu (check)"}
