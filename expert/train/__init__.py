@@ -5,8 +5,9 @@
     for step, adapter in list_checkpoints(out_dir): ...
 
 Modules: `config` (TrainConfig), `data` (tokenize, mask, length-bucketed batches), `lora`
-(LoRA wrapping, optimizer, schedule), `step` (one optimizer step, dev loss), `loop` (the run),
-`checkpoint` (save/resume), `logging` (progress bar, callback, TensorBoard, JSONL, loss plot).
+(LoRA wrapping, optimizer, schedule), `memory` (micro-batch and checkpointing, given or 'auto'),
+`step` (one optimizer step, dev loss), `loop` (the run), `checkpoint` (save/resume), `logging`
+(progress bar, callback, TensorBoard, JSONL, loss plot).
 """
 
 from expert.train.config import TrainConfig

@@ -86,6 +86,11 @@ def read_marker(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / MARKER).read_text())
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint without touching any model (counters, memory plan)."""
+    return json.loads((Path(path) / STATE).read_text())
+
+
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Optimizer state_dict -> (tensors for safetensors, the JSON-ready rest).
 

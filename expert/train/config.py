@@ -30,7 +30,10 @@ class TrainConfig(StageConfig):
     # Schedule
     epochs: float = Field(10, gt=0, description="passes over train.parquet (fractions allowed)")
     learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
-    micro_batch_size: int = Field(2, gt=0, description="examples per forward pass")
+    micro_batch_size: int | Literal["auto"] = Field(
+        2, description="examples per forward pass, or 'auto': the largest divisor of effective_batch_size "
+                       "whose step fits memory_limit_gib (see expert/train/memory.py)"
+    )
     effective_batch_size: int = Field(
         50, gt=0, description="examples per optimizer step; a multiple of micro_batch_size"
     )
@@ -50,7 +53,14 @@ class TrainConfig(StageConfig):
     max_length: int = Field(
         512, ge=8, description="tokens per example; longer prompts lose tokens from the left"
     )
-    gradient_checkpointing: bool = Field(True, description="recompute activations in backward")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations in backward (a third more compute, far less memory); "
+                            "'auto': only when the micro-batch does not fit memory_limit_gib without it"
+    )
+    memory_limit_gib: float | None = Field(
+        None, gt=0, description="GPU memory the run may use, for the 'auto' choices and the out-of-memory "
+                                "hint; null: all the GPU memory free at start"
+    )
     seed: int = Field(0, ge=0, description="seeds LoRA init, dropout and the data order")
 
     # Checkpoints, logs, dev loss
@@ -59,11 +69,18 @@ class TrainConfig(StageConfig):
     dev_loss: bool = Field(True, description="answer-token loss on dev.parquet at every checkpoint")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
 
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_micro(cls, value):
+        if value != "auto" and value <= 0:
+            raise ValueError("must be greater than 0 (or 'auto')")
+        return value
+
     @field_validator("effective_batch_size")
     @classmethod
     def _multiple_of_micro(cls, value: int, info: ValidationInfo) -> int:
         micro = info.data.get("micro_batch_size")
-        if micro and value % micro:
+        if isinstance(micro, int) and micro and value % micro:
             raise ValueError(
                 f"must be a multiple of micro_batch_size ({micro}), e.g. "
                 f"{max(micro, value - value % micro)} or {value - value % micro + micro}"
@@ -85,5 +102,7 @@ class TrainConfig(StageConfig):
 
     @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step."""
+        """Micro-batches per optimizer step (of a numeric micro_batch_size; 'auto' is resolved by the run)."""
+        if self.micro_batch_size == "auto":
+            raise ValueError("micro_batch_size is 'auto': expert.train.memory.plan_memory resolves it")
         return self.effective_batch_size // self.micro_batch_size

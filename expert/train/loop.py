@@ -20,11 +20,12 @@ import torch
 
 from expert.errors import DataError, ExpertError
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, read_marker,
-                                     save_checkpoint)
+                                     read_state, save_checkpoint)
 from expert.train.config import TrainConfig
 from expert.train.data import BatchPlan, EncodedSplit, encode_split, read_split, unbucketed_padding_fraction
 from expert.train.logging import Progress, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
 from expert.train.step import Runner
 
 
@@ -44,20 +45,28 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     model, tokenizer = _load_base(model_dir, device)
     train_set = _encode(tokenizer, rows, config.max_length)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
-    plan = BatchPlan(train_set.lengths, config.micro_batch_size, config.accumulation_steps, config.epochs,
-                     config.seed, config.max_steps)
-    log.info("%d training examples, %d optimizer steps of %d micro-batches; padding fraction %.3f",
-             len(train_set.examples), plan.total_steps, plan.accum, plan.padding_fraction())
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
     model = attach_lora(model, config)
     model.train()
+    memory = _memory_plan(work_dir, config, model, max(train_set.lengths))
+    micro = memory.micro_batch_size
+    plan = BatchPlan(train_set.lengths, micro, config.effective_batch_size // micro, config.epochs, config.seed,
+                     config.max_steps)
+    log.info("%d training examples, %d optimizer steps of %d micro-batches of %d (gradient checkpointing %s); "
+             "padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum, plan.micro,
+             "on" if memory.gradient_checkpointing else "off", plan.padding_fraction())
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, plan.total_steps)
     state = _resume(work_dir, config, model, optimizer, scheduler)
+    state["memory"] = memory.as_dict()
     runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm)
     logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress)
     try:
         _run(config, runner, plan, state, logger, dev_set, work_dir)
+    except torch.cuda.OutOfMemoryError:
+        limit = memory.limit_gib and int(memory.limit_gib * 2**30)
+        raise out_of_memory_error(config, limit, f"micro-batches of {plan.micro} examples of up to "
+                                  f"{max(train_set.lengths)} tokens") from None
     finally:
         logger.close()
     return _finish(config, work_dir, out_dir, state, plan, train_set, dev_set, logger.records, runner)
@@ -108,6 +117,19 @@ def _encode(tokenizer, rows: dict[str, list[str]], max_length: int) -> EncodedSp
     return split
 
 
+def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int) -> MemoryPlan:
+    """The resumed run's own choice (the data order depends on it), else a fresh one."""
+    found = complete_checkpoints(work_dir / "checkpoints")
+    if found and read_marker(found[-1][1]).get("config") == config.canonical():
+        saved = read_state(found[-1][1]).get("memory")
+        if saved:
+            plan = MemoryPlan.from_dict(saved)
+            set_checkpointing(model, plan.gradient_checkpointing)
+            return plan
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    return plan_memory(model, config, longest, device)
+
+
 def _dev_rows(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist; the dev loss needs it. Format the data again, "
@@ -153,7 +175,7 @@ def _resume(work_dir: Path, config: TrainConfig, model, optimizer, scheduler) ->
 def _checkpoint(work_dir: Path, config: TrainConfig, runner: Runner, dev_set: EncodedSplit | None,
                 logger: TrainLogger, state: dict, plan: BatchPlan) -> None:
     step = state["step"]
-    dev = runner.dev_loss(dev_set, config.micro_batch_size * 2) if dev_set else None
+    dev = runner.dev_loss(dev_set, plan.micro * 2) if dev_set else None
     if dev is not None:
         state["dev_losses"][str(step)] = dev
         logger.dev(step, dev)
@@ -204,8 +226,9 @@ def _summary(config, state, plan, train_set, dev_set, runner, checkpoints) -> di
         "tokens": state["tokens"],
         "tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9),
         "padding_fraction": plan.padding_fraction(),
-        "padding_fraction_unbucketed": unbucketed_padding_fraction(train_set.lengths, config.micro_batch_size,
-                                                                   config.seed),
+        "padding_fraction_unbucketed": unbucketed_padding_fraction(train_set.lengths, plan.micro, config.seed),
+        "micro_batch_size": plan.micro,
+        "memory": state.get("memory"),
         "final_loss": state["last_loss"],
         "dev_loss": dev_losses,
         "final_dev_loss": dev_losses.get(str(state["step"])),

@@ -15,6 +15,7 @@ import torch
 
 from expert.errors import ConfigError
 from expert.train.config import TrainConfig
+from expert.train.memory import set_checkpointing
 
 
 def linear_module_names(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -58,13 +59,8 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if config.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input grads and replays dropout's RNG exactly.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # An explicit `true` is switched on before wrapping; 'auto' is decided by memory.plan_memory.
+    set_checkpointing(model, config.gradient_checkpointing is True)
     model.config.use_cache = False
     return get_peft_model(model, lora)
 

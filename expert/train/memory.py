@@ -1,0 +1,208 @@
+"""How a run spends memory: the micro-batch size and gradient checkpointing, given or found.
+
+    plan = plan_memory(model, config, longest=max(lengths), device=device)
+
+`micro_batch_size: auto` takes the largest divisor of `effective_batch_size` (so the optimizer
+sees the same batches whatever the card) whose forward + backward on the longest training
+example fits the memory limit; bigger micro-batches keep a GPU busier, which matters most for a
+4-bit base whose weights are dequantized once per micro-batch. `gradient_checkpointing: auto`
+then leaves checkpointing off when that micro-batch fits without it: recomputing every layer's
+forward costs a third of a step's compute, paid only when memory is short.
+
+On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length
+(peak `torch.cuda.max_memory_allocated`, plus the optimizer's two moments), kept under 90% of
+`memory_limit_gib` (default: all memory free at start, plus what the model already holds). On the
+CPU it is an estimate of the saved activations against half of the available RAM, and 'auto'
+micro-batches are capped at 8 (a CPU gains little from bigger ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from expert.errors import ExpertError
+from expert.train.config import TrainConfig
+from expert.train.data import IGNORE
+
+HEADROOM = 0.9  # share of the limit a probe may reach: the allocator fragments, batches vary
+CPU_AUTO_MICRO = 8
+MAX_AUTO_MICRO = 64
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    limit_gib: float | None  # None on the CPU
+    probe_peak_gib: float | None = None  # measured peak of the chosen setting (GPU only)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MemoryPlan:
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_memory(model, config: TrainConfig, longest: int, device: torch.device) -> MemoryPlan:
+    """Resolve the 'auto' memory settings of `config` for `model` (LoRA attached) on `device`."""
+    micros = _micro_candidates(config, device)
+    checkpointing = [config.gradient_checkpointing] if isinstance(config.gradient_checkpointing, bool) \
+        else [False, True]
+    if len(micros) == 1 and len(checkpointing) == 1:  # nothing to decide: no probe
+        set_checkpointing(model, checkpointing[0])
+        limit = _limit_bytes(config, device) if device.type == "cuda" else None
+        return MemoryPlan(micros[0], checkpointing[0], limit and round(limit / 2**30, 2))
+    if device.type == "cuda":
+        fits, limit = _probe_fits(model, device, config), _limit_bytes(config, device)
+    else:
+        fits, limit = _estimate_fits(model), None
+    # The largest micro-batch that fits with the most frugal allowed setting ...
+    frugal = checkpointing[-1]
+    chosen = next((m for m in micros if fits(m, longest, frugal, limit)), None)
+    if chosen is None:
+        raise out_of_memory_error(config, limit, f"even {micros[-1]} example(s) of {longest} tokens did not fit")
+    # ... then the cheaper compute, if that micro-batch fits without checkpointing too.
+    use = frugal
+    if frugal and not checkpointing[0] and fits(chosen, longest, False, limit):
+        use = False
+    peak = getattr(fits, "peaks", {}).get((chosen, longest, use))
+    set_checkpointing(model, use)
+    return MemoryPlan(chosen, use, limit and round(limit / 2**30, 2), peak and round(peak / 2**30, 2))
+
+
+def _micro_candidates(config: TrainConfig, device: torch.device) -> list[int]:
+    if config.micro_batch_size != "auto":
+        return [config.micro_batch_size]
+    cap = MAX_AUTO_MICRO if device.type == "cuda" else CPU_AUTO_MICRO
+    n = config.effective_batch_size
+    return [m for m in range(min(n, cap), 0, -1) if n % m == 0]
+
+
+def _limit_bytes(config: TrainConfig, device: torch.device) -> int:
+    if config.memory_limit_gib is not None:
+        return int(config.memory_limit_gib * 2**30)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_allocated(device)
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Switch non-reentrant gradient checkpointing of the (PEFT-wrapped) model on or off."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        kwargs = {"use_reentrant": False}  # needs no input grads and replays dropout's RNG exactly
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif _checkpointing(base):
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+
+
+def _checkpointing(model) -> bool:
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _probe_fits(model, device: torch.device, config: TrainConfig):
+    """fits(micro, length, checkpointing, limit): run one forward + backward and read the peak."""
+    from expert.train.step import answer_loss_sum
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moments = 0 if config.optimizer != "adamw" else 2 * 4 * trainable  # 8-bit optimizers: ~4x less, ignored
+    peaks: dict[tuple, int | None] = {}
+
+    def fits(micro: int, length: int, checkpointing: bool, limit: int) -> bool:
+        key = (micro, length, checkpointing)
+        if key not in peaks:
+            with _capped(device, limit):
+                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, checkpointing)
+        peak = peaks[key]
+        return peak is not None and peak + moments <= HEADROOM * limit
+
+    fits.peaks = peaks
+    return fits
+
+
+@contextlib.contextmanager
+def _capped(device: torch.device, limit: int):
+    """Let the allocator fail at the limit (on a card larger than the limit a probe too big for it
+    then stops early, instead of running to the end to be measured)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    if limit >= total:
+        yield
+        return
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
+def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool) -> int | None:
+    set_checkpointing(model, checkpointing)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    peak = None
+    try:
+        ids = torch.zeros((micro, length), dtype=torch.long)
+        labels = torch.full((micro, length), IGNORE, dtype=torch.long)
+        labels[:, -3:] = 0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(model, {"input_ids": ids, "labels": labels}, device)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+    loss = None
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return peak
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an extension's RuntimeError about allocating (cuBLAS, bitsandbytes)."""
+    text = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def _estimate_fits(model):
+    """CPU: saved activations of a Llama-style block without checkpointing, in float32, vs RAM."""
+    cfg = model.config
+    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    per_token = cfg.num_hidden_layers * (8 * hidden + 4 * inter) * 4
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume it fits
+        available = None
+
+    def fits(micro: int, length: int, checkpointing: bool, limit) -> bool:
+        need = micro * length * per_token / (cfg.num_hidden_layers if checkpointing else 1)
+        return available is None or need <= available / 2
+
+    return fits
+
+
+def out_of_memory_error(config: TrainConfig, limit: int | None, what: str) -> ExpertError:
+    """The error a run raises instead of CUDA's traceback: what ran out, and the knobs."""
+    cap = f"{limit / 2**30:.1f} GiB" if limit else "the GPU's memory"
+    if config.memory_limit_gib is not None:
+        cap += " (train.memory_limit_gib)"
+    micro = config.micro_batch_size
+    return ExpertError(
+        f"training ran out of GPU memory ({what}; the limit is {cap}). Lower train.micro_batch_size "
+        f"(now {micro}; 'auto' finds the largest that fits) and keep effective_batch_size, lower "
+        f"train.max_length (now {config.max_length}), or set train.gradient_checkpointing: true "
+        f"(now {config.gradient_checkpointing}); an 8-bit optimizer (train.optimizer: paged_adamw_8bit) "
+        "also saves memory")

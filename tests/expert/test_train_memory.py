@@ -1,0 +1,143 @@
+"""Memory planning: 'auto' micro-batch and checkpointing choices, and the out-of-memory error."""
+
+import json
+
+import pytest
+import torch
+
+from expert.errors import ExpertError
+from expert.train import TrainConfig, train
+from expert.train import memory
+from expert.train.lora import attach_lora
+from expert.train.memory import MemoryPlan, _checkpointing, plan_memory, set_checkpointing
+from expert.train.step import Runner
+from tests.expert.train_fixtures import plain_load, write_toy_data, llama_dir, one_thread  # noqa: F401 (fixtures)
+
+RUN = dict(epochs=1, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3, warmup_steps=1,
+           save_every_steps=2, max_steps=2)
+
+
+def lora_model(llama_dir, **overrides):
+    model, _ = plain_load(llama_dir)
+    torch.manual_seed(0)
+    return attach_lora(model, TrainConfig(**overrides))
+
+
+def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30):
+    """Pretend the probe measured: fits_table[(micro, checkpointing)] -> fits or not."""
+    calls = []
+
+    def probe_fits(model, device, config):
+        def fits(micro, length, checkpointing, limit):
+            calls.append((micro, checkpointing))
+            return fits_table.get((micro, checkpointing), False)
+        return fits
+
+    monkeypatch.setattr(memory, "_probe_fits", probe_fits)
+    monkeypatch.setattr(memory, "_limit_bytes", lambda config, device: limit)
+    return calls
+
+
+# micro 'auto' on a GPU: the largest divisor of effective_batch_size that fits, then
+# checkpointing off if that micro-batch also fits without it.
+GPU_CASES = {
+    "largest-divisor-fitting-with-checkpointing": (
+        dict(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto"),
+        {(10, True): True, (5, True): True, (10, False): False}, (10, True)),
+    "checkpointing-off-when-it-fits-anyway": (
+        dict(micro_batch_size="auto", effective_batch_size=12, gradient_checkpointing="auto"),
+        {(6, True): True, (6, False): True}, (6, False)),
+    "fixed-micro-auto-checkpointing": (
+        dict(micro_batch_size=4, effective_batch_size=8, gradient_checkpointing="auto"),
+        {(4, True): True, (4, False): False}, (4, True)),
+    "explicit-checkpointing-is-kept": (
+        dict(micro_batch_size="auto", effective_batch_size=8, gradient_checkpointing=True),
+        {(8, True): True, (8, False): True}, (8, True)),
+    "explicit-no-checkpointing": (
+        dict(micro_batch_size="auto", effective_batch_size=8, gradient_checkpointing=False),
+        {(2, False): True, (4, True): True}, (2, False)),
+}
+
+
+@pytest.mark.parametrize("overrides, table, expected", GPU_CASES.values(), ids=GPU_CASES)
+def test_gpu_plan_picks_the_largest_fitting_micro_batch(llama_dir, monkeypatch, overrides, table, expected):
+    fake_gpu(monkeypatch, table)
+    model = lora_model(llama_dir, **overrides)
+    plan = plan_memory(model, TrainConfig(**overrides), longest=500, device=torch.device("cuda"))
+    assert (plan.micro_batch_size, plan.gradient_checkpointing) == expected
+    assert plan.limit_gib == 24.0
+    assert _checkpointing(model.get_base_model()) == expected[1]
+
+
+def test_fixed_settings_are_not_probed(llama_dir, monkeypatch):
+    calls = fake_gpu(monkeypatch, {})
+    config = TrainConfig(micro_batch_size=2, effective_batch_size=4, gradient_checkpointing=False)
+    plan = plan_memory(lora_model(llama_dir), config, longest=512, device=torch.device("cuda"))
+    assert plan == MemoryPlan(micro_batch_size=2, gradient_checkpointing=False, limit_gib=24.0) and not calls
+
+
+def test_nothing_fits_names_the_limit_and_the_knobs(llama_dir, monkeypatch):
+    fake_gpu(monkeypatch, {}, limit=12 * 2**30)
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=4)
+    with pytest.raises(ExpertError) as info:
+        plan_memory(lora_model(llama_dir), config, longest=512, device=torch.device("cuda"))
+    message = str(info.value)
+    assert "12.0 GiB" in message and "1 example(s) of 512 tokens" in message
+    for knob in ("micro_batch_size", "max_length", "gradient_checkpointing"):
+        assert f"train.{knob}" in message
+
+
+def test_cpu_auto_turns_checkpointing_off_and_caps_the_micro_batch(llama_dir):
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=24)
+    model = lora_model(llama_dir, gradient_checkpointing=True)
+    plan = plan_memory(model, config, longest=100, device=torch.device("cpu"))
+    assert plan == MemoryPlan(micro_batch_size=8, gradient_checkpointing=False, limit_gib=None)
+    assert not _checkpointing(model.get_base_model())
+
+
+def test_explicit_checkpointing_is_switched_on_and_off(llama_dir):
+    model = lora_model(llama_dir, gradient_checkpointing=True)
+    assert _checkpointing(model.get_base_model())
+    set_checkpointing(model, False)
+    assert not _checkpointing(model.get_base_model())
+
+
+def test_auto_micro_batch_needs_resolving():
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50)
+    with pytest.raises(ValueError, match="plan_memory"):
+        config.accumulation_steps
+
+
+def test_cuda_out_of_memory_becomes_a_clear_error(llama_dir, tmp_path, monkeypatch):
+    data = write_toy_data(tmp_path / "data")
+
+    def step(self, batches):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Runner, "step", step)
+    with pytest.raises(ExpertError) as info:
+        train(TrainConfig(**RUN), llama_dir, data, tmp_path / "out", tmp_path / "work", device="cpu")
+    message = str(info.value)
+    assert "ran out of GPU memory" in message and "micro-batches of 2 examples" in message
+    for knob in ("micro_batch_size", "max_length", "gradient_checkpointing"):
+        assert f"train.{knob}" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_the_plan_is_recorded_and_a_resume_keeps_it(llama_dir, tmp_path, monkeypatch):
+    data = write_toy_data(tmp_path / "data")
+    config = TrainConfig(**{**RUN, "micro_batch_size": "auto", "effective_batch_size": 4})
+    train(config, llama_dir, data, tmp_path / "out", tmp_path / "work", device="cpu")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["micro_batch_size"] == 4
+    assert summary["memory"] == {"micro_batch_size": 4, "gradient_checkpointing": False, "limit_gib": None,
+                                 "probe_peak_gib": None}
+
+    # A resumed run must not plan again (its data order depends on the micro-batch).
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again on resume")
+
+    monkeypatch.setattr("expert.train.loop.plan_memory", no_planning)
+    longer = TrainConfig(**{**RUN, "micro_batch_size": "auto", "effective_batch_size": 4})
+    train(longer, llama_dir, data, tmp_path / "out2", tmp_path / "work", device="cpu")
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["memory"] == summary["memory"]
