@@ -2,11 +2,14 @@
 
 Both sides quantize the same model with the same tokenized calibration samples (PubMedQA train
 texts, seeded, cut to --max-length tokens) and save the result; each runs in a fresh process, so
-its wall time (calibration tokenizing + load + GPTQ + save; imports excluded) and peak RSS are
-its own. Ours is `expert.quantize.quantize` (transformers GPTQConfig -> optimum -> gptqmodel)
-with the perplexity comparison switched off; the peer is `GPTQModel.load` + `quantize` + `save`
-with gptqmodel's default QuantizeConfig, except group_size 64 when 128 does not divide the model
-(SmolLM2-135M: 576). Quality check: both outputs and the base are scored on --perplexity dev texts.
+its wall time (calibration tokenizing + load + GPTQ + save; imports excluded) and peak RSS
+(ru_maxrss, with the RSS after imports beside it) are its own. Ours is the quantize stage,
+`expert.quantize.quantize` (gptqmodel's API with our settings, see expert/quantize/gptq.py), with
+the perplexity comparison switched off; the peer is `GPTQModel.load` + `quantize` + `save` with
+gptqmodel's default QuantizeConfig, except group_size 64 when 128 does not divide the model
+(SmolLM2-135M: 576). Quality checks: how many saved tensors are bit-identical, gptqmodel's mean
+per-module GPTQ loss of each, and the perplexity of both outputs and the base on --perplexity dev
+texts.
 
     python bench/quantize.py --model /path/to/SmolLM2-135M-Instruct --data /path/to/pubmedqa_formatted \
         --out bench/results/quantize_smollm2_cpu.json
@@ -38,6 +41,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quantize-"))
     sides = {side: _run_child(args, side, work / side) for side in ("peer", "ours")}
     result = _result(args, sides)
+    result["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
     if args.perplexity:
         result["perplexity"] = _perplexities(args, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -77,20 +81,21 @@ def _run_child(args, side: str, out: Path) -> dict:
 
 
 def _child(args) -> dict:
-    import torch  # noqa: F401 (imports are not timed)
+    import gptqmodel  # noqa: F401 (imports are not timed; the stage imports these lazily)
+    import optimum.gptq  # noqa: F401
+    import torch  # noqa: F401
     from transformers import AutoTokenizer
 
     out = Path(args.child_out)
+    imports_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.child == "ours":
-        import optimum.gptq  # noqa: F401 (the stage imports these lazily; imports are not timed)
-
         from expert.quantize import QuantizeConfig, quantize
 
         start = time.perf_counter()
         config = QuantizeConfig(group_size=args.group_size, num_samples=args.samples,
                                 max_length=args.max_length, perplexity_samples=0)
         quantize(config, Path(args.model), Path(args.data), out)
-        seconds, extra = time.perf_counter() - start, {}
+        seconds = time.perf_counter() - start
     else:
         from gptqmodel import GPTQModel, QuantizeConfig as PeerConfig
 
@@ -102,22 +107,33 @@ def _child(args) -> dict:
                                    tok, args.max_length)
         calibration = [{k: v[0].tolist() for k, v in s.items()} for s in samples]
         model = GPTQModel.load(args.model, PeerConfig(group_size=args.group_size))
-        log = model.quantize(calibration, tokenizer=tok)
+        model.quantize(calibration, tokenizer=tok)
         model.save(str(out))
         seconds = time.perf_counter() - start
-        extra = {"gptq_loss_mean": _mean_loss(log if isinstance(log, list) else model.quant_log)}
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, **extra}
+    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "rss_after_imports_mib": imports_kib / 1024,
+            "gptq_loss_mean": _mean_loss(out / "quant_log.csv")}
 
 
-def _mean_loss(log) -> float | None:
-    losses = []
-    for row in log or []:
-        try:
-            losses.append(float(row.get("loss")))
-        except (TypeError, ValueError, AttributeError):
-            continue
+def _mean_loss(path: Path) -> float | None:
+    """Mean per-module GPTQ loss from the quant_log.csv gptqmodel saves beside the weights."""
+    import csv
+
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss")]
     return sum(losses) / len(losses) if losses else None
+
+
+def _identical_tensors(ours: Path, peer: Path) -> dict:
+    """How many saved tensors (qweight, scales, zeros, norms, embeddings) are bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(next(folder.glob("*.safetensors")))) for folder in (ours, peer))
+    same = sum(1 for name in a if name in b and a[name].shape == b[name].shape and torch.equal(a[name], b[name]))
+    return {"identical": same, "ours": len(a), "peer": len(b)}
 
 
 def _perplexities(args, work: Path) -> dict:
@@ -148,8 +164,10 @@ def _result(args, sides: dict) -> dict:
                          f"QuantizeConfig (group_size {args.group_size})", "value": sides["peer"]["seconds"]},
         "ours": {"value": sides["ours"]["seconds"]},
         "ratio": sides["peer"]["seconds"] / sides["ours"]["seconds"],  # > 1: ours is faster
-        "peak_rss_mib": {"ours": sides["ours"]["peak_rss_mib"], "peer": sides["peer"]["peak_rss_mib"]},
-        "peer_gptq_loss_mean": sides["peer"].get("gptq_loss_mean"),
+        "peak_rss_mib": {side: sides[side]["peak_rss_mib"] for side in ("ours", "peer")},
+        "rss_after_imports_mib": {side: sides[side]["rss_after_imports_mib"] for side in ("ours", "peer")},
+        "model_weights_mib": _weights_mib(Path(args.model)),
+        "gptq_loss_mean": {side: sides[side]["gptq_loss_mean"] for side in ("ours", "peer")},
         "machine": _machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "optimum": optimum.version.__version__,
@@ -157,6 +175,10 @@ def _result(args, sides: dict) -> dict:
         "command": _command(args),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def _weights_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
 
 
 def _command(args) -> str:

@@ -4,146 +4,31 @@
                        Path("artifacts/data/<key>"), Path("out"))
 
 method "gptq" writes a GPTQ Hugging Face folder (safetensors, config.json with
-quantization_config, tokenizer); "nf4" and "none" write only `quantization.json`, which
-`expert.modeling.load_model` follows to the base. Every method writes `quantization_report.json`
-and `.md`. Steps, in the order that keeps one full-precision model in memory at a time:
+quantization_config, tokenizer; quantized with gptqmodel's own API, see `gptq.py`); "nf4" and
+"none" write only `quantization.json`, which `expert.modeling.load_model` follows to the base.
+Every method writes `quantization_report.json` and `.md`. The run lives in `run.py`. Steps, in
+the order that keeps at most one full-precision model in memory at a time:
 check the group size and read the calibration set (no weights read, so bad settings fail in
 seconds) -> perplexity of the unquantized model on dev texts, then free it -> GPTQ (loads and
 quantizes in place) -> save, free -> reload the saved folder as every later stage will, and
-measure its perplexity and per-layer error.
+measure its perplexity and per-layer error (beside gptqmodel's own per-module GPTQ loss).
 """
 
 from __future__ import annotations
 
-import gc
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-from expert.modeling import load_model
-from expert.quantize.calibration import calibration_texts, heldout_texts, tokenize_samples
 from expert.quantize.config import QuantizeConfig
-from expert.quantize.gptq import check_group_size, run_gptq
-from expert.quantize.nf4 import NF4_SETTINGS, write_record
-from expert.quantize.report import layer_errors, perplexity, weights_bytes, write_report
 
 __all__ = ["QuantizeConfig", "quantize"]
 
-Progress = Callable[[int, int], None]
-_STEPS = 4  # baseline perplexity, quantize + save, reload + measure, report
-_LAYER_ERROR_TEXTS = 8  # enough for a stable ratio; each text re-reads every original weight
-_LAYERS_NOTE = ("relative error of each quantized layer's output against the original weight on "
-                "the same input (held-out text through the quantized model). gptqmodel's own "
-                "per-module GPTQ loss is not exposed through transformers/optimum.")
-
 
 def quantize(config: QuantizeConfig, model_dir: Path, data_dir: Path | None, out_dir: Path,
-             progress: Progress | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run the stage into `out_dir`; return the report's summary (small, JSON-ready)."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tick = progress or (lambda done, total: None)
-    report = _base_report(config, model_dir)
-    begin = time.perf_counter()
-    calibration = None
-    if config.method == "gptq":  # every check that can fail comes before minutes of work
-        check_group_size(model_dir, config.group_size)
-        calibration = _calibration(config, model_dir, data_dir, report)
-    start = time.perf_counter()
-    texts = heldout_texts(data_dir, config.perplexity_samples, config.seed)
-    baseline = _measure(model_dir, texts, config.max_length)
-    report["time_s"]["perplexity_unquantized"] = time.perf_counter() - start
-    tick(1, _STEPS)
-    if calibration is not None:
-        start = time.perf_counter()
-        run_gptq(config, model_dir, *calibration, out_dir)
-        gc.collect()
-        report["time_s"]["quantize_and_save"] = time.perf_counter() - start
-    else:
-        write_record(config, model_dir, out_dir)
-    tick(2, _STEPS)
-    start = time.perf_counter()
-    _measure_result(config, model_dir, out_dir, texts, baseline, report)
-    report["time_s"]["evaluate_quantized"] = time.perf_counter() - start
-    # nf4 / none store no weights: the base is read (and, for nf4, quantized) at load time.
-    report["size_bytes"]["after"] = weights_bytes(out_dir) if config.method == "gptq" else None
-    report["time_s"]["total"] = time.perf_counter() - begin
-    tick(3, _STEPS)
-    write_report(out_dir, report)
-    tick(4, _STEPS)
-    return summary(report)
+    # The run needs torch, transformers and gptqmodel (seconds to import); reading a config
+    # (every `expert run`, every cached rerun) needs none of them, so they load on first use.
+    from expert.quantize.run import quantize as run_stage
 
-
-def summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers a manifest or a flow log wants (the full report stays on disk)."""
-    ppl = report.get("perplexity") or {}
-    return {"method": report["method"], "time_s": report["time_s"], "size_bytes": report["size_bytes"],
-            "perplexity_unquantized": ppl.get("unquantized"), "perplexity_quantized": ppl.get("quantized")}
-
-
-def _base_report(config: QuantizeConfig, model_dir: Path) -> dict[str, Any]:
-    import transformers
-
-    versions = {"transformers": transformers.__version__}
-    if config.method == "gptq":
-        import gptqmodel
-        import optimum.version
-
-        versions |= {"optimum": optimum.version.__version__, "gptqmodel": gptqmodel.__version__}
-    settings = config.canonical()
-    if config.method != "gptq":  # the GPTQ fields do not apply; nf4's fixed settings do
-        settings = {k: settings[k] for k in ("method", "perplexity_samples", "max_length", "seed")}
-        settings |= NF4_SETTINGS if config.method == "nf4" else {}
-    return {"method": config.method, "settings": settings, "versions": versions, "time_s": {},
-            "size_bytes": {"before": weights_bytes(model_dir)}, "calibration": None,
-            "perplexity": None, "layers": [], "layers_note": ""}
-
-
-def _calibration(config: QuantizeConfig, model_dir: Path, data_dir: Path | None,
-                 report: dict[str, Any]) -> tuple[list[dict], Any]:
-    """(tokenized calibration samples, tokenizer); notes the source in the report."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts, source = calibration_texts(config.calibration, data_dir, tokenizer, config.num_samples,
-                                      config.max_length, config.seed)
-    samples = tokenize_samples(texts, tokenizer, config.max_length)
-    report["calibration"] = {"source": source, "samples": len(samples),
-                             "tokens": sum(int(s["input_ids"].shape[1]) for s in samples)}
-    return samples, tokenizer
-
-
-def _measure(model_dir: Path, texts: list[str], max_length: int) -> dict[str, float] | None:
-    """Perplexity of a model folder on `texts`, the model freed before returning."""
-    if not texts:
-        return None
-    model, tokenizer = load_model(model_dir)
-    result = perplexity(model, tokenizer, texts, max_length)
-    del model
-    gc.collect()
-    return result
-
-
-def _measure_result(config: QuantizeConfig, model_dir: Path, out_dir: Path, texts: list[str],
-                    baseline: dict[str, float] | None, report: dict[str, Any]) -> None:
-    """Reload the stage's output as later stages will; fill perplexity and per-layer error."""
-    if baseline is None:
-        report["perplexity_note"] = ("perplexity_samples is 0" if config.perplexity_samples == 0
-                                     else "no data folder with dev.parquet was given")
-        return
-    if config.method == "none":  # the same model: nothing to compare
-        model, after = None, baseline
-    else:
-        model, tokenizer = load_model(out_dir)
-        after = perplexity(model, tokenizer, texts, config.max_length)
-    report["perplexity"] = {
-        "unquantized": baseline["perplexity"], "quantized": after["perplexity"],
-        "change_pct": 100 * (after["perplexity"] / baseline["perplexity"] - 1),
-        "texts": len(texts), "tokens": after["tokens"],
-        "source": "dev.parquet, prompt + ' ' + answer, seeded sample"}
-    if config.method == "gptq":
-        report["layers"] = layer_errors(model, tokenizer, model_dir, texts[:_LAYER_ERROR_TEXTS],
-                                        config.max_length)
-        report["layers_note"] = _LAYERS_NOTE
-    del model
-    gc.collect()
+    return run_stage(config, model_dir, data_dir, out_dir, progress)

@@ -15,7 +15,7 @@ GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 class QuantizeConfig(StageConfig):
     method: Literal["gptq", "nf4", "none"] = Field(
-        "gptq", description="gptq: GPTQ through transformers + optimum + gptqmodel, weights written; "
+        "gptq", description="gptq: GPTQ with gptqmodel, weights written (a folder transformers loads); "
         "nf4: bitsandbytes 4-bit NF4 at load time (only the settings are recorded); "
         "none: the base model as is (full-precision LoRA, e.g. on the CPU)")
     bits: int = Field(4, description=f"GPTQ bits, one of {GPTQ_BITS}; nf4 is always 4")
@@ -24,6 +24,10 @@ class QuantizeConfig(StageConfig):
         "size (SmolLM2-135M: 576 and 1536, so 64 fits and 128 does not); -1 = whole rows")
     desc_act: bool = Field(False, description="GPTQ act-order: quantize columns by decreasing "
                            "activation; a little more accurate, slower kernels")
+    act_group_aware: bool = Field(
+        True, description="GPTQ group-aware reordering (gptqmodel's default): quantize columns "
+        "by decreasing activation within each group, keeping the plain group layout and fast kernels; "
+        "applies when desc_act is false (act-order replaces it)")
     sym: bool = Field(True, description="symmetric quantization (no zero point per group)")
     # gptqmodel's own default (transformers' GPTQConfig says 0.1; gptqmodel uses 0.05 for GPTQ).
     damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, as a fraction "

@@ -1,11 +1,17 @@
-"""GPTQ through the public path: transformers' `GPTQConfig` -> optimum -> gptqmodel.
+"""GPTQ with gptqmodel's own API (`GPTQModel.load` + `quantize` + `save`).
 
-`from_pretrained(base, quantization_config=GPTQConfig(...))` loads the full-precision model and
-quantizes it block by block in place, so only one full-precision copy is ever in memory. The
-calibration samples are handed over already tokenized, so `max_length` is exact.
+The output is a standard GPTQ Hugging Face folder (config.json with `quantization_config`,
+safetensors, tokenizer) that `expert.modeling.load_model` reads through transformers. Going
+through transformers' `GPTQConfig` + optimum instead took 2.4x as long on a CPU: optimum runs
+every calibration sample through the whole block once per group of layers plus once for its
+output (5 full passes), in the checkpoint's float32; gptqmodel stops each pass after the
+layers it is collecting, and on a bfloat16-capable CPU runs the forwards in bfloat16. At most
+one full-precision copy of the model is in memory (none for a large checkpoint: see
+`offload_to_disk`). The calibration samples are handed over already tokenized, so `max_length`
+is exact.
 
     check_group_size(model_dir, 64)             # before spending any time
-    run_gptq(config, model_dir, samples, out)   # writes the quantized HF folder
+    log = run_gptq(config, model_dir, samples, tokenizer, out)   # writes the quantized HF folder
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ from expert.errors import ConfigError
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
 
 _WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
+_NOTEBOOK_ENV = "LOGBAR_DISABLE_NOTEBOOK_DETECTION"
+_OFFLOAD_KEYS = ("offload_to_disk", "offload_to_disk_path")
 
 
 def quantized_layer_sizes(model_dir: Path) -> dict[str, int]:
     """Input size of every linear layer GPTQ will quantize (those inside the repeated blocks).
 
-    Built on the meta device from config.json: no weights are read. Uses optimum's own block and
-    layer discovery, so the list is exactly what optimum quantizes.
+    Built on the meta device from config.json: no weights are read. Uses optimum's block and layer
+    discovery (optimum is what transformers loads GPTQ folders with): every linear layer of the
+    repeated blocks, the set gptqmodel quantizes for Llama-family models.
     """
     from optimum.gptq.utils import get_block_name_with_pattern, get_layers
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -65,59 +74,95 @@ def check_group_size(model_dir: Path, group_size: int) -> None:
         f"{', '.join(map(str, fitting))} (-1 = one group per row).")
 
 
-# Layers that read the same input, in block order (Llama, Mistral, Qwen2 names). optimum's default
-# runs every calibration sample through the block once per layer (7 passes for a Llama block);
-# grouping them as GPTQ implementations do takes 4 passes, with the same inputs per layer.
-_LLAMA_GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                 ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-
-
-def sequential_groups(layer_names: list[str]) -> list[list[str]] | None:
-    """The Llama grouping when a block holds exactly those layers, else None (optimum: one by one)."""
-    in_block = {name.split(".", 3)[3] for name in layer_names}  # drop "model.layers.N."
-    return _LLAMA_GROUPS if in_block == {n for group in _LLAMA_GROUPS for n in group} else None
-
-
-def gptq_config(config: QuantizeConfig, samples: list[dict[str, torch.Tensor]], tokenizer: Any,
-                groups: list[list[str]] | None = None):
-    from transformers import GPTQConfig
-
-    return GPTQConfig(
-        bits=config.bits, group_size=config.group_size, desc_act=config.desc_act, sym=config.sym,
-        damp_percent=config.damp_percent, dataset=samples, tokenizer=tokenizer,
-        pad_token_id=tokenizer.pad_token_id, model_seqlen=config.max_length,
-        modules_in_block_to_quantize=groups,
-    )
-
-
 def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, torch.Tensor]],
-             tokenizer: Any, out_dir: Path) -> None:
-    """Quantize `model_dir` with `samples` and save model + tokenizer into `out_dir`."""
-    from transformers import AutoModelForCausalLM
+             tokenizer: Any, out_dir: Path) -> list[dict[str, Any]]:
+    """Quantize `model_dir` with `samples`, save model + tokenizer into `out_dir`; return
+    gptqmodel's per-module log (layer, module, GPTQ loss, damping)."""
+    from gptqmodel import GPTQModel
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    groups = sequential_groups(list(quantized_layer_sizes(model_dir)))
-    with cpu_workers():
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=_quantize_dtype(model_dir, device), device_map={"": device},
-            quantization_config=gptq_config(config, samples, tokenizer, groups))
-    # The calibration tensors and the tokenizer object ride along in the config; they are inputs,
-    # not settings, and tensors are not JSON.
-    model.config.quantization_config.dataset = None
-    model.config.quantization_config.tokenizer = None
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    calibration = [{"input_ids": s["input_ids"][0].tolist(), "attention_mask": s["attention_mask"][0].tolist()}
+                   for s in samples]
+    with cpu_workers(), quiet_progress():
+        model = GPTQModel.load(str(model_dir), gptqmodel_config(config, offload_to_disk(model_dir)))
+        # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's
+        # default (10) would silently drop short ones the report counts.
+        log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
+        model.save(str(out_dir))
     del model
+    _drop_offload_settings(Path(out_dir))
+    return _log_rows(log)
 
 
-def _quantize_dtype(model_dir: Path, device: torch.device) -> torch.dtype:
-    """The checkpoint's own dtype, so unquantized tensors (embeddings, norms) keep their size;
-    float32 instead of float16 on a CPU, where half matmuls are slow or missing."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    stored = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
-    if not isinstance(stored, torch.dtype) or (device.type == "cpu" and stored == torch.float16):
-        return torch.float32
-    return stored
+def gptqmodel_config(config: QuantizeConfig, offload: bool = True):
+    """gptqmodel's QuantizeConfig: its defaults, with the settings our config names.
+
+    Among its defaults: on a CPU with bfloat16 support the block forwards run in bfloat16 (the
+    Hessians accumulate in float32). `offload` is gptqmodel's `offload_to_disk` (see
+    `offload_to_disk`); it changes memory and time, not the result.
+    """
+    from gptqmodel import QuantizeConfig as GPTQModelConfig
+
+    return GPTQModelConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
+                           sym=config.sym, damp_percent=config.damp_percent,
+                           act_group_aware=config.act_group_aware and not config.desc_act,
+                           offload_to_disk=offload)
+
+
+def offload_to_disk(model_dir: Path) -> bool:
+    """Whether gptqmodel should read the checkpoint one block at a time instead of loading it.
+
+    Block by block keeps peak memory near one block, but cost a third more time on SmolLM2-135M
+    (its turtle model re-materializes each block from disk); loaded whole, the model is one
+    copy in memory. Only a checkpoint over a quarter of the machine's RAM is read block by
+    block (on 24 GiB: SmolLM2 loaded, an 8B model streamed). The quantized weights are
+    bit-identical either way (measured), so the choice does not enter the cache key.
+    """
+    weights = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin")
+                  for p in Path(model_dir).glob(pattern))
+    return weights > _physical_memory() / 4
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume little memory, stream
+        return 0
+
+
+def _log_rows(log: Any) -> list[dict[str, Any]]:
+    rows = log.get("gptq", []) if isinstance(log, dict) else (log or [])
+    out = []
+    for row in rows:
+        try:
+            out.append({"layer": int(row["layer"]), "module": str(row["module"]), "loss": float(row["loss"]),
+                        "damp": float(row["damp"])})
+        except (KeyError, TypeError, ValueError):  # a row of another processor or format
+            continue
+    return out
+
+
+def _drop_offload_settings(out_dir: Path) -> None:
+    """gptqmodel records its offload setting and temporary folder (a path of this machine, gone
+    after the run) in the saved configs. They say how the run used memory, not what the weights
+    are: leave them out, so the same quantization writes the same files on any machine."""
+    for name, inner in (("config.json", "quantization_config"), ("quantize_config.json", None)):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        quant = data.get(inner) if inner else data
+        if isinstance(quant, dict) and isinstance(quant.get("meta"), dict):
+            for key in _OFFLOAD_KEYS:
+                quant["meta"].pop(key, None)
+            path.write_text(json.dumps(data, indent=2, sort_keys=inner is not None) + "\n")
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """gptqmodel's progress bars (logbar) look for a Jupyter front end on every redraw, an import
+    attempt that took ~15 % of a CPU quantization here; say there is none, for the call only."""
+    with _env_default(_NOTEBOOK_ENV, "1"):
+        yield
 
 
 @contextlib.contextmanager
@@ -125,11 +170,18 @@ def cpu_workers() -> Iterator[None]:
     """gptqmodel sizes its CPU pool at ~cores/2 but one of its pools asks for 2 workers, so on a
     2-core machine quantization fails ("Virtual pool ... requests 2 workers"). Set the override
     for the duration of the call, only if the user has not set it, and restore it after."""
-    if os.environ.get(_WORKERS_ENV) is not None:
+    with _env_default(_WORKERS_ENV, str(max(2, ((os.cpu_count() or 1) + 1) // 2))):
+        yield
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """Set environment variable `name` for the duration of the block unless the user set it."""
+    if os.environ.get(name) is not None:
         yield
         return
-    os.environ[_WORKERS_ENV] = str(max(2, ((os.cpu_count() or 1) + 1) // 2))
+    os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop(_WORKERS_ENV, None)
+        os.environ.pop(name, None)

@@ -5,8 +5,8 @@
   relative error of its output against the same input through the original full-precision weight,
   read one tensor at a time from the base checkpoint (so no second full copy is ever held). It is
   measured on held-out text, on the inputs the quantized model itself produces: the quantity GPTQ
-  minimizes layer by layer. gptqmodel computes a per-module GPTQ loss too, but optimum (the path
-  transformers' GPTQConfig takes) drops it and logs nothing, so we measure our own;
+  minimizes layer by layer (gptqmodel's own per-module loss on the calibration samples is put
+  beside it);
 - bytes on disk of the weight files.
 """
 
@@ -139,11 +139,11 @@ def _layer_table(layers: list[dict[str, Any]], note: str) -> list[str]:
     if not layers:
         return []
     lines = ["## Per-layer reconstruction error", "", note, "",
-             "| layer | in | out | output rel. error |", "| --- | --- | --- | --- |"]
+             "| layer | in | out | output rel. error | GPTQ loss |", "| --- | --- | --- | --- | --- |"]
     for row in layers:
-        err = row["output_rel_error"]
+        err, loss = row["output_rel_error"], row.get("gptq_loss")
         lines.append(f"| {row['layer']} | {row['in_features']} | {row['out_features']} | "
-                     f"{'n/a' if err is None else f'{err:.4f}'} |")
+                     f"{'n/a' if err is None else f'{err:.4f}'} | {'n/a' if loss is None else f'{loss:.3g}'} |")
     return lines + [""]
 
 

@@ -14,7 +14,7 @@ SCORING_FIELDS = ("batch_size", "max_length", "device", "dtype")
 @dataclass(frozen=True)
 class Quantize(Stage):
     name: ClassVar[str] = "quantize"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: gptqmodel's own API (group-aware reordering, bfloat16 forwards)
 
     def fetch(self, config, workspace):
         if config.method != "gptq" or config.calibration == "task":

@@ -64,8 +64,22 @@ def test_gptq_folder_is_a_standard_quantized_hf_folder(setup):
     config = json.loads((setup.gptq / "config.json").read_text())
     quant = config["quantization_config"]
     assert (quant["quant_method"], quant["bits"], quant["group_size"], quant["sym"]) == ("gptq", 4, 32, True)
-    assert quant["damp_percent"] == 0.05 and quant.get("dataset") is None and quant.get("tokenizer") is None
+    assert (quant["checkpoint_format"], quant["desc_act"]) == ("gptq", False)
+    assert quant["meta"]["damp_percent"] == 0.05 and quant["meta"]["act_group_aware"] is True
+    # How gptqmodel used memory (offload setting, its temporary folder) is not kept.
+    assert "offload_to_disk" not in quant["meta"] and "offload_to_disk_path" not in quant["meta"]
+    assert "offload_to_disk" not in (setup.gptq / "quantize_config.json").read_text()
     assert list(setup.gptq.glob("*.safetensors")) and (setup.gptq / "tokenizer.json").is_file()
+
+
+def test_gptqmodel_config_carries_our_settings():
+    from expert.quantize.gptq import gptqmodel_config
+
+    ours = gptqmodel_config(QuantizeConfig(bits=8, group_size=32, sym=False, damp_percent=0.1))
+    assert (ours.bits, ours.group_size, ours.sym, ours.damp_percent) == (8, 32, False, 0.1)
+    assert ours.act_group_aware is True and ours.desc_act is False
+    act_order = gptqmodel_config(QuantizeConfig(desc_act=True))  # act-order replaces group-aware
+    assert act_order.desc_act is True and act_order.act_group_aware is False
 
 
 def test_gptq_report(setup):
@@ -86,6 +100,8 @@ def test_gptq_report(setup):
     # Measured ~0.06-0.08 per layer (round-to-nearest 4-bit gives ~0.09 weight error); a wrong
     # zero point, scale or group order gives errors near or above 1.
     assert all(0 < row["output_rel_error"] < 0.15 for row in layers), layers
+    # gptqmodel's own per-module loss sits beside the measured error, for every layer.
+    assert all(row["gptq_loss"] is not None and row["gptq_loss"] >= 0 for row in layers), layers
     assert setup.summary["perplexity_quantized"] == ppl["quantized"]
     assert "Per-layer reconstruction error" in (setup.gptq / REPORT_MD).read_text()
 
@@ -177,6 +193,28 @@ def test_cpu_workers_override_is_scoped(monkeypatch):
     monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "1")
     with cpu_workers():
         assert os.environ["GPTQMODEL_CPU_WORKERS"] == "1"
+
+
+def test_checkpoint_is_streamed_only_when_large_for_the_machine(tmp_path, monkeypatch):
+    from expert.quantize import gptq
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(gptq, "_physical_memory", lambda: 1_000_000)
+    assert gptq.offload_to_disk(tmp_path) is False  # a small model is loaded whole
+    monkeypatch.setattr(gptq, "_physical_memory", lambda: 3000)
+    assert gptq.offload_to_disk(tmp_path) is True  # over a quarter of RAM: block by block
+
+
+def test_reading_the_config_loads_no_torch():
+    """`expert run` reads every stage's config before anything runs; a cached rerun runs nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys; from expert.quantize import QuantizeConfig; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def _tokenizer(tmp_path):
