@@ -159,25 +159,26 @@ class ArtifactStore:
         self,
         request: StageRequest,
         producer: Callable[[Path], dict[str, Any] | None],
+        replace: bool = False,
     ) -> Artifact:
         """Run `producer(tmp_dir)` and publish its files atomically under the request key.
 
         `producer` writes its files into the folder it is given and may return a small
         JSON-safe dict (counts, metrics) that is stored in the manifest under `info`.
+        A complete artifact under the key is returned as it is, unless `replace` (a forced
+        rerun, e.g. after a code fix that did not change the key): then the work is done again
+        and the new folder takes the old one's place once it is complete.
         """
         target = self.path(request.stage, request.key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Complete already: the caller asked for a recomputation (its result is then discarded
-        # by _publish, which never replaces a complete folder that others may be reading).
-        wanted_anyway = self.get(request) is not None
         with exclusive(target.parent / f".lock-{request.key}", f"building {request.stage}/{request.key}"):
-            existing = None if wanted_anyway else self.get(request)
+            existing = None if replace else self.get(request)
             if existing is not None:  # another process built it while we waited for the lock
                 log.info("%s was built by another process meanwhile; reusing it", target)
                 return existing
             for debris in target.parent.glob(f".tmp-{request.key}-*"):
                 shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
-            self._write(request, producer, target)
+            self._write(request, producer, target, replace)
         shutil.rmtree(self.work_dir(request), ignore_errors=True)
         artifact = self.get(request)
         if artifact is None:  # pragma: no cover - only if the disk lies to us
@@ -185,7 +186,7 @@ class ArtifactStore:
         return artifact
 
     def _write(self, request: StageRequest, producer: Callable[[Path], dict[str, Any] | None],
-               target: Path) -> None:
+               target: Path, replace: bool = False) -> None:
         tmp = target.parent / f".tmp-{request.key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         started = time.time()
@@ -205,7 +206,7 @@ class ArtifactStore:
                             "seconds": round(time.time() - started, 3)},
             }
             _write_json_durably(tmp / MANIFEST, manifest)
-            _publish(tmp, target, request.key)
+            _publish(tmp, target, request.key, replace)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if _is_disk_full(exc):
@@ -296,10 +297,11 @@ def _write_json_durably(path: Path, value: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _publish(tmp: Path, target: Path, key: str) -> None:
-    """Rename `tmp` into place; an existing incomplete folder is moved aside first."""
+def _publish(tmp: Path, target: Path, key: str, replace: bool = False) -> None:
+    """Rename `tmp` into place; an existing incomplete (or, with `replace`, any) folder is moved
+    aside first. Readers that already opened its files keep reading them (POSIX)."""
     if target.exists():
-        if verify(target, expected_key=key) is None:
+        if not replace and verify(target, expected_key=key) is None:
             shutil.rmtree(tmp)  # someone else finished the same work first: keep theirs
             return
         trash = target.parent / f".trash-{key}-{uuid.uuid4().hex[:8]}"

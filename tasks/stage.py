@@ -48,14 +48,13 @@ def build_stage(stage: Stage, config: StageConfig, upstream: dict[str, dict], in
         logger.info("%s: reusing the complete artifact %s", stage.name, existing.path)
         return existing.ref()
     if existing is not None:
-        # Recomputed on request; a complete artifact under the same key stays in place (a
-        # concurrent run may be reading it). Delete the folder to have it replaced.
-        logger.info("%s: forced; recomputing although %s is complete", stage.name, existing.path)
+        logger.info("%s: forced; recomputing %s, which the new result will replace", stage.name, existing.path)
     logger.info("%s: building %s", stage.name, store.path(request.stage, request.key))
     paths = {role: Path(ref["path"]) for role, ref in upstream.items()}
     progress = _ProgressArtifact(f"{stage.name} [{request.key}]")
     work_dir = store.work_dir(request)
-    artifact = store.build(request, lambda out: stage.produce(config, paths, inputs, out, progress, work_dir))
+    artifact = store.build(request, lambda out: stage.produce(config, paths, inputs, out, progress, work_dir),
+                           replace=forced)
     logger.info("%s: done in %.1f s -> %s", stage.name, artifact.manifest["timings"]["seconds"], artifact.path)
     return artifact.ref()
 

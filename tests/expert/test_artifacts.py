@@ -122,3 +122,13 @@ def test_folder_ref_keeps_an_artifacts_key_and_keys_other_folders_by_content(tmp
     assert ws.folder_ref(folder)["key"] != first["key"]
     with pytest.raises(ExpertError, match="not a folder"):
         ws.folder_ref(tmp_path / "nope")
+
+
+def test_replace_rebuilds_a_complete_artifact_and_swaps_it_in(tmp_path):
+    store = ArtifactStore(tmp_path)
+    first = store.build(request(), lambda out: (out / "a.txt").write_text("old"))
+    assert store.build(request(), lambda out: (out / "a.txt").write_text("ignored")).path == first.path
+    assert (first.path / "a.txt").read_text() == "old"  # complete: reused, the producer never ran
+    again = store.build(request(), lambda out: (out / "a.txt").write_text("new"), replace=True)
+    assert again.path == first.path and (again.path / "a.txt").read_text() == "new"
+    assert verify(again.path) is None and sorted(p.name for p in first.path.parent.iterdir()) == [first.key]
