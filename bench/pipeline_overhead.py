@@ -35,6 +35,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERT = ROOT / ".venv/bin/expert"
 TARGET_S = 30.0  # issue 6: a fully cached rerun finishes in under 30 s
@@ -70,7 +72,7 @@ def main() -> None:
         "runs": [{k: r[k] for k in ("seconds", "phases", "executed")} for r in runs],
         "peer_phases_s": floor["phases"],
         "imports": _import_times(),
-        "machine": _machine(),
+        "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "prefect": _prefect_version()},
         "command": "python bench/pipeline_overhead.py" + (f" --runs {args.runs}" if args.runs != 2 else ""),
         "date": datetime.date.today().isoformat(),
@@ -194,19 +196,6 @@ def _prefect_version() -> str:
     from importlib.metadata import version
 
     return version("prefect")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
 
 
 if __name__ == "__main__":

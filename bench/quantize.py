@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -168,7 +170,7 @@ def _result(args, sides: dict) -> dict:
         "rss_after_imports_mib": {side: sides[side]["rss_after_imports_mib"] for side in ("ours", "peer")},
         "model_weights_mib": _weights_mib(Path(args.model)),
         "gptq_loss_mean": {side: sides[side]["gptq_loss_mean"] for side in ("ours", "peer")},
-        "machine": _machine(),
+        "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "optimum": optimum.version.__version__,
                      "gptqmodel": gptqmodel.__version__},
@@ -190,19 +192,6 @@ def _command(args) -> str:
                                  ("--group-size", args.group_size, 64), ("--perplexity", args.perplexity, 32)):
         cmd += f" {flag} {value}" if value != default else ""
     return cmd
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -149,7 +151,7 @@ def _result(args, train: list[dict], evaluation: list[dict]) -> dict:
         "evaluation": eval_t,
         "training_loop_growth": _growth(train_t, "examples"),
         "evaluation_loop_growth": _growth(eval_t, "questions"),
-        "machine": _machine(),
+        "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "command": _command(args),
@@ -172,19 +174,6 @@ def _command(args) -> str:
                                  ("--max-length", args.max_length, 128)):
         cmd += f" {flag} {value}" if value != default else ""
     return cmd
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -224,7 +226,7 @@ def _result(args, runs: dict[str, list[dict]]) -> dict:
                      "examples": args.dev_examples, "what": "mean answer-token cross-entropy of the final adapter"},
         "quality_ok": mean("ours", "dev_loss") <= mean("peer", "dev_loss"),
         "runs": runs,
-        "machine": _machine(),
+        "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
         "command": _command(args),
@@ -242,19 +244,6 @@ def _command(args) -> str:
         if key not in ("model", "data", "out", "threads") and value != defaults[key]:
             cmd += f" --{key.replace('_', '-')} {value}"
     return cmd
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
 
 
 if __name__ == "__main__":
