@@ -62,3 +62,15 @@ def test_pipeline_default_is_the_default_preset():
 
     assert pipeline.parameters.properties["config"]["default"] == load_config(
         ROOT / "configs" / "default.yaml").model_dump(mode="json")
+
+
+def test_the_flow_loads_without_the_heavy_libraries():
+    """A cached rerun imports the flow and reads configs only: torch, transformers and
+    scikit-learn load when a stage actually runs (seconds saved on every rerun)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.pipeline, flows.evaluate; "
+            "print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,6 +8,15 @@ log-likelihoods), metrics, report (tables + report.md), plots (mmlu.png).
 
 from expert.evaluation.config import EvalConfig
 from expert.evaluation.report import markdown_tables, render_report
-from expert.evaluation.runner import evaluate
 
 __all__ = ["EvalConfig", "evaluate", "markdown_tables", "render_report"]
+
+
+def __getattr__(name: str):
+    # `evaluate` needs torch, transformers and scikit-learn (seconds to import); reading a
+    # config (every `expert run`, every cached rerun) needs none of them.
+    if name == "evaluate":
+        from expert.evaluation.runner import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'expert.evaluation' has no attribute {name!r}")

@@ -11,6 +11,14 @@ Modules: `config` (TrainConfig), `data` (tokenize, mask, length-bucketed batches
 """
 
 from expert.train.config import TrainConfig
-from expert.train.loop import list_checkpoints, train
 
 __all__ = ["TrainConfig", "train", "list_checkpoints"]
+
+
+def __getattr__(name: str):
+    # The run needs torch and PEFT (seconds to import); reading a config does not.
+    if name in ("train", "list_checkpoints"):
+        from expert.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'expert.train' has no attribute {name!r}")
