@@ -48,6 +48,8 @@ SAMPLE_BLOCK_BYTES = 64 * 1024
 # Stage names and keys become folder names: nothing that could climb out of the store's root.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# A run checks an artifact several times (flow, task, build); one warning per damaged folder.
+_WARNED: set[tuple[str, str]] = set()
 VERSIONED_PACKAGES = (
     "torch", "transformers", "peft", "accelerate", "bitsandbytes", "gptqmodel", "optimum",
     "pandas", "pyarrow", "safetensors", "gguf", "prefect", "numpy",
@@ -149,7 +151,8 @@ class ArtifactStore:
         path = self.path(request.stage, request.key)
         problem = verify(path, expected_key=request.key)
         if problem:
-            if path.exists():  # a damaged or half-written folder: say why it is not used
+            if path.exists() and (str(path), problem) not in _WARNED:  # say once why it is not used
+                _WARNED.add((str(path), problem))
                 log.warning("not using %s: %s; it will be rebuilt", path, problem)
             return None
         manifest = json.loads((path / MANIFEST).read_text())

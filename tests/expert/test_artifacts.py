@@ -132,3 +132,14 @@ def test_replace_rebuilds_a_complete_artifact_and_swaps_it_in(tmp_path):
     again = store.build(request(), lambda out: (out / "a.txt").write_text("new"), replace=True)
     assert again.path == first.path and (again.path / "a.txt").read_text() == "new"
     assert verify(again.path) is None and sorted(p.name for p in first.path.parent.iterdir()) == [first.key]
+
+
+def test_a_damaged_artifact_is_reported_once_per_process(tmp_path, caplog):
+    store = ArtifactStore(tmp_path)
+    art = store.build(request(config={"damaged": 1}), write_files)
+    target = next(p for p in art.path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    target.write_bytes(target.read_bytes() + b"!")
+    with caplog.at_level("WARNING", logger="expert.artifacts"):
+        assert store.get(request(config={"damaged": 1})) is None
+        assert store.get(request(config={"damaged": 1})) is None
+    assert [r.getMessage().startswith(f"not using {art.path}") for r in caplog.records] == [True]
