@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -35,7 +34,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+from common import describe_machine, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERT = ROOT / ".venv/bin/expert"
@@ -77,9 +76,7 @@ def main() -> None:
         "command": "python bench/pipeline_overhead.py" + (f" --runs {args.runs}" if args.runs != 2 else ""),
         "date": datetime.date.today().isoformat(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+from common import describe_machine, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,9 +46,7 @@ def main() -> None:
     result["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
     if args.perplexity:
         result["perplexity"] = _perplexities(args, work)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 def _parser() -> argparse.ArgumentParser:

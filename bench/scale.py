@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+from common import describe_machine, newest_artifact, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,14 +42,12 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(_child(args)), flush=True)
         return
-    model, data = Path(args.model or _newest("quantize")), Path(args.data or _newest("format_pubmedqa"))
+    model, data = Path(args.model or newest_artifact("quantize")), Path(args.data or newest_artifact("format_pubmedqa"))
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     train = [_run_child(args, "train", n, model, data, work) for n in _sizes(args.train_sizes)]
     evaluation = [_run_child(args, "eval", n, model, data, work) for n in _sizes(args.eval_sizes)]
     result = _result(args, train, evaluation)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,13 +66,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _sizes(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _newest(stage: str) -> Path:
-    folders = sorted((ROOT / "artifacts" / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not folders:
-        raise SystemExit(f"no artifacts/{stage}/*/ here: run `make run` first, or pass --model and --data")
-    return folders[-1].parent
 
 
 def _run_child(args, kind: str, n: int, model: Path, data: Path, work: Path) -> dict:

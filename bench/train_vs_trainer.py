@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hostinfo import describe_machine  # bench/ is on sys.path when a script runs
+from common import describe_machine, newest_artifact, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,9 +43,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    model_dir = Path(args.model or _newest("import_model", "expert import-model --source "
+    model_dir = Path(args.model or newest_artifact("import_model", "expert import-model --source "
                                            "embedded:smollm2-135m-instruct --out DIR"))
-    data_dir = Path(args.data or _newest("format_pubmedqa", "expert format pubmedqa --source "
+    data_dir = Path(args.data or newest_artifact("format_pubmedqa", "expert format pubmedqa --source "
                                          "../shared/data/pubmedqa/ori_pqal.json --out DIR"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
@@ -58,9 +58,7 @@ def main() -> None:
             runs[side].append(fn(args, model_dir, subset, work / f"{side}-{round_}"))
             print(json.dumps(runs[side][-1]), flush=True)
     result = _result(args, runs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,13 +81,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench/results/train_smollm2_cpu.json"))
     return p
-
-
-def _newest(stage: str, hint: str) -> Path:
-    found = sorted((ROOT / "artifacts" / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        sys.exit(f"no artifacts/{stage}/*/ here; pass the folder explicitly, or make one: {hint}")
-    return found[-1].parent
 
 
 def _subset(data_dir: Path, out: Path, n_train: int, n_dev: int, seed: int) -> Path:

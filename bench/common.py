@@ -1,0 +1,40 @@
+"""What every benchmark script shares: the machine description, the newest artifact of a
+stage (its default input), and writing bench/results/NAME.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def describe_machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only"
+
+
+def newest_artifact(stage: str, hint: str = "run `make run` first") -> Path:
+    """The most recently written complete artifact of `stage` under artifacts/."""
+    found = sorted((ROOT / "artifacts" / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no artifacts/{stage}/*/ here; pass the folder explicitly, or make one: {hint}")
+    return found[-1].parent
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """Write the result JSON (the format bench/README.md describes) and show it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
