@@ -8,12 +8,11 @@ config is what goes into the stage's cache key.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from expert.errors import ConfigError
+from expert.errors import ConfigError, did_you_mean
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -43,9 +42,7 @@ def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: s
         field = ".".join(([where] if where else []) + loc) or where or cls.__name__
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(cls, err["loc"][:-1])
-            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
-            msg = f"unknown key '{field}'"
-            msg += f" (did you mean '{hint[0]}'?)" if hint else ""
+            msg = f"unknown key '{field}'" + did_you_mean(loc[-1], allowed)
             msg += f"; allowed keys: {', '.join(sorted(allowed))}"
         else:
             msg = f"'{field}': {err['msg']}"

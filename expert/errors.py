@@ -20,3 +20,11 @@ class DataError(ExpertError):
 
 class ModelError(ExpertError):
     """A model source cannot be found, read or imported."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """" (did you mean 'x'?)" for the closest of `choices`, or "" when none is close."""
+    import difflib
+
+    hint = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""

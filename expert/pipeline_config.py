@@ -7,7 +7,6 @@ validates everything at once, naming each bad field.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -17,7 +16,7 @@ from pydantic import Field
 from expert.benchmarks.mmlu import MMLUConfig
 from expert.benchmarks.pubmedqa import PubMedQAConfig
 from expert.config import StageConfig
-from expert.errors import ConfigError
+from expert.errors import ConfigError, did_you_mean
 from expert.evaluation import EvalConfig
 from expert.models import ModelConfig
 from expert.quantize import QuantizeConfig
@@ -103,8 +102,6 @@ def check_stage_names(names: list[str] | tuple[str, ...]) -> list[str]:
     """Validate `--force` stage names, with a "did you mean" for a typo."""
     for name in names:
         if name not in STAGE_NAMES:
-            hint = difflib.get_close_matches(name, STAGE_NAMES, n=1)
-            raise ConfigError(f"unknown stage '{name}' for --force"
-                              + (f"; did you mean '{hint[0]}'?" if hint else "")
-                              + f" Stages, in order: {', '.join(STAGE_NAMES)}")
+            raise ConfigError(f"unknown stage '{name}' for --force{did_you_mean(name, STAGE_NAMES)}; "
+                              f"stages, in order: {', '.join(STAGE_NAMES)}")
     return list(names)

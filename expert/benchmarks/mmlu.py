@@ -13,7 +13,6 @@ itself, so their prompts are zero-shot: no question ever sees its own answer.
 from __future__ import annotations
 
 import csv
-import difflib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +22,7 @@ from pydantic import Field
 from expert.benchmarks.mmlu_categories import SUBJECT_CATEGORY
 from expert.benchmarks.schema import MMLU_SCHEMA, ParquetSink, write_stats
 from expert.config import StageConfig
-from expert.errors import DataError
+from expert.errors import DataError, did_you_mean
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("dev", "test")
@@ -89,10 +88,8 @@ def _hf_subject(folder: Path) -> Subject:
 
 def _check_subject(subject: Subject) -> None:
     if subject.name not in SUBJECT_CATEGORY:
-        hint = difflib.get_close_matches(subject.name, SUBJECT_CATEGORY, n=1)
         raise DataError(
-            f"{subject.test}: unknown MMLU subject {subject.name!r}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            f"{subject.test}: unknown MMLU subject {subject.name!r}" + did_you_mean(subject.name, SUBJECT_CATEGORY)
             + "; rename or remove it (the 57 subjects are listed in expert/benchmarks/mmlu_categories.py)"
         )
     if subject.dev is None:

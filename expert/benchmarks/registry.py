@@ -7,12 +7,12 @@ than importing their modules, so adding one is one entry.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable
 
 from expert.benchmarks import mmlu, pubmedqa
 from expert.config import StageConfig
+from expert.errors import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,5 @@ def get(name: str) -> Benchmark:
     try:
         return _BENCHMARKS[name]
     except KeyError:
-        hint = difflib.get_close_matches(str(name).lower(), _BENCHMARKS, n=1)
-        msg = f"unknown benchmark {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        msg = f"unknown benchmark {name!r}" + did_you_mean(str(name).lower(), _BENCHMARKS)
         raise KeyError(f"{msg}; known benchmarks: {', '.join(names())}") from None

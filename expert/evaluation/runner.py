@@ -13,7 +13,6 @@ into `out_dir`:
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from expert.errors import ConfigError, DataError
+from expert.errors import ConfigError, DataError, did_you_mean
 from expert.evaluation.config import EvalConfig
 from expert.evaluation.loading import load_model
 from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
@@ -67,8 +66,7 @@ def predict(choices: list[list[str]], scores: list[list[float]]) -> list[str]:
 
 def check_benchmark(name: str) -> str:
     if name not in BENCHMARKS:
-        hint = difflib.get_close_matches(name, BENCHMARKS, n=1)
-        raise ConfigError(f"unknown benchmark {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        raise ConfigError(f"unknown benchmark {name!r}" + did_you_mean(name, BENCHMARKS)
                           + f"; known benchmarks: {', '.join(BENCHMARKS)}")
     return name
 
@@ -100,9 +98,8 @@ def _subset_mmlu(config: EvalConfig, frame: pd.DataFrame, path: Path) -> pd.Data
         known = sorted(frame["subject"].unique())
         for name in config.mmlu_subjects:
             if name not in known:
-                hint = difflib.get_close_matches(name, known, n=1)
                 raise ConfigError(f"eval.mmlu_subjects: unknown subject {name!r} in {path}"
-                                  + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                  + did_you_mean(name, known)
                                   + f"; {len(known)} subjects are available, e.g. {', '.join(known[:5])}")
         frame = frame[frame["subject"].isin(config.mmlu_subjects)]
     if config.mmlu_max_per_subject is not None:
