@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from expert.evaluation.scoring import _mask_kind as real_mask_kind
 from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
 from tests.expert.eval_fixtures import loaded, llama_dir, mmlu_frame, pubmedqa_frame  # noqa: F401
 
@@ -90,6 +91,44 @@ def test_prefix_cache_equals_uncached(loaded, monkeypatch):
     plain = score_questions(loaded.model, questions, max_length=256, batch_size=5)
     cached = score_questions(loaded.model, questions, max_length=256, batch_size=5, groups=groups)
     assert cached == [pytest.approx(row, abs=1e-4) for row in plain]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_suffixes_equal_padded_batches(loaded, monkeypatch, attention):
+    # Grouped questions run as packs: one sequence of several suffixes after the prefix cache,
+    # each attending to the prefix and to itself only. A tiny budget makes several packs per
+    # subject, and multi-token choices put several scored positions in a suffix.
+    from expert.evaluation import scoring
+
+    frame = mmlu_frame(4)
+    groups = list(frame.groupby("subject", sort=False).indices.values())
+    packs = []
+    real = scoring._forward_packed
+    monkeypatch.setattr(scoring, "_forward_packed", lambda m, ps, *a: packs.append(len(ps)) or real(m, ps, *a))
+    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 80)
+    monkeypatch.setattr(loaded.model.config, "_attn_implementation", attention)
+    for texts in (LETTERS, [" xyzzy", " B", " no plugh", " D"]):
+        questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), [texts] * len(frame))
+        monkeypatch.setattr(scoring, "_mask_kind", lambda model: None)
+        padded = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups)
+        assert not packs
+        monkeypatch.setattr(scoring, "_mask_kind", real_mask_kind)
+        packed = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups)
+        assert packs and max(packs) > 1 and len(packs) > len(groups), packs
+        assert packed == [pytest.approx(row, abs=1e-4) for row in padded]
+        packs.clear()
+
+
+def test_pack_size_follows_the_model_shape(loaded):
+    from types import SimpleNamespace
+
+    from expert.evaluation.scoring import pack_tokens
+
+    llama8b = SimpleNamespace(config=SimpleNamespace(hidden_size=4096, intermediate_size=14336))
+    assert 2500 < pack_tokens(llama8b) < 3500
+    smol = SimpleNamespace(config=SimpleNamespace(hidden_size=576, intermediate_size=1536))
+    assert pack_tokens(smol) == 345
+    assert pack_tokens(loaded.model) == 256  # tiny shapes: the floor
 
 
 def test_prefix_cache_is_exact_when_the_text_prefix_is_not_a_token_prefix(loaded):
