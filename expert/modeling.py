@@ -78,12 +78,14 @@ def model_kind(model_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bool = False,
-               device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+               device: str = "auto", dtype: str = "auto", shardable: bool = False) -> tuple[Any, Any]:
     """Load (model, tokenizer) from any model folder of the pipeline; see the module docstring.
 
     device: "auto" (CUDA if visible, else CPU), "cpu" or "cuda[:N]". dtype: "auto" (float32 on
     the CPU; on a GPU the checkpoint's 16-bit dtype, else bfloat16) or a torch dtype name.
     The model is returned in eval mode; the caller switches to train mode when it trains.
+    shardable: store nf4 weights as the compute dtype (`bnb_4bit_quant_storage`), not uint8, so
+    that FSDP can shard them (training with strategy fsdp); the numbers are the same.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +99,7 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     if kind == "gptq":
         kwargs["quantization_config"] = _gptq_loading_config(base, torch_device, training)
     elif kind == "nf4":
-        kwargs["quantization_config"] = _nf4_config(kwargs["dtype"])
+        kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if kind == "gptq" and training:
         _pin_gptq_train_mode(model)
@@ -195,11 +197,14 @@ def _pin_gptq_train_mode(model: torch.nn.Module) -> None:
             module.linear_mode = "train"
 
 
-def _nf4_config(compute_dtype: torch.dtype):
+def _nf4_config(compute_dtype: torch.dtype, shardable: bool = False):
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    # FSDP shards parameters of one floating dtype; packed uint8 weights mixed with the rest
+    # cannot go into its flat buffers, the same bytes stored as the compute dtype can.
+    storage = {"bnb_4bit_quant_storage": compute_dtype} if shardable else {}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, **storage)
 
 
 def _nf4_safe(model: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from expert.benchmarks.mmlu import MMLUConfig
 from expert.benchmarks.pubmedqa import PubMedQAConfig
@@ -22,6 +22,7 @@ from expert.models import ModelConfig
 from expert.quantize import QuantizeConfig
 from expert.select import SelectConfig
 from expert.train import TrainConfig
+from expert.train.config import FSDP_GPTQ
 
 
 # The stages in pipeline order; `--force STAGE` (and the flow's `force` parameter) recompute
@@ -49,6 +50,14 @@ class PipelineConfig(StageConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _train_strategy_fits_quantization(self) -> PipelineConfig:
+        # Said here, before any stage runs, rather than when the train stage finds the GPTQ folder.
+        # A ConfigError, not a ValueError: pydantic would append the whole config as the "input".
+        if self.train.strategy == "fsdp" and self.quantize.method == "gptq":
+            raise ConfigError(f"'train.strategy' is fsdp and 'quantize.method' is gptq: {FSDP_GPTQ}")
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

@@ -4,7 +4,8 @@ A checkpoint is a folder `checkpoints/step-NNNNNN/` holding
 - the adapter as `PeftModel.save_pretrained` writes it (adapter_model.safetensors,
   adapter_config.json), loadable by plain `PeftModel.from_pretrained`;
 - `optimizer.safetensors` (every tensor of the optimizer state) and `rng.safetensors`
-  (torch CPU and CUDA generator states);
+  (torch CPU and CUDA generator states; of a run on several processes, each rank's, as
+  `rank<N>.torch` and `rank<N>.cuda`, written by rank 0 alone);
 - `trainer_state.json`: step counters, the optimizer's param groups and scalar state,
   the scheduler state, the run's log history needed for the summary;
 - `checkpoint.json`, the marker, written last.
@@ -46,8 +47,9 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
-                    marker: dict[str, Any]) -> Path:
-    """Write checkpoint `step` atomically; `state` and `marker` must be JSON-ready."""
+                    marker: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically; `state` and `marker` must be JSON-ready; `rng`: the
+    ranks' generator states (see `rank_rng`), else this process's."""
     final = checkpoint_dir(root, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,7 +57,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     model.save_pretrained(tmp)
     tensors, opt_json = _split_optimizer(optimizer.state_dict())
     save_file(tensors, tmp / OPTIMIZER)
-    save_file(_rng_tensors(), tmp / RNG)
+    save_file(rng if rng is not None else _rng_tensors(), tmp / RNG)
     full = {**state, "optimizer": opt_json, "scheduler": scheduler.state_dict()}
     (tmp / STATE).write_text(json.dumps(full, indent=1))
     (tmp / MARKER).write_text(json.dumps({**marker, "step": step}, indent=1))
@@ -65,8 +67,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG in place; return the trainer state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Restore adapter weights, optimizer, scheduler and RNG (of `rank`) in place; return the trainer state."""
     from peft import set_peft_model_state_dict
 
     path = Path(path)
@@ -78,7 +80,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     state = json.loads((path / STATE).read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(path / OPTIMIZER), state.pop("optimizer")))
     scheduler.load_state_dict(state.pop("scheduler"))
-    _set_rng(load_file(path / RNG))
+    _set_rng(load_file(path / RNG), rank)
     return state
 
 
@@ -136,7 +138,21 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return states
 
 
-def _set_rng(states: dict[str, torch.Tensor]) -> None:
+def rank_rng(rank: int) -> dict[str, torch.Tensor]:
+    """This rank's generator states, keyed for a checkpoint of several processes. Only the rank's
+    own GPU: every rank sees every GPU, and touching the others would open a context on each."""
+    states = {f"rank{rank}.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states[f"rank{rank}.cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng(states: dict[str, torch.Tensor], rank: int = 0) -> None:
+    if f"rank{rank}.torch" in states:
+        torch.set_rng_state(states[f"rank{rank}.torch"])
+        if f"rank{rank}.cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states[f"rank{rank}.cuda"])
+        return
     torch.set_rng_state(states["torch"])
     cuda = [states[k] for k in sorted((k for k in states if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

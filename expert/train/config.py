@@ -14,6 +14,12 @@ from pydantic import Field, ValidationInfo, field_validator
 from expert.config import StageConfig
 
 
+# Said at config time (the pipeline's quantize.method) and at launch (the model folder's kind).
+FSDP_GPTQ = ("FSDP cannot shard a GPTQ base (its packed int32 qweight and scales are not plain weights "
+             "it can flatten and split); use train.strategy: ddp (every GPU holds the whole 4-bit model) "
+             "or quantize.method: nf4, which fsdp shards")
+
+
 class TrainConfig(StageConfig):
     """How to train a LoRA adapter on a formatted benchmark's train split."""
 
@@ -34,8 +40,19 @@ class TrainConfig(StageConfig):
         2, description="examples per forward pass, or 'auto': the largest divisor of effective_batch_size "
                        "whose step fits memory_limit_gib (see expert/train/memory.py)"
     )
+    # Scale-out: declared before effective_batch_size, whose check reads them.
+    processes: int = Field(
+        1, ge=1, description="training processes (one per GPU), started by torchrun when more than 1; "
+                             "each optimizer step's micro-batches are split among them"
+    )
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single", description="single: one process; ddp: every process holds the whole (quantized) base, "
+                              "LoRA gradients are summed once per step; fsdp: the base's layers are sharded "
+                              "across the processes (plain or nf4 bases, not gptq), for a base too big for one card"
+    )
     effective_batch_size: int = Field(
-        50, gt=0, description="examples per optimizer step; a multiple of micro_batch_size"
+        50, gt=0, description="examples per optimizer step (over all processes); a multiple of "
+                              "micro_batch_size x processes"
     )
     warmup_steps: int = Field(10, ge=0, description="optimizer steps of linear warmup from 0")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
@@ -76,15 +93,37 @@ class TrainConfig(StageConfig):
             raise ValueError("must be greater than 0 (or 'auto')")
         return value
 
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_fits_processes(cls, value: str, info: ValidationInfo) -> str:
+        processes = info.data.get("processes")
+        if processes is None:  # processes itself is invalid and reported
+            return value
+        if value == "single" and processes > 1:
+            raise ValueError(f"'single' runs one process but processes is {processes}; use strategy ddp "
+                             "(every process holds the whole base) or fsdp (the base is sharded), or processes 1")
+        if value != "single" and processes == 1:
+            raise ValueError(f"{value} needs processes of 2 or more (one per GPU); with one process use "
+                             "strategy single")
+        if value == "fsdp" and info.data.get("micro_batch_size") == "auto":
+            # The memory probe's forward would need every process in step (see expert/train/memory.py).
+            raise ValueError("fsdp needs a numeric micro_batch_size ('auto' probes memory one process at a "
+                             "time); set micro_batch_size to e.g. 1 or 2, or use strategy ddp")
+        return value
+
     @field_validator("effective_batch_size")
     @classmethod
     def _multiple_of_micro(cls, value: int, info: ValidationInfo) -> int:
-        micro = info.data.get("micro_batch_size")
-        if isinstance(micro, int) and micro and value % micro:
-            raise ValueError(
-                f"must be a multiple of micro_batch_size ({micro}), e.g. "
-                f"{max(micro, value - value % micro)} or {value - value % micro + micro}"
-            )
+        micro, processes = info.data.get("micro_batch_size"), info.data.get("processes") or 1
+        # Every process takes the same number of micro-batches per step: the same work, and under
+        # fsdp the same number of forwards, which must match because each one gathers the shards.
+        unit = micro * processes if isinstance(micro, int) and micro > 0 else processes
+        if value % unit:
+            what = (f"micro_batch_size ({micro})" if processes == 1 else
+                    f"processes ({processes})" if unit == processes else
+                    f"micro_batch_size x processes ({micro} x {processes} = {unit})")
+            raise ValueError(f"must be a multiple of {what}, e.g. {max(unit, value - value % unit)} or "
+                             f"{value - value % unit + unit}")
         return value
 
     @field_validator("target_modules")
@@ -100,9 +139,18 @@ class TrainConfig(StageConfig):
                 raise ValueError("write target_modules: all-linear (a string), not inside a list")
         return value
 
+    def canonical(self) -> dict:
+        # The scale-out fields are left out at their defaults, so the cache keys and checkpoints
+        # of one-process runs made before those fields existed stay valid.
+        canon = super().canonical()
+        if self.processes == 1 and self.strategy == "single":
+            del canon["processes"], canon["strategy"]
+        return canon
+
     @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step (of a numeric micro_batch_size; 'auto' is resolved by the run)."""
+        """Micro-batches per optimizer step over all processes (of a numeric micro_batch_size; 'auto'
+        is resolved by the run)."""
         if self.micro_batch_size == "auto":
             raise ValueError("micro_batch_size is 'auto': expert.train.memory.plan_memory resolves it")
         return self.effective_batch_size // self.micro_batch_size

@@ -94,6 +94,27 @@ class TrainLogger:
         self.writer.flush()
 
 
+class QuietLogger:
+    """The reporting of a rank other than 0: nothing written or logged (rank 0 reports for all);
+    the `progress` callback still sees each step."""
+
+    def __init__(self, total_steps: int, progress: Progress | None = None):
+        self.total, self.progress, self.records = total_steps, progress, []
+
+    def step(self, *args) -> None:
+        pass
+
+    def dev(self, step: int, loss: float) -> None:
+        pass
+
+    def done(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress(step, self.total)
+
+    def close(self) -> None:
+        pass
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
     """Keep the records up to `last_step` (the resumed checkpoint); later ones are redone."""
     records = []

@@ -7,6 +7,9 @@ as the run goes, and a restarted run resumes from the last complete checkpoint w
 data order, optimizer, schedule and RNG, so it ends with the same adapter an uninterrupted
 run would have (bit for bit on CPU). Only at the end is `out_dir` filled: every checkpoint,
 final/ (the last adapter), the logs, loss.png and summary.json.
+
+With `processes` > 1, `train` starts that many ranks with torchrun (`expert.train.launch`),
+each of which runs `run_rank`; rank 0 alone writes work_dir and out_dir, in the same formats.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 import torch
 
 from expert.errors import DataError, ExpertError
-from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, read_marker,
+from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_marker,
                                      read_state, save_checkpoint)
 from expert.train.config import TrainConfig
 from expert.train.data import BatchPlan, EncodedSplit, encode_split, read_split, unbucketed_padding_fraction
-from expert.train.logging import Progress, TrainLogger, log, plot_loss
+from expert.train.distributed import Ranks, shard_base
+from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
 from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
 from expert.train.step import Runner
@@ -35,32 +39,50 @@ def train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, w
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(work_dir):  # before the model load, so a second run fails at once
+        if config.processes > 1:
+            from expert.train.launch import launch
+
+            return launch(config, Path(model_dir), Path(data_dir), Path(out_dir), work_dir, progress, device)
         return _train(config, Path(model_dir), Path(data_dir), Path(out_dir), work_dir, progress, device)
 
 
+def run_rank(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,
+             progress: Progress | None, device: str, ranks: Ranks) -> dict | None:
+    """One rank of a run on several processes (torchrun's worker); the summary on rank 0, else None."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)  # `train` made it; a worker started by hand may not have
+    return _train(config, Path(model_dir), Path(data_dir), Path(out_dir), Path(work_dir), progress, device, ranks)
+
+
 def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,
-           progress: Progress | None, device: str) -> dict:
+           progress: Progress | None, device: str, ranks: Ranks = Ranks()) -> dict | None:
     rows = read_split(data_dir / "train.parquet")  # data first: a missing file fails before a long load
     dev_rows = _dev_rows(data_dir / "dev.parquet") if config.dev_loss else None
-    model, tokenizer = _load_base(model_dir, device)
-    train_set = _encode(tokenizer, rows, config.max_length)
+    model, tokenizer = _load_base(model_dir, device, config.strategy)
+    train_set = _encode(tokenizer, rows, config.max_length, ranks)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
     model = attach_lora(model, config)
     model.train()
-    memory = _memory_plan(work_dir, config, model, max(train_set.lengths))
+    ranks.same_weights([p for p in model.parameters() if p.requires_grad])
+    ranks.seed_dropout(config.seed)
+    if ranks.strategy == "fsdp":
+        shard_base(model, ranks, device)
+    memory = _memory_plan(work_dir, config, model, max(train_set.lengths), ranks)
     micro = memory.micro_batch_size
     plan = BatchPlan(train_set.lengths, micro, config.effective_batch_size // micro, config.epochs, config.seed,
                      config.max_steps)
-    log.info("%d training examples, %d optimizer steps of %d micro-batches of %d (gradient checkpointing %s); "
-             "padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum, plan.micro,
-             "on" if memory.gradient_checkpointing else "off", plan.padding_fraction())
+    if ranks.main:
+        log.info("%d training examples, %d optimizer steps of %d micro-batches of %d (gradient checkpointing "
+                 "%s%s); padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum, plan.micro,
+                 "on" if memory.gradient_checkpointing else "off",
+                 f"; {ranks.world} processes, {ranks.strategy}" if ranks.many else "", plan.padding_fraction())
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, plan.total_steps)
-    state = _resume(work_dir, config, model, optimizer, scheduler)
+    state = _resume(work_dir, config, model, optimizer, scheduler, ranks)
     state["memory"] = memory.as_dict()
-    runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm)
-    logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress)
+    runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm, ranks)
+    logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress) \
+        if ranks.main else QuietLogger(plan.total_steps, progress)
     try:
         _run(config, runner, plan, state, logger, dev_set, work_dir)
     except torch.cuda.OutOfMemoryError:
@@ -69,6 +91,8 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
                                   f"{max(train_set.lengths)} tokens") from None
     finally:
         logger.close()
+    if not ranks.main:
+        return None
     return _finish(config, work_dir, out_dir, state, plan, train_set, dev_set, logger.records, runner)
 
 
@@ -109,15 +133,15 @@ def _run(config: TrainConfig, runner: Runner, plan: BatchPlan, state: dict, logg
         logger.done(done)  # after the checkpoint, so a callback that sees step k may rely on its checkpoint
 
 
-def _encode(tokenizer, rows: dict[str, list[str]], max_length: int) -> EncodedSplit:
+def _encode(tokenizer, rows: dict[str, list[str]], max_length: int, ranks: Ranks) -> EncodedSplit:
     split = encode_split(tokenizer, rows, max_length)
-    if split.truncated:
+    if split.truncated and ranks.main:
         log.warning("%d of %d training prompts were cut on the left to fit max_length=%d (e.g. ids %s)",
                     split.truncated, len(split.examples), max_length, split.truncated_ids)
     return split
 
 
-def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int) -> MemoryPlan:
+def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int, ranks: Ranks) -> MemoryPlan:
     """The resumed run's own choice (the data order depends on it), else a fresh one."""
     found = complete_checkpoints(work_dir / "checkpoints")
     if found and read_marker(found[-1][1]).get("config") == config.canonical():
@@ -127,7 +151,7 @@ def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int) -> Me
             set_checkpointing(model, plan.gradient_checkpointing)
             return plan
     device = next(p for p in model.parameters() if p.requires_grad).device
-    return plan_memory(model, config, longest, device)
+    return plan_memory(model, config, longest, device, ranks)
 
 
 def _dev_rows(path: Path) -> dict[str, list[str]]:
@@ -137,11 +161,19 @@ def _dev_rows(path: Path) -> dict[str, list[str]]:
     return read_split(path)
 
 
-def _load_base(model_dir: Path, device: str):
-    """The shared loader: plain, GPTQ or nf4 folders, with settings safe for training."""
-    from expert.modeling import load_model
+def _load_base(model_dir: Path, device: str, strategy: str):
+    """The shared loader: plain, GPTQ or nf4 folders, with settings safe for training.
 
-    return load_model(model_dir, training=True, device=device)
+    For fsdp a plain base is loaded into CPU memory (in the dtype its GPU would get) and only
+    its shards move to the GPU; an nf4 base is quantized on the rank's GPU, stored as the
+    compute dtype so that FSDP can shard it (the 4-bit model must fit one card while loading).
+    """
+    from expert.modeling import load_model, model_kind, resolve_base, resolve_device, resolve_dtype
+
+    if strategy != "fsdp" or model_kind(model_dir) == "nf4":
+        return load_model(model_dir, training=True, device=device, shardable=strategy == "fsdp")
+    dtype = resolve_dtype("auto", resolve_device(device), resolve_base(model_dir))
+    return load_model(model_dir, training=True, device="cpu", dtype=str(dtype).removeprefix("torch."))
 
 
 def _pad_id(tokenizer) -> int:
@@ -156,19 +188,22 @@ def _fresh_state() -> dict:
     return {"step": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None, "dev_losses": {}, "resumed_from": []}
 
 
-def _resume(work_dir: Path, config: TrainConfig, model, optimizer, scheduler) -> dict:
+def _resume(work_dir: Path, config: TrainConfig, model, optimizer, scheduler, ranks: Ranks) -> dict:
     """Restore the last complete checkpoint of this config in work_dir, if any; else a fresh state."""
     found = complete_checkpoints(work_dir / "checkpoints")
     if not found:
         return _fresh_state()
     step, path = found[-1]
     if read_marker(path).get("config") != config.canonical():
-        log.warning("checkpoints in %s belong to another training config; starting over", work_dir)
-        shutil.rmtree(work_dir / "checkpoints")
+        ranks.barrier()  # every rank has read the folder before rank 0 empties it
+        if ranks.main:
+            log.warning("checkpoints in %s belong to another training config; starting over", work_dir)
+            shutil.rmtree(work_dir / "checkpoints")
         return _fresh_state()
-    state = load_checkpoint(path, model, optimizer, scheduler)
+    state = load_checkpoint(path, model, optimizer, scheduler, ranks.rank)
     state["resumed_from"] = [*state.get("resumed_from", []), step]
-    log.info("resuming from checkpoint %s (step %d)", path, step)
+    if ranks.main:
+        log.info("resuming from checkpoint %s (step %d)", path, step)
     return state
 
 
@@ -181,7 +216,12 @@ def _checkpoint(work_dir: Path, config: TrainConfig, runner: Runner, dev_set: En
         logger.dev(step, dev)
     marker = {"config": config.canonical(), "epoch": plan.epoch_after(step), "train_loss": state["last_loss"],
               "dev_loss": dev}
-    save_checkpoint(work_dir / "checkpoints", step, runner.model, runner.optimizer, runner.scheduler, state, marker)
+    ranks = runner.ranks
+    rng = ranks.gather(rank_rng(ranks.rank)) if ranks.many else None  # each rank's dropout stream
+    ranks.settle(runner.model)
+    if ranks.main:
+        save_checkpoint(work_dir / "checkpoints", step, runner.model, runner.optimizer, runner.scheduler, state,
+                        marker, rng and {k: v for states in rng for k, v in states.items()})
 
 
 def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
@@ -208,6 +248,11 @@ def _finish(config: TrainConfig, work_dir: Path, out_dir: Path, state: dict, pla
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("trained %d steps (%.2f epochs) in %.0f s, final loss %.4f; adapter in %s", summary["steps"],
              summary["epochs"], summary["train_seconds"], summary["final_loss"], out_dir / "final")
+    return short_summary(summary)
+
+
+def short_summary(summary: dict) -> dict:
+    """What `train` returns: the headline numbers of summary.json."""
     return {k: summary[k] for k in ("steps", "epochs", "final_loss", "final_dev_loss", "tokens_per_s",
                                     "padding_fraction", "train_seconds", "truncated")}
 

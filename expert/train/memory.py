@@ -7,19 +7,28 @@ sees the same batches whatever the card) whose forward + backward on the longest
 example fits the memory limit; bigger micro-batches keep a GPU busier, which matters most for a
 4-bit base whose weights are dequantized once per micro-batch. `gradient_checkpointing: auto`
 then leaves checkpointing off when that micro-batch fits without it: recomputing every layer's
-forward costs a third of a step's compute, paid only when memory is short.
+forward costs a third of a step's compute, paid only when memory is short. When it does not fit,
+the largest micro-batch that fits without checkpointing is timed against it, and the faster wins.
 
 On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length
 (peak `torch.cuda.max_memory_allocated`, plus the optimizer's two moments), kept under 90% of
 `memory_limit_gib` (default: all memory free at start, plus what the model already holds). On the
 CPU it is an estimate of the saved activations against half of the available RAM, and 'auto'
 micro-batches are capped at 8 (a CPU gains little from bigger ones).
+
+On several processes (ddp) every rank probes its own card and a setting is taken only if it
+fits on all of them (`Ranks.agree` after each probe), so all ranks choose alike without a
+broadcast; candidates divide effective_batch_size / processes. Under fsdp a probe's forward
+would need every rank in step, and one rank's out-of-memory mid-forward would leave the others
+waiting for it, so there is no probe: micro_batch_size must be a number (the config says so)
+and gradient_checkpointing 'auto' means on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,6 +36,7 @@ import torch
 from expert.errors import ExpertError
 from expert.train.config import TrainConfig
 from expert.train.data import IGNORE
+from expert.train.distributed import Ranks
 
 HEADROOM = 0.9  # share of the limit a probe may reach: the allocator fragments, batches vary
 CPU_AUTO_MICRO = 8
@@ -39,6 +49,9 @@ class MemoryPlan:
     gradient_checkpointing: bool
     limit_gib: float | None  # None on the CPU
     probe_peak_gib: float | None = None  # measured peak of the chosen setting (GPU only)
+    # tokens/s of the micro-batch with checkpointing and the largest one without, when both
+    # fit and the choice between them was timed (GPU only)
+    probe_tokens_per_s: dict[str, float] | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> MemoryPlan:
@@ -48,11 +61,12 @@ class MemoryPlan:
         return asdict(self)
 
 
-def plan_memory(model, config: TrainConfig, longest: int, device: torch.device) -> MemoryPlan:
+def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
+                ranks: Ranks = Ranks()) -> MemoryPlan:
     """Resolve the 'auto' memory settings of `config` for `model` (LoRA attached) on `device`."""
     micros = _micro_candidates(config, device)
     checkpointing = [config.gradient_checkpointing] if isinstance(config.gradient_checkpointing, bool) \
-        else [False, True]
+        else [True] if ranks.lockstep else [False, True]
     if len(micros) == 1 and len(checkpointing) == 1:  # nothing to decide: no probe
         set_checkpointing(model, checkpointing[0])
         limit = _limit_bytes(config, device) if device.type == "cuda" else None
@@ -63,23 +77,35 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device) 
         fits, limit = _estimate_fits(model), None
     # The largest micro-batch that fits with the most frugal allowed setting ...
     frugal = checkpointing[-1]
-    chosen = next((m for m in micros if fits(m, longest, frugal, limit)), None)
+    chosen = next((m for m in micros if ranks.agree(fits(m, longest, frugal, limit))), None)
     if chosen is None:
         raise out_of_memory_error(config, limit, f"even {micros[-1]} example(s) of {longest} tokens did not fit")
-    # ... then the cheaper compute, if that micro-batch fits without checkpointing too.
-    use = frugal
-    if frugal and not checkpointing[0] and fits(chosen, longest, False, limit):
+    # ... then the cheaper compute, if that micro-batch fits without checkpointing too ...
+    use, measured = frugal, None
+    if frugal and not checkpointing[0] and ranks.agree(fits(chosen, longest, False, limit)):
         use = False
+    elif frugal and not checkpointing[0] and hasattr(fits, "speed"):
+        # ... else the largest smaller micro-batch without checkpointing, if it is faster. Which
+        # wins depends on the card and model: no recompute saves a third of the compute, a
+        # smaller micro-batch dequantizes a 4-bit base's weights for fewer tokens. Measured.
+        plain = next((m for m in micros if m < chosen and ranks.agree(fits(m, longest, False, limit))), None)
+        if plain is not None:
+            measured = {f"{chosen} with checkpointing": fits.speed(chosen, longest, True, limit),
+                        f"{plain} without": fits.speed(plain, longest, False, limit)}
+            # Agreed, like every choice here: ranks that chose differently would split steps differently.
+            if ranks.agree(measured[f"{plain} without"] > measured[f"{chosen} with checkpointing"]):
+                chosen, use = plain, False
     peak = getattr(fits, "peaks", {}).get((chosen, longest, use))
     set_checkpointing(model, use)
-    return MemoryPlan(chosen, use, limit and round(limit / 2**30, 2), peak and round(peak / 2**30, 2))
+    return MemoryPlan(chosen, use, limit and round(limit / 2**30, 2), peak and round(peak / 2**30, 2),
+                      measured and {k: round(v) for k, v in measured.items()})
 
 
 def _micro_candidates(config: TrainConfig, device: torch.device) -> list[int]:
     if config.micro_batch_size != "auto":
         return [config.micro_batch_size]
     cap = MAX_AUTO_MICRO if device.type == "cuda" else CPU_AUTO_MICRO
-    n = config.effective_batch_size
+    n = config.effective_batch_size // config.processes  # each rank's share of a step
     return [m for m in range(min(n, cap), 0, -1) if n % m == 0]
 
 
@@ -128,7 +154,13 @@ def _probe_fits(model, device: torch.device, config: TrainConfig):
         peak = peaks[key]
         return peak is not None and peak + moments <= HEADROOM * limit
 
-    fits.peaks = peaks
+    def speed(micro: int, length: int, checkpointing: bool, limit: int) -> float:
+        """Tokens/s of a forward + backward, timed after a warm-up pass."""
+        with _capped(device, limit):
+            peak = _probe(model, answer_loss_sum, device, micro, length, checkpointing, repeats=2)
+        return 0.0 if peak is None else micro * length / _probe.seconds
+
+    fits.peaks, fits.speed = peaks, speed
     return fits
 
 
@@ -148,7 +180,12 @@ def _capped(device: torch.device, limit: int):
         torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
-def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool) -> int | None:
+def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool, repeats: int = 1) -> int | None:
+    """Peak bytes of forward + backward on a (micro, length) batch; None when it ran out of memory.
+
+    With repeats > 1 the last pass is timed (the earlier ones warm the allocator and kernels)
+    and the seconds land in `_probe.seconds`.
+    """
     set_checkpointing(model, checkpointing)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -157,10 +194,16 @@ def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool)
         ids = torch.zeros((micro, length), dtype=torch.long)
         labels = torch.full((micro, length), IGNORE, dtype=torch.long)
         labels[:, -3:] = 0
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model, {"input_ids": ids, "labels": labels}, device)
-        loss.backward()
-        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(model, {"input_ids": ids, "labels": labels}, device)
+            loss.backward()
+            torch.cuda.synchronize(device)
+            _probe.seconds = time.perf_counter() - start
+            loss = None
+            model.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated(device)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not _is_oom(exc):

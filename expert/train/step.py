@@ -3,6 +3,8 @@
 The loss of a step is the summed cross-entropy of its answer + EOS tokens divided by their
 count over the whole step (all micro-batches), so gradient accumulation gives the gradient
 of one big batch. On a GPU the forward runs under bf16 autocast; on the CPU in float32.
+On several processes each takes its share of the micro-batches, still divided by the whole
+step's count, and the gradients are summed (see `expert.train.distributed`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from expert.train.data import IGNORE, EncodedSplit, collate, eval_batches
+from expert.train.distributed import Ranks
 
 
 class Runner:
     """Forward/backward/update of one optimizer step, and the dev loss."""
 
     def __init__(self, model, optimizer, scheduler, train_set: EncodedSplit, pad_id: int,
-                 max_grad_norm: float | None):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+                 max_grad_norm: float | None, ranks: Ranks = Ranks()):
+        self.model, self.optimizer, self.scheduler, self.ranks = model, optimizer, scheduler, ranks
         self.examples, self.pad_id, self.max_grad_norm = train_set.examples, pad_id, max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -32,19 +35,21 @@ class Runner:
         return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls there are slow and inexact
 
     def step(self, batches: list[list[int]]) -> tuple[float, int, float, float | None, float]:
-        """One optimizer step over `batches`; loss is the mean over the step's answer tokens."""
+        """One optimizer step over `batches` (all ranks'); loss is the mean over the step's answer tokens."""
         start = time.perf_counter()
         chosen = [self.examples[i] for batch in batches for i in batch]
         targets = sum(sum(label != IGNORE for label in e.labels) for e in chosen)
         tokens = sum(len(e.input_ids) for e in chosen)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in batches:
+        for batch in self.ranks.share(batches):
             with self.autocast():
                 loss_sum = answer_loss_sum(self.model, collate([self.examples[i] for i in batch], self.pad_id),
                                            self.device)
             # Divide by the step's token count, not the micro-batch's: every answer token weighs the same.
             (loss_sum / targets).backward()
             total += loss_sum.detach()  # no .item() here: the host queues the next micro-batch meanwhile
+        self.ranks.sum_grads(self.params)  # from here on every rank holds the same gradient
+        self.ranks.sum_(total)
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -58,15 +63,23 @@ class Runner:
 
     @torch.no_grad()
     def dev_loss(self, dev_set: EncodedSplit, batch_size: int) -> float:
-        """Mean answer-token loss on the dev split (dropout off)."""
+        """Mean answer-token loss on the dev split (dropout off), its batches shared out among the ranks."""
         self.model.eval()
+        batches = eval_batches(dev_set.lengths, batch_size)
+        mine = self.ranks.share(batches)
         total, count = 0.0, 0
-        for batch in eval_batches(dev_set.lengths, batch_size):
-            chosen = [dev_set.examples[i] for i in batch]
+        for i in range(self.ranks.rounds(len(batches))):
+            # A lockstep (fsdp) rank out of batches still runs a forward, uncounted, with the others.
+            chosen = [dev_set.examples[j] for j in (mine[i] if i < len(mine) else batches[0])]
             with self.autocast():
-                total += answer_loss_sum(self.model, collate(chosen, self.pad_id), self.device).item()
-            count += sum(sum(label != IGNORE for label in e.labels) for e in chosen)
+                loss = answer_loss_sum(self.model, collate(chosen, self.pad_id), self.device).item()
+            if i < len(mine):
+                total += loss
+                count += sum(sum(label != IGNORE for label in e.labels) for e in chosen)
         self.model.train()
+        if self.ranks.many:
+            total, count = self.ranks.sum_(torch.tensor([total, count], dtype=torch.float64,
+                                                        device=self.device)).tolist()
         return total / count
 
 

@@ -23,14 +23,18 @@ def lora_model(llama_dir, **overrides):
     return attach_lora(model, TrainConfig(**overrides))
 
 
-def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30):
-    """Pretend the probe measured: fits_table[(micro, checkpointing)] -> fits or not."""
+def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30, speeds=None):
+    """Pretend the probe measured: fits_table[(micro, checkpointing)] -> fits or not, and
+    speeds[(micro, checkpointing)] -> tokens/s (the timing only a GPU probe offers)."""
     calls = []
 
     def probe_fits(model, device, config):
         def fits(micro, length, checkpointing, limit):
             calls.append((micro, checkpointing))
             return fits_table.get((micro, checkpointing), False)
+        if speeds is not None:
+            fits.speed = lambda micro, length, checkpointing, limit: (
+                calls.append(("timed", micro, checkpointing)) or speeds[(micro, checkpointing)])
         return fits
 
     monkeypatch.setattr(memory, "_probe_fits", probe_fits)
@@ -67,6 +71,23 @@ def test_gpu_plan_picks_the_largest_fitting_micro_batch(llama_dir, monkeypatch, 
     assert (plan.micro_batch_size, plan.gradient_checkpointing) == expected
     assert plan.limit_gib == 24.0
     assert _checkpointing(model.get_base_model()) == expected[1]
+
+
+@pytest.mark.parametrize("speeds, expected", [({(12, True): 2000.0, (4, False): 3000.0}, (4, False)),
+                                               ({(12, True): 3000.0, (4, False): 2000.0}, (12, True))])
+def test_a_smaller_micro_batch_without_checkpointing_wins_when_it_is_faster(llama_dir, monkeypatch, speeds,
+                                                                           expected):
+    # 12 fits only with checkpointing; 4 is the largest that fits without: both are timed.
+    calls = fake_gpu(monkeypatch, {(12, True): True, (6, False): False, (4, False): True}, speeds=speeds)
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=12, gradient_checkpointing="auto")
+    model = lora_model(llama_dir)
+    plan = plan_memory(model, config, longest=500, device=torch.device("cuda"))
+    assert (plan.micro_batch_size, plan.gradient_checkpointing) == expected
+    assert {c for c in calls if c[0] == "timed"} == {("timed", 12, True), ("timed", 4, False)}
+    assert plan.probe_tokens_per_s == {"12 with checkpointing": speeds[(12, True)],
+                                       "4 without": speeds[(4, False)]}
+    assert _checkpointing(model.get_base_model()) == expected[1]
+    assert MemoryPlan.from_dict(plan.as_dict()) == plan
 
 
 def test_fixed_settings_are_not_probed(llama_dir, monkeypatch):
@@ -131,6 +152,7 @@ def test_the_plan_is_recorded_and_a_resume_keeps_it(llama_dir, tmp_path, monkeyp
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["micro_batch_size"] == 4
     assert summary["memory"] == {"micro_batch_size": 4, "gradient_checkpointing": False, "limit_gib": None,
+                                 "probe_tokens_per_s": None,
                                  "probe_peak_gib": None}
 
     # A resumed run must not plan again (its data order depends on the micro-batch).

@@ -1,0 +1,236 @@
+"""Training on several processes (torchrun, gloo on the CPU) against one process.
+
+With lora_dropout 0 a step's gradient does not depend on how its micro-batches are shared out:
+each rank divides its summed answer-token loss by the whole step's answer-token count and the
+ranks' gradients are summed, so 2 processes must give the 1-process losses and adapter up to
+float addition order (TOLERANCE; on this CPU they come out identical). Dropout is off because
+each rank draws its own masks for its own micro-batches, a different random stream from one
+process drawing them all in turn.
+
+Each 2-process run starts torchrun and two Python processes (~10-20 s on 2 cores), so the runs
+are module fixtures shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from expert.errors import ConfigError, ExpertError
+from expert.pipeline_config import load_preset
+from expert.train import TrainConfig, list_checkpoints, train
+from expert.train.launch import _root_cause
+from expert.train.worker import KILL_ENV
+from tests.expert.train_fixtures import llama_dir, one_thread, write_toy_data  # noqa: F401 (fixtures)
+
+# 24 examples, micro-batch 2, 2 per step: 9 steps over 1.5 epochs; with 2 processes each rank
+# takes one micro-batch of each step.
+RUN = dict(epochs=1.5, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3, warmup_steps=2,
+           save_every_steps=2, lora_dropout=0.0)
+DDP = dict(RUN, processes=2, strategy="ddp")
+TOLERANCE = 1e-6  # relative, on losses and adapter weights: float32 summed in another order
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_toy_data(tmp_path_factory.mktemp("data"))
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def run(config: dict, llama_dir, data_dir, root) -> tuple:
+    """Train `config` into root/out (work in root/work); its progress calls and `expert` log lines."""
+    calls, lines, logger = [], Lines(), logging.getLogger("expert")
+    level = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)  # as Prefect's run logger sets it
+    try:
+        train(TrainConfig(**config), llama_dir, data_dir, root / "out", root / "work", device="cpu",
+              progress=lambda done, total: calls.append((done, total)))
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    return root / "out", calls, lines.messages
+
+
+@pytest.fixture(scope="module")
+def single(llama_dir, data_dir, tmp_path_factory):
+    return run(RUN, llama_dir, data_dir, tmp_path_factory.mktemp("single"))[0]
+
+
+@pytest.fixture(scope="module")
+def ddp(llama_dir, data_dir, tmp_path_factory):
+    return run(DDP, llama_dir, data_dir, tmp_path_factory.mktemp("ddp"))
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def adapter(out, name="final"):
+    return load_file(out / name / "adapter_model.safetensors")
+
+
+def assert_close_adapters(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=TOLERANCE, atol=TOLERANCE, msg=key)
+
+
+def assert_same_losses(ours: list[dict], theirs: list[dict]) -> None:
+    assert [(r["step"], "loss" in r) for r in ours] == [(r["step"], "loss" in r) for r in theirs]
+    for a, b in zip(ours, theirs):
+        key = "loss" if "loss" in a else "dev_loss"
+        assert a[key] == pytest.approx(b[key], rel=TOLERANCE), (a, b)
+
+
+# ---------------------------------------------------------------- data parallel
+
+def test_two_processes_give_the_one_process_losses_and_adapter(single, ddp):
+    out, calls, lines = ddp
+    assert_same_losses(records(out), records(single))  # every step's loss and every dev loss
+    assert_close_adapters(adapter(out), adapter(single))
+    assert [s for s, _ in list_checkpoints(out)] == [s for s, _ in list_checkpoints(single)] == [2, 4, 6, 8, 9]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["resumed_from"] == []
+    assert calls == [(step, 9) for step in range(1, 10)]  # rank 0's progress reached the caller
+    assert any(line.startswith("[rank 0]") and "step 9/9" in line for line in lines), lines[-20:]
+    assert (out / "loss.png").is_file() and list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_rank_killed_mid_run_is_named_and_the_rerun_resumes_to_the_same_adapter(ddp, llama_dir, data_dir,
+                                                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv(KILL_ENV, "1:5")  # rank 1 SIGKILLs itself after step 5; checkpoints at 2 and 4
+    with pytest.raises(ExpertError, match=r"rank 1 of 2: Signal 9 \(SIGKILL\)") as failed:
+        run(DDP, llama_dir, data_dir, tmp_path)
+    assert "run the stage again to resume" in str(failed.value)
+    assert [s for s, _ in list_checkpoints(tmp_path / "work")] == [2, 4]
+    assert not (tmp_path / "out").exists()
+    monkeypatch.delenv(KILL_ENV)
+    out, calls, _ = run(DDP, llama_dir, data_dir, tmp_path)  # the same call again
+    assert calls[0] == (4, 9) and json.loads((out / "summary.json").read_text())["resumed_from"] == [4]
+    reference = ddp[0]
+    for name in ("final", "checkpoints/step-000006"):  # tolerance 0: the same 2-process arithmetic
+        ours, theirs = adapter(out, name), adapter(reference, name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_mb")} for r in records(out)] == \
+        [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_mb")} for r in records(reference)]
+
+
+# ---------------------------------------------------------------- fsdp
+
+@pytest.mark.parametrize("base", ["plain", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_fsdp_gives_the_one_process_losses_and_adapter(base, llama_dir, data_dir, tmp_path):
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
+        from expert.quantize import QuantizeConfig
+        from expert.quantize.nf4 import write_record
+
+        model = tmp_path / "nf4"
+        write_record(QuantizeConfig(method="nf4"), llama_dir, model)  # quantized at load, on each rank
+    else:
+        model = llama_dir
+    short = dict(RUN, max_steps=4)
+    one = run(short, model, data_dir, tmp_path / "one")[0]
+    two, _, lines = run(dict(short, processes=2, strategy="fsdp"), model, data_dir, tmp_path / "two")
+    assert_same_losses(records(two), records(one))
+    assert_close_adapters(adapter(two), adapter(one))
+    sharded = [line for line in lines if "fsdp: the base's weights are sharded across 2 processes" in line]
+    assert sharded, lines[-20:]  # really sharded: rank 0 holds half of the base's values
+    held, whole = map(int, sharded[0].split("holds ")[1].split(" values")[0].split(" of "))
+    assert 2 * held == whole
+
+
+def test_fsdp_refuses_a_gptq_base_before_starting_any_process(llama_dir, data_dir, tmp_path):
+    gptq = tmp_path / "gptq"
+    shutil.copytree(llama_dir, gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    (gptq / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'train.strategy' is fsdp and the base .* is GPTQ-quantized: FSDP "
+                                          "cannot shard a GPTQ base .* train.strategy: ddp .* quantize.method: nf4"):
+        train(TrainConfig(**RUN, processes=2, strategy="fsdp"), gptq, data_dir, tmp_path / "out", tmp_path / "work",
+              device="cpu")
+    assert not (tmp_path / "work" / "torchrun").exists()
+
+
+def test_the_pipeline_config_refuses_fsdp_on_gptq_at_load_time():
+    fsdp = ["train.strategy=fsdp", "train.processes=2", "train.effective_batch_size=8"]
+    with pytest.raises(ConfigError, match="'train.strategy' is fsdp and 'quantize.method' is gptq: .*nf4"):
+        load_preset("default", [*fsdp, "quantize.method=gptq"])
+    assert load_preset("default", [*fsdp, "quantize.method=nf4"]).train.strategy == "fsdp"
+
+
+# ---------------------------------------------------------------- config
+
+@pytest.mark.parametrize("values, field, hint", [
+    ({"processes": 2}, "train.strategy", "'single' runs one process but processes is 2; use strategy ddp"),
+    ({"strategy": "ddp"}, "train.strategy", "ddp needs processes of 2 or more"),
+    ({"strategy": "zero3"}, "train.strategy", "'single', 'ddp' or 'fsdp'"),
+    ({"processes": 0}, "train.processes", "greater than or equal to 1"),
+    ({"processes": 2, "strategy": "ddp", "micro_batch_size": 2, "effective_batch_size": 50},
+     "train.effective_batch_size", "multiple of micro_batch_size x processes (2 x 2 = 4), e.g. 48 or 52"),
+    ({"processes": 3, "strategy": "ddp", "micro_batch_size": "auto", "effective_batch_size": 50},
+     "train.effective_batch_size", "multiple of processes (3), e.g. 48 or 51"),
+    ({"processes": 2, "strategy": "fsdp", "micro_batch_size": "auto", "effective_batch_size": 8},
+     "train.strategy", "fsdp needs a numeric micro_batch_size"),
+])
+def test_scale_out_settings_are_checked_with_the_field_and_the_fix(values, field, hint):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_dict(values, where="train")
+    assert f"'{field}'" in str(info.value) and hint in str(info.value), str(info.value)
+
+
+def test_one_process_configs_keep_their_cache_key():
+    # Keys and checkpoints of runs made before the scale-out fields existed stay valid.
+    assert "processes" not in TrainConfig().canonical() and "strategy" not in TrainConfig().canonical()
+    canon = TrainConfig(processes=2, strategy="ddp", effective_batch_size=48).canonical()
+    assert (canon["processes"], canon["strategy"]) == (2, "ddp")
+
+
+# ---------------------------------------------------------------- reading torchrun's failure report
+
+SIGKILLED = """Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_18:06:56
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 22110)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 22110
+======================================================="""
+RAISED = """Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_18:06:52
+  host      : localhost
+  rank      : 3 (local_rank: 1)
+  exitcode  : 1 (pid: 22063)
+  error_file: /tmp/logs/none_yebt08jr/attempt_0/1/error.json
+  traceback : Traceback (most recent call last):
+    File "/x/expert/train/loop.py", line 9, in main
+      raise ConfigError("train.target_modules: q_prj not found")
+  expert.errors.ConfigError: train.target_modules: q_prj not found
+
+============================================================"""
+
+
+@pytest.mark.parametrize("report, rank, error", [
+    (SIGKILLED, 1, "Signal 9 (SIGKILL) received by PID 22110"),
+    (RAISED, 3, "expert.errors.ConfigError: train.target_modules: q_prj not found"),
+    ("torchrun: error: the following arguments are required", None, ""),
+])
+def test_the_failed_rank_and_its_error_are_read_from_torchruns_report(report, rank, error):
+    lines = ["Failures:", "[1]:", "  rank      : 0 (local_rank: 0)", *report.splitlines()]
+    assert _root_cause(lines) == (rank, error)
