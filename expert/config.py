@@ -31,8 +31,17 @@ class StageConfig(BaseModel):
             raise ConfigError(format_validation_error(cls, exc, where)) from None
 
     def canonical(self) -> dict[str, Any]:
-        """JSON-ready dict of every field (defaults included): the cache-key input."""
-        return self.model_dump(mode="json")
+        """JSON-ready dict of every field (defaults included): the cache-key input.
+
+        Nested configs give their own canonical form, so a section that leaves a field out
+        of its key (EvalConfig.runner) leaves it out of every key that includes the section.
+        """
+        out = self.model_dump(mode="json")
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, StageConfig):
+                out[name] = value.canonical()
+        return out
 
 
 def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: str = "") -> str:

@@ -4,6 +4,8 @@ The dev split (PubMedQA fold k, 50 questions) is scored with the evaluator's own
 log-likelihood scoring, so "best on dev" means best under exactly the protocol used on the
 test split, which this stage never reads. The base model is loaded once; adapters are
 swapped in one after another. Ties go to the earlier step (less training, same dev score).
+Given a fan-out, each checkpoint is scored as an independent piece instead (one model load
+each), with the same rows.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import Field
 
 from expert.config import StageConfig
 from expert.errors import ExpertError
+from expert.fanout import FanOut, Piece
 
 METRICS = ("accuracy", "macro_f1", "dev_loss")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -29,14 +32,15 @@ class SelectConfig(StageConfig):
 
 
 def select_checkpoint(config: SelectConfig, eval_config, model_dir: Path, train_dir: Path, data_dir: Path,
-                      out_dir: Path, progress: Callable[[int, int], None] | None = None) -> dict:
+                      out_dir: Path, progress: Callable[[int, int], None] | None = None,
+                      fan_out: FanOut | None = None) -> dict:
     from expert.train import list_checkpoints
 
     checkpoints = list_checkpoints(Path(train_dir))
     if not checkpoints:
         raise ExpertError(f"{train_dir} holds no complete checkpoint to select from; rerun the train stage")
     dev_config = eval_config.model_copy(update={"pubmedqa_split": "dev"})
-    rows = score_checkpoints(dev_config, Path(model_dir), checkpoints, Path(data_dir), progress)
+    rows = score_checkpoints(dev_config, Path(model_dir), checkpoints, Path(data_dir), progress, fan_out)
     best = pick_best(rows, config.metric)
     out_dir = Path(out_dir)
     adapter = out_dir / "adapter"
@@ -53,7 +57,10 @@ def select_checkpoint(config: SelectConfig, eval_config, model_dir: Path, train_
 
 
 def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, Path]], data_dir: Path,
-                      progress=None) -> list[dict]:
+                      progress=None, fan_out: FanOut | None = None) -> list[dict]:
+    """One dev row per checkpoint, in order; `fan_out`: each checkpoint an independent piece."""
+    if fan_out is not None:
+        return _score_in_pieces(dev_config, model_dir, checkpoints, data_dir, fan_out, progress)
     from peft import PeftModel
 
     from expert.evaluation.loading import load_model
@@ -78,6 +85,37 @@ def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, 
         if progress:
             progress(i + 1, len(checkpoints))
     return rows
+
+
+def score_checkpoint(dev_config, model_dir: str, step: int, path: str, data_dir: str) -> dict:
+    """One checkpoint's dev row, with its own model load: a piece of a fanned-out selection."""
+    from peft import PeftModel
+
+    from expert.evaluation.loading import load_model
+    from expert.evaluation.runner import load_questions, score_frame
+
+    frame = load_questions(dev_config, "pubmedqa", Path(data_dir))
+    loaded = load_model(Path(model_dir), None, dev_config.device, dev_config.dtype)
+    # Loaded as the single-process selection loads it: the base, then this adapter on top.
+    model = PeftModel.from_pretrained(loaded.model, path, adapter_name=f"step{step}", is_trainable=False)
+    model.to(loaded.device).eval()
+    scores, _ = score_frame(model, loaded.tokenizer, frame, dev_config, "pubmedqa")
+    return _row(step, Path(path), frame, scores)
+
+
+def _score_in_pieces(dev_config, model_dir: Path, checkpoints: list[tuple[int, Path]], data_dir: Path,
+                     fan_out: FanOut, progress=None) -> list[dict]:
+    pieces = [Piece(f"dev score step {step}", score_checkpoint,
+                    {"dev_config": dev_config, "model_dir": str(model_dir), "step": step, "path": str(path),
+                     "data_dir": str(data_dir)}) for step, path in checkpoints]
+    done = [0]
+
+    def finished(_i: int) -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], len(pieces))
+
+    return fan_out(pieces, on_done=finished)
 
 
 def _row(step: int, path: Path, frame, scores: list[list[float]]) -> dict:

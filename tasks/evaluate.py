@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from expert.evaluation import EvalConfig, markdown_tables
 from expert.stages import Evaluate
+from tasks.fanout import fan_out
 from tasks.stage import run_stage
 
 
@@ -17,8 +18,8 @@ def evaluate(benchmark: str, config: EvalConfig, workspace: str, model: dict, da
     if data is None:  # benchmark switched off in the config
         return None
     name = f"evaluate {benchmark}" + (f" ({label})" if label else "")
-    ref = run_stage(Evaluate(benchmark), config, workspace, force=force, label=name,
-                    upstream={"model": model, "data": data, "adapter": adapter})
+    ref = run_stage(Evaluate(benchmark, fan_out=fan_out(config.runner)), config, workspace, force=force,
+                    label=name, upstream={"model": model, "data": data, "adapter": adapter})
     publish(benchmark, ref, label)
     return ref
 

@@ -13,6 +13,7 @@ from expert.quantize import QuantizeConfig
 from expert.select import SelectConfig
 from expert.stages import Quantize, Select, Train
 from expert.train import TrainConfig
+from tasks.fanout import fan_out
 from tasks.stage import read_json, run_stage
 
 
@@ -30,8 +31,9 @@ def train(config: TrainConfig, workspace: str, model: dict, data: dict, force: b
 
 def select(config: SelectConfig, eval_config: EvalConfig, workspace: str, model: dict, checkpoints: dict,
            data: dict, force: bool = False) -> dict:
-    ref = run_stage(Select(eval_config=eval_config), config, workspace, force=force,
-                    upstream={"model": model, "train": checkpoints, "data": data}, label=f"select by dev {config.metric}")
+    ref = run_stage(Select(eval_config=eval_config, fan_out=fan_out(eval_config.runner)), config, workspace,
+                    force=force, upstream={"model": model, "train": checkpoints, "data": data},
+                    label=f"select by dev {config.metric}")
     create_table_artifact(read_json(ref, "scores.json"), key="checkpoint-dev-scores",
                           description=f"dev scores per checkpoint; selected by {config.metric}")
     return ref

@@ -2,16 +2,67 @@
 
 The canonical JSON of this config goes into the evaluate stage's cache key, so every
 field that changes a score or a prediction lives here; fields that only change speed
-(`batch_size`, `prefix_cache`) are here too because they are worth recording.
+(`batch_size`, `prefix_cache`) are here too because they are worth recording. `runner`
+says only where the scoring runs, never what it computes, so it is left out of the key:
+switching it reuses every cached evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from expert.config import StageConfig
+
+# A dask scheduler address as `distributed.Client` takes it: tcp://host:8786, tls://..., host:8786.
+_ADDRESS = re.compile(r"^([a-z]+://)?[^\s:/]+:\d+$")
+
+
+class RunnerConfig(StageConfig):
+    """Where evaluation and checkpoint selection score: here, or in pieces on a dask cluster."""
+
+    kind: Literal["local", "dask"] = Field(
+        "local",
+        description="'local': one process, as the stage's own task. 'dask': split into pieces (groups of "
+        "whole MMLU subjects, PubMedQA shards, one checkpoint each) run as Prefect tasks through "
+        "prefect-dask's DaskTaskRunner, then merged into the same outputs.",
+    )
+    address: str | None = Field(
+        None,
+        description="dask: scheduler of a running cluster, e.g. 'tcp://10.0.0.5:8786' (`dask scheduler` + "
+        "`dask worker ADDRESS` on each machine, with this project installed). None: start a "
+        "LocalCluster of `workers` processes for each evaluation.",
+    )
+    workers: int | None = Field(
+        None, ge=1, description="dask without address: LocalCluster worker processes (None: 2).")
+    threads_per_worker: int = Field(
+        1, ge=1, description="dask without address: torch threads per LocalCluster worker.")
+    pieces: int | None = Field(
+        None, ge=1,
+        description="dask: pieces per benchmark evaluation (None: one per worker). Selection always "
+        "scores one checkpoint per piece.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunnerConfig:
+        problems = []
+        if self.kind == "local":
+            chosen = [f for f in ("address", "workers", "pieces") if getattr(self, f) is not None]
+            if chosen:
+                problems.append(f"{', '.join(chosen)}: used with kind 'dask' only; set kind: dask, or remove them")
+        if self.address is not None and not _ADDRESS.match(self.address):
+            problems.append(f"address {self.address!r} is not a scheduler address; give e.g. 'tcp://host:8786'")
+        if self.address is not None and self.workers is not None:
+            problems.append("give address (a running cluster) or workers (a LocalCluster started here), not both")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def local_workers(self) -> int:
+        return self.workers or 2
 
 
 class EvalConfig(StageConfig):
@@ -56,6 +107,14 @@ class EvalConfig(StageConfig):
         description="MMLU: run the 5-shot prefix once per subject and reuse its KV cache for "
         "all that subject's questions. Same scores to float tolerance, several times faster.",
     )
+
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig,
+        description="Where the scoring runs (not part of any cache key): see RunnerConfig.",
+    )
+
+    def canonical(self) -> dict[str, Any]:
+        return {k: v for k, v in super().canonical().items() if k != "runner"}
 
     @field_validator("mmlu_subjects")
     @classmethod

@@ -28,6 +28,7 @@ from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
 from expert.evaluation.plots import plot_mmlu
 from expert.evaluation.report import write_report
 from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
+from expert.fanout import FanOut
 
 BENCHMARKS = ("pubmedqa", "mmlu")
 _COLUMNS = {"pubmedqa": ["id", "prompt", "answer", "choices"],
@@ -39,24 +40,40 @@ log = logging.getLogger(__name__)
 
 def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path, out_dir: Path,
              adapter_dir: Path | None = None, progress: Progress | None = None,
-             run_name: str | None = None) -> dict:
-    """Score `model_dir` (+ `adapter_dir`) on `benchmark`, write the outputs, return metrics."""
+             run_name: str | None = None, fan_out: FanOut | None = None) -> dict:
+    """Score `model_dir` (+ `adapter_dir`) on `benchmark`, write the outputs, return metrics.
+
+    `fan_out`: score in independent pieces run through it (see pieces.py); the outputs are
+    those of one process, except metrics["timing"], which then lists the pieces.
+    """
     benchmark = check_benchmark(benchmark)
     frame = load_questions(config, benchmark, Path(data_dir))
-    loaded = load_model(Path(model_dir), adapter_dir and Path(adapter_dir), config.device, config.dtype)
-    started = time.perf_counter()
-    scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
-    seconds = time.perf_counter() - started
+    if fan_out is None:
+        scores, mode, timing = _score_here(config, benchmark, Path(model_dir), adapter_dir, frame, progress)
+    else:
+        from expert.evaluation.pieces import score_in_pieces
+
+        scores, mode, timing = score_in_pieces(config, benchmark, Path(model_dir), Path(data_dir), adapter_dir,
+                                               frame, fan_out, progress)
     choices = frame["choices"].tolist()
     predictions = predict(choices, scores)
     metrics = _metrics(benchmark, frame, predictions)
     metrics["scoring"] = mode
-    metrics["timing"] = {"scoring_s": round(seconds, 3), "questions_per_s": round(len(frame) / seconds, 3),
-                         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")}
+    metrics["timing"] = timing
     run_name = run_name or Path(model_dir).name + (" + LoRA" if adapter_dir else "")
     _write_outputs(Path(out_dir), benchmark, frame, predictions, scores, metrics, run_name,
                    {"model": Path(model_dir).name, "adapter": Path(adapter_dir).name if adapter_dir else "none"})
     return metrics
+
+
+def _score_here(config: EvalConfig, benchmark: str, model_dir: Path, adapter_dir: Path | None,
+                frame: pd.DataFrame, progress: Progress | None) -> tuple[list[list[float]], dict, dict]:
+    loaded = load_model(model_dir, adapter_dir and Path(adapter_dir), config.device, config.dtype)
+    started = time.perf_counter()
+    scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
+    seconds = time.perf_counter() - started
+    return scores, mode, {"scoring_s": round(seconds, 3), "questions_per_s": round(len(frame) / seconds, 3),
+                          "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")}
 
 
 def predict(choices: list[list[str]], scores: list[list[float]]) -> list[str]:
@@ -171,4 +188,6 @@ def _write_outputs(out_dir: Path, benchmark: str, frame: pd.DataFrame, predictio
     timing = metrics["timing"]
     write_report(out_dir / "report.md", metrics, run_name,
                  {**details, "questions": metrics["n"], "scoring time": f"{timing['scoring_s']:.1f} s "
-                  f"({timing['questions_per_s']:.2f} questions/s on {timing['device']}, {timing['dtype']})"})
+                  f"({timing['questions_per_s']:.2f} questions/s on {timing['device']}, {timing['dtype']}"
+                  + (f"; {len(timing['pieces'])} pieces, model loads included" if "pieces" in timing else "")
+                  + ")"})

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from expert.stages.base import Stage
 
@@ -15,6 +15,9 @@ class Evaluate(Stage):
     """Score one model (+ optional adapter) on one benchmark's evaluation split."""
 
     benchmark: str = "pubmedqa"
+    # Where the pieces run (expert.fanout.FanOut), None: in this process. Not part of the
+    # key: it changes where the scores are computed, not what they are.
+    fan_out: Any = field(default=None, compare=False, repr=False)
     name: ClassVar[str] = "evaluate"
     version: ClassVar[int] = 1
 
@@ -40,7 +43,7 @@ class Evaluate(Stage):
         from expert.evaluation import evaluate
 
         return evaluate(config, self.benchmark, model_dir=upstream["model"], data_dir=upstream["data"],
-                        out_dir=out, adapter_dir=upstream.get("adapter"), progress=progress)
+                        out_dir=out, adapter_dir=upstream.get("adapter"), progress=progress, fan_out=self.fan_out)
 
 
 @dataclass(frozen=True)

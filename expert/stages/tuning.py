@@ -53,6 +53,7 @@ class Select(Stage):
     """Score every checkpoint on the dev split with the evaluator's settings; keep the best."""
 
     eval_config: Any = field(default=None)
+    fan_out: Any = field(default=None, compare=False, repr=False)  # as Evaluate.fan_out
     name: ClassVar[str] = "select"
     version: ClassVar[int] = 1
 
@@ -64,4 +65,4 @@ class Select(Stage):
         from expert.select import select_checkpoint
 
         return select_checkpoint(config, self.eval_config, upstream["model"], upstream["train"],
-                                 upstream["data"], out, progress=progress)
+                                 upstream["data"], out, progress=progress, fan_out=self.fan_out)

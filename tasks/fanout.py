@@ -1,0 +1,74 @@
+"""Prefect side of expert.fanout: every piece of a stage a Prefect task run, submitted
+through prefect-dask's DaskTaskRunner to the dask.distributed cluster `eval.runner` names.
+
+The stage task (tasks/stage.py) stays one task with one artifact; the pieces run as its
+child task runs on the workers and return scores only, which the stage merges. The runner
+is entered inside the stage task rather than as the flow's task runner, so the stages that
+cannot be split (import, quantize, train) never leave the flow's own process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from expert.evaluation.config import RunnerConfig
+from expert.fanout import Piece, PieceFailed
+
+
+# No cache (the stage's artifact is what is cached) and no retries (scoring is
+# deterministic: a retry repeats a failure); the result travels back through dask.
+@task(name="piece", cache_policy=NO_CACHE, persist_result=False)
+def run_piece(piece: Piece) -> Any:
+    return piece.fn(**piece.kwargs)
+
+
+@dataclass(frozen=True)
+class DaskFanOut:
+    """Runs pieces on a dask cluster: the one at `runner.address`, or a LocalCluster started for them."""
+
+    runner: RunnerConfig
+
+    @property
+    def width(self) -> int:
+        if self.runner.address is None:
+            return self.runner.local_workers
+        from distributed import Client
+
+        with Client(self.runner.address, timeout="30s", set_as_default=False) as client:
+            return max(1, len(client.scheduler_info()["workers"]))
+
+    def __call__(self, pieces: list[Piece], on_done: Callable[[int], None] | None = None) -> list[Any]:
+        from prefect.futures import as_completed
+        from prefect_dask import DaskTaskRunner
+
+        results: list[Any] = [None] * len(pieces)
+        with DaskTaskRunner(**self._cluster()) as runner:
+            futures = [runner.submit(run_piece.with_options(task_run_name=p.name), {"piece": p}) for p in pieces]
+            index = {future.task_run_id: i for i, future in enumerate(futures)}
+            for future in as_completed(futures):
+                i = index[future.task_run_id]
+                try:
+                    results[i] = future.result()
+                except Exception as exc:  # leaving the runner cancels the other pieces
+                    raise PieceFailed(f"piece '{pieces[i].name}' failed on the dask cluster: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                if on_done is not None:
+                    on_done(i)
+        return results
+
+    def _cluster(self) -> dict[str, Any]:
+        if self.runner.address is not None:
+            return {"address": self.runner.address}
+        # Processes, not threads: torch scoring holds the GIL for much of a forward pass.
+        return {"cluster_kwargs": {"n_workers": self.runner.local_workers, "processes": True,
+                                   "threads_per_worker": self.runner.threads_per_worker}}
+
+
+def fan_out(runner: RunnerConfig) -> DaskFanOut | None:
+    """The fan-out `eval.runner` asks for; None scores in the stage's own process."""
+    return DaskFanOut(runner) if runner.kind == "dask" else None
