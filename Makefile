@@ -23,9 +23,18 @@ HOST   ?= 127.0.0.1
 PORT   ?= 4200
 API    := http://$(HOST):$(PORT)/api
 POOL   := expert-process
+# The Docker work pool of prefect.yaml and the image its deployment runs (the Dockerfile's).
+# With a registry, change `image:` in prefect.yaml and build with IMAGE set to the same name:
+# `prefect deploy --job-variable image=...` would not do, Prefect 3.9.1 then drops every other
+# job variable of prefect.yaml (volumes, GPU request, env).
+DOCKER_POOL := expert-docker
+IMAGE  ?= expert:0.1.0
+# A GPU host's Docker worker needs Prefect and prefect-docker only, not the project.
+WORKER_VENV ?= .venv-worker
+WORKER_REQS := prefect==3.9.1 prefect-docker==0.7.4
 PIPELINE_DEPLOYMENTS := pipeline-default retrain-weekly
 
-.PHONY: run test setup clean-venv server deploy worker
+.PHONY: run test setup clean-venv server deploy worker image deploy-docker docker-worker
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -51,6 +60,7 @@ server: setup
 # deployments get it as their parameters (the default preset fetches it from the web).
 deploy: setup
 	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process --overwrite
+	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(DOCKER_POOL) --type docker --overwrite
 	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
 	$(if $(strip $(LOCAL_DATA)),for name in $(PIPELINE_DEPLOYMENTS); do PREFECT_API_URL=$(API) \
 		$(BIN)/prefect --no-prompt deploy --name $$name --params "$$($(BIN)/expert params $(CONFIG) $(LOCAL_DATA) $(SET))" \
@@ -60,6 +70,20 @@ deploy: setup
 
 worker: deploy
 	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL)
+
+# Scaling out to a GPU host (README): the image, the Docker work pool and its deployment, and a
+# worker that starts one container per flow run. HOST names the machine serving Prefect.
+image:
+	docker build -t $(IMAGE) .
+
+deploy-docker: setup
+	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(DOCKER_POOL) --type docker --overwrite
+	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --name pipeline-gpu
+
+docker-worker:
+	test -x $(WORKER_VENV)/bin/prefect || { $(PYTHON) -m venv $(WORKER_VENV) && \
+		$(WORKER_VENV)/bin/python -m pip install -q $(WORKER_REQS); }
+	PREFECT_API_URL=$(API) $(WORKER_VENV)/bin/prefect worker start --pool $(DOCKER_POOL) --type docker
 
 clean-venv:
 	rm -rf $(VENV)

@@ -52,7 +52,7 @@ def test_prefect_yaml_deployments_point_at_loadable_flows():
         flows[deployment["name"]] = load_flow_from_entrypoint(f"{ROOT / path}:{name}").name
         assert deployment["enforce_parameter_schema"] is True, deployment["name"]
     assert flows == {"pipeline-default": "expert-pipeline", "retrain-weekly": "expert-pipeline",
-                     "evaluate": "expert-evaluate"}
+                     "evaluate": "expert-evaluate", "pipeline-gpu": "expert-pipeline"}
 
 
 def test_pipeline_default_is_the_default_preset():

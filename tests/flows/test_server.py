@@ -1,7 +1,8 @@
 """The repository's own prefect.yaml against a real Prefect server, the way users drive it.
 
-Starts `prefect server start` on 127.0.0.1 (SQLite in a temp folder), creates the process work
-pool, `prefect --no-prompt deploy --all` from the repository, starts a worker, and runs the
+Starts `prefect server start` on 127.0.0.1 (SQLite in a temp folder), creates the process and
+Docker work pools (`deploy --all` stops at a deployment whose pool does not exist), `prefect
+--no-prompt deploy --all` from the repository, starts a process worker, and runs the
 pipeline deployment on the tiny preset with `prefect deployment run --watch`: first everything
 computes, then everything is `Cached`, then `force=["train"]` recomputes train and what follows
 only. Every process it starts runs in its own process group and is stopped by PID.
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "expert-process"
+DOCKER_POOL = "expert-docker"  # pipeline-gpu's; no Docker worker here (test_docker_pool.py renders its jobs)
 
 
 class Server:
@@ -119,6 +121,7 @@ def server(tmp_path_factory):
                      log="server.log")
         server.wait_healthy()
         server.cli("work-pool", "create", POOL, "--type", "process")
+        server.cli("work-pool", "create", DOCKER_POOL, "--type", "docker")
         server.cli("--no-prompt", "deploy", "--all")
         server.start("worker", "start", "--pool", POOL, "--name", "test-worker", log="worker.log")
         yield server
@@ -151,11 +154,17 @@ def recomputed(states: dict[str, str]) -> set[str]:
 
 def test_deployments_as_declared(server):
     deployments = {d["name"]: d for d in server.post("/deployments/filter", {})}
-    assert set(deployments) == {"pipeline-default", "retrain-weekly", "evaluate"}
+    assert set(deployments) == {"pipeline-default", "retrain-weekly", "evaluate", "pipeline-gpu"}
+    gpu = deployments.pop("pipeline-gpu")
     for d in deployments.values():
         assert d["enforce_parameter_schema"] and d["work_pool_name"] == POOL
         assert d["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "expert"
         assert d["job_variables"]["env"]["PYTHONPATH"] == str(REPO)  # {{ $PWD }} resolved at deploy time
+    # The server took the Docker job variables (it checks them against the pool's template), and
+    # the code is looked for in the image, not in the folder the deployment was made from.
+    assert gpu["work_pool_name"] == DOCKER_POOL and gpu["global_concurrency_limit"]["limit"] == 1
+    assert gpu["job_variables"]["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert gpu["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/expert"}}]
     assert deployments["pipeline-default"]["global_concurrency_limit"]["limit"] == 1
     schedules = deployments["retrain-weekly"]["schedules"]
     assert [s["schedule"]["cron"] for s in schedules] == ["0 3 * * 1"] and not schedules[0]["active"]
