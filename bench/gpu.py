@@ -20,11 +20,19 @@ parameters, as the anchor counts), peak GiB, and the projected time of the origi
 questions x 10 epochs at the mean length).
 
 Evaluation, MMLU 5-shot shapes (57 subjects: prefix and question lengths) on an 8B-shaped bf16 model:
-- ours: `expert.evaluation.scoring.score_questions` with each subject's prefix KV cache reused;
+- ours: `expert.evaluation.scoring.score_questions`: each subject's prefix runs once, then its
+  questions' suffixes run packed into long sequences after that prefix's KV cache (a block-diagonal
+  mask keeps each question to itself), logits only at the scored positions;
 - peer: lm-evaluation-harness's way: one forward per question over its whole 5-shot context (its
   cache of one-token continuations scores the 4 letters from it), length-sorted batches of 32,
   log_softmax over the full [batch, length, vocabulary] logits.
 Reported: questions/s and the projected time of the full 14,042 questions.
+
+GPTQ (`--cases gptq`): the quantize stage's GPTQ call (gptqmodel with our settings) against
+gptqmodel's defaults on an 8B-shaped checkpoint cut to a few layers, each side in a fresh process:
+wall time, peak GPU memory, peak host RSS, identical saved tensors.
+
+    python3 bench/gpu.py --out DIR --cases eval,llama3-8b,gptq     # a subset
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import random
 import statistics
@@ -67,14 +76,24 @@ MMLU_QUESTIONS = 14042
 
 def main() -> None:
     args = _parser().parse_args()
+    if args.gptq_child:
+        print("RESULT " + json.dumps(_gptq_child(args)), flush=True)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
     lengths = json.loads(Path(args.lengths).read_text())
     result = {"device": _device_name(device), "versions": _versions(), "date": datetime.date.today().isoformat(),
-              "command": "python3 bench/gpu.py" + (" --smoke" if args.smoke else ""), "train": [], "eval": None}
+              "command": _command(), "train": [], "eval": None}
     started = time.perf_counter()
-    for name, size, lora, peer_micro, effective in TRAIN_CASES if not args.eval_only else []:
+    cases = set(args.cases.split(","))
+    if "eval" in cases:
+        result["eval"] = _guarded(lambda: _eval_case(args, device, lengths))
+        print(json.dumps(result["eval"]), flush=True)
+        _write(out, result)
+    for name, size, lora, peer_micro, effective in TRAIN_CASES:
+        if size not in cases:
+            continue
         size = "tiny" if args.smoke else size
         ours_micro = None
         for side in ("peer", "ours", "peer@ours-micro"):
@@ -87,8 +106,9 @@ def main() -> None:
             result["train"].append(row)
             print(json.dumps(row), flush=True)
             _write(out, result)
-    result["eval"] = _guarded(lambda: _eval_case(args, device, lengths))
-    print(json.dumps(result["eval"]), flush=True)
+    if "gptq" in cases:
+        result["gptq"] = _guarded(lambda: _gptq_case(args, device, out))
+        print(json.dumps(result["gptq"]), flush=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
     _write(out, result)
     _print_table(result)
@@ -103,7 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ours-examples", type=int, default=100, help="timed examples of ours (whole optimizer steps)")
     p.add_argument("--eval-subject-stride", type=int, default=6, help="ours scores every N-th MMLU subject")
     p.add_argument("--eval-peer-questions", type=int, default=128)
-    p.add_argument("--eval-only", action="store_true", help="skip the training cases")
+    p.add_argument("--cases", default="llama-33b,llama3-8b,eval,gptq",
+                   help="comma-separated: the training cases by size (llama-33b, llama3-8b), eval, gptq")
+    p.add_argument("--gptq-layers", type=int, default=4, help="decoder layers of the 8B-shaped GPTQ model")
+    p.add_argument("--gptq-timeout", type=int, default=240, help="seconds each GPTQ side may take")
+    p.add_argument("--gptq-site", help="folder with gptqmodel and its helpers, on the path of the GPTQ processes "
+                                       "only (beside peft, an importable gptqmodel makes peft demand optimum)")
+    p.add_argument("--gptq-child", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--gptq-model", help=argparse.SUPPRESS)
     return p
 
 
@@ -121,11 +148,12 @@ def _guarded(fn) -> dict:
 
 # ---------------------------------------------------------------- models
 
-def build(size: str, quant: str, device: torch.device):
+def build(size: str, quant: str, device: torch.device, layers: int | None = None):
     """Random-weight Llama built layer by layer on the device, linear layers NF4 when quant == 'nf4'."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, attn_implementation="sdpa")
+    shape = {**SIZES[size], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to(torch.bfloat16)
@@ -322,15 +350,17 @@ def _eval_case(args, device, lengths) -> dict:
             questions.append(Question(prefix + suffix, [[t] for t in letters]))
         groups.append(group)
     max_length = 4096
+    # First pass warms kernels and the allocator for the pack shapes; the second is timed.
+    score_questions(model, questions[:len(groups[0])], max_length=max_length, batch_size=32, groups=groups[:1])
     _sync(device)
     start = time.perf_counter()
     ours = score_questions(model, questions, max_length=max_length, batch_size=32, groups=groups)
     _sync(device)
     ours_s = time.perf_counter() - start
-    start = time.perf_counter()
-    score_questions(model, questions, max_length=max_length, batch_size=64, groups=groups)
-    _sync(device)
-    ours64_s = time.perf_counter() - start
+    from expert.evaluation.scoring import pack_tokens
+
+    prefix_tokens = sum(lengths["mmlu"][subject]["prefix"] // scale * len(g) for subject, g in zip(subjects, groups))
+    suffix_tokens = sum(len(q.context) for q in questions) - prefix_tokens
     sample = sorted(rng.sample(range(len(questions)), min(args.eval_peer_questions, len(questions))))
     _peer_score(model, [questions[i] for i in sample[:32]], device)  # warm-up
     _sync(device)
@@ -341,13 +371,14 @@ def _eval_case(args, device, lengths) -> dict:
     agree = sum(_argmax(ours[i]) == _argmax(p) for i, p in zip(sample, peer))
     diff = max(abs(a - b) for i, p in zip(sample, peer) for a, b in zip(ours[i], p))
     ours_qps, peer_qps = len(questions) / ours_s, len(sample) / peer_s
+    pack = pack_tokens(model)
     del model
     return {"model": "8B-shaped (Llama-3) bf16, random weights" if not args.smoke else "tiny",
             "subjects": len(subjects), "ours_questions": len(questions), "peer_questions": len(sample),
             "ours_questions_per_s": round(ours_qps, 1), "peer_questions_per_s": round(peer_qps, 1),
             "ratio": round(ours_qps / peer_qps, 2),
-            "ours_batch64_questions_per_s": round(len(questions) / ours64_s, 1),
-            "ours_batch64_full_mmlu_s": round(MMLU_QUESTIONS * ours64_s / len(questions), 1),
+            "ours_path": f"packed suffixes after each subject's prefix cache, {pack} tokens per pack",
+            "ours_suffix_tokens_per_s": round(suffix_tokens / ours_s),
             "ours_full_mmlu_s": round(MMLU_QUESTIONS / ours_qps, 1),
             "peer_full_mmlu_s": round(MMLU_QUESTIONS / peer_qps, 1),
             "same_prediction": f"{agree}/{len(sample)}", "max_loglik_diff": round(diff, 4),
@@ -376,6 +407,123 @@ def _peer_score(model, questions, device, batch_size: int = 32) -> list[list[flo
             last = logprobs[row, len(questions[i].context) - 1]
             scores[i] = [float(last[c[0]]) for c in questions[i].choices]
     return scores
+
+
+# ---------------------------------------------------------------- GPTQ
+
+def _gptq_case(args, device, out: Path) -> dict:
+    """The quantize stage's GPTQ (gptqmodel with our settings) vs gptqmodel's own defaults.
+
+    An 8B-shaped Llama cut to --gptq-layers decoder layers (GPTQ works one layer at a time, so
+    time and memory per layer carry over to 32 layers), random bf16 weights saved as a
+    checkpoint, 128 calibration samples of random tokens with PubMedQA's lengths (cut to 512).
+    Each side quantizes in a fresh process: wall time (load + GPTQ + save), peak GPU memory,
+    peak host RSS, and whether the saved tensors are bit-identical.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="gptq-"))
+    model_dir = work / "base"
+    layers = 2 if args.smoke else args.gptq_layers
+    _save_gptq_base(model_dir, "tiny" if args.smoke else "llama3-8b", layers, device)
+    sides = {}
+    for side in ("ours", "peer"):
+        cmd = [sys.executable, __file__, "--out", str(work / side), "--gptq-child", side,
+               "--gptq-model", str(model_dir), "--lengths", args.lengths] + (["--smoke"] if args.smoke else [])
+        env = dict(os.environ)
+        env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails on fewer CPU workers (see bench/quantize.py)
+        if args.gptq_site:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.gptq_site, env.get("PYTHONPATH")]))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.gptq_timeout, env=env)
+        except subprocess.TimeoutExpired:
+            sides[side] = {"error": f"did not finish in {args.gptq_timeout} s"}
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        (out / f"gptq_{side}.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
+        sides[side] = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}: "
+                                                                        f"{proc.stderr[-600:]}"}
+    row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random bf16 weights" if not args.smoke
+           else "tiny", "layers": layers, **{side: sides[side] for side in sides}}
+    if all("seconds" in sides[s] for s in sides):
+        row["ratio"] = round(sides["peer"]["seconds"] / sides["ours"]["seconds"], 2)
+        row["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
+    shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def _save_gptq_base(folder: Path, size: str, layers: int, device) -> None:
+    """A random-weight checkpoint with a word-level tokenizer over the model's vocabulary
+    (gptqmodel wants a tokenizer; its calibration here is token ids already)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model, cfg = build(size, "none", device, layers=layers)
+    model.config.use_cache = True
+    model.save_pretrained(folder, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  unk_token="t0", pad_token="t0", eos_token="t1", bos_token="t2")
+    tok.save_pretrained(folder)
+    del model
+
+
+def _gptq_child(args) -> dict:
+    try:
+        import pcre  # noqa: F401
+        shim = False
+    except ImportError:
+        # pypcre (a PCRE2 binding gptqmodel uses to match module names) has no wheel for the GPU
+        # image's Python and builds only with cmake: a shim over `re` serves those patterns.
+        sys.path.insert(0, str(ROOT / "bench" / "gpu_pcre"))
+        shim = True
+    import gptqmodel  # noqa: F401 - imports are not timed
+    from transformers import AutoTokenizer
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    model_dir, out = Path(args.gptq_model), Path(args.out)
+    rng = random.Random(3)
+    lengths = json.loads(Path(args.lengths).read_text())["pubmedqa_train"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    vocab = len(tok)
+    samples = []
+    for n in lengths[:128]:
+        n = min(n, 64 if args.smoke else 512)
+        samples.append({"input_ids": torch.tensor([[rng.randrange(3, vocab) for _ in range(n)]]),
+                        "attention_mask": torch.ones((1, n), dtype=torch.long)})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if args.gptq_child == "ours":
+        from expert.quantize.config import QuantizeConfig
+        from expert.quantize.gptq import run_gptq
+
+        run_gptq(QuantizeConfig(group_size=128, num_samples=len(samples), max_length=512, perplexity_samples=0),
+                 model_dir, samples, tok, out)
+    else:
+        from gptqmodel import GPTQModel, QuantizeConfig as PeerConfig
+
+        model = GPTQModel.load(str(model_dir), PeerConfig(group_size=128))
+        model.quantize([{k: v[0].tolist() for k, v in s.items()} for s in samples], tokenizer=tok)
+        model.save(str(out))
+    seconds = time.perf_counter() - start
+    import resource
+
+    return {"seconds": round(seconds, 1), "pcre_shim": shim, "gptqmodel": gptqmodel.__version__,
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "checkpoint_gib": round(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**30, 2)}
+
+
+def _identical_tensors(a: Path, b: Path) -> dict:
+    from safetensors.torch import load_file
+
+    ours, peer = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+                  for d in (a, b))
+    same = sum(1 for k in ours if k in peer and ours[k].shape == peer[k].shape and torch.equal(ours[k], peer[k]))
+    return {"identical": same, "ours": len(ours), "peer": len(peer)}
 
 
 class _CacheKwarg(nn.Module):
@@ -435,6 +583,15 @@ def _versions() -> dict:
     except ImportError:
         versions["bitsandbytes"] = None
     return versions
+
+
+def _command() -> str:
+    """The command line, with folder arguments as placeholders (no paths of the machine)."""
+    words, flag = ["python3", "bench/gpu.py"], None
+    for word in sys.argv[1:]:
+        words.append(flag.strip("-").replace("-", "_").upper() if flag else word)
+        flag = word if word in ("--out", "--lengths", "--gptq-site") else None
+    return " ".join(words)
 
 
 def _write(out: Path, result: dict) -> None:

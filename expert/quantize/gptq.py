@@ -112,11 +112,16 @@ def offload_to_disk(model_dir: Path) -> bool:
     """Whether gptqmodel should read the checkpoint one block at a time instead of loading it.
 
     Block by block keeps peak memory near one block, but cost a third more time on SmolLM2-135M
-    (its turtle model re-materializes each block from disk); loaded whole, the model is one
-    copy in memory. Only a checkpoint over a quarter of the machine's RAM is read block by
-    block (on 24 GiB: SmolLM2 loaded, an 8B model streamed). The quantized weights are
-    bit-identical either way (measured), so the choice does not enter the cache key.
+    on the CPU (its turtle model re-materializes each block from disk); loaded whole, the model
+    is one copy in memory. So on a CPU-only machine only a checkpoint over a quarter of the RAM
+    is read block by block (on 24 GiB: SmolLM2 loaded, an 8B model streamed). With a GPU it is
+    the other way round: an 8B-shaped checkpoint of 3.6 GB took 70.9 s loaded whole and 27.9 s
+    streamed (gptqmodel's default) on an H100 (bench/results/gpu_h100_2026-11-26b.json), so
+    there gptqmodel's default stays. The quantized weights are bit-identical either way
+    (measured on both), so the choice does not enter the cache key.
     """
+    if torch.cuda.is_available():
+        return True
     weights = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin")
                   for p in Path(model_dir).glob(pattern))
     return weights > _physical_memory() / 4

@@ -203,6 +203,9 @@ def test_checkpoint_is_streamed_only_when_large_for_the_machine(tmp_path, monkey
     assert gptq.offload_to_disk(tmp_path) is False  # a small model is loaded whole
     monkeypatch.setattr(gptq, "_physical_memory", lambda: 3000)
     assert gptq.offload_to_disk(tmp_path) is True  # over a quarter of RAM: block by block
+    monkeypatch.setattr(gptq, "_physical_memory", lambda: 1_000_000)
+    monkeypatch.setattr(gptq.torch.cuda, "is_available", lambda: True)
+    assert gptq.offload_to_disk(tmp_path) is True  # with a GPU, gptqmodel's default: streamed
 
 
 def test_reading_the_config_loads_no_torch():
