@@ -147,20 +147,63 @@ class _Stream:
                 f"complete one (logs of every rank in {work_dir / 'torchrun'})")
 
 
+# An error a rank raises only because another rank went away first.
+_KNOCK_ON = re.compile(r"Connection (reset|closed) by peer|Broken pipe|DistBackendError|NCCL communicator was "
+                       r"aborted|remote process exited|Socket Timeout|Connection refused", re.IGNORECASE)
+
+
 def _root_cause(lines: list[str]) -> tuple[int | None, str]:
-    """(rank, error) of torchrun's "Root Cause (first observed failure)" block, if printed."""
-    try:
-        start = max(i for i, line in enumerate(lines) if line.startswith("Root Cause"))
-    except ValueError:
+    """(rank, error) of the rank that failed first, from torchrun's failure report.
+
+    torchrun's "Root Cause" is the first failure it *observed*, which under load can be a rank
+    that only lost its peer (a gloo "Connection reset by peer" while the rank that was killed is
+    listed under "Failures"). So the report's entries are ranked: a rank killed by a signal other
+    than torchrun's own SIGTERM, then a Python error that is not such a knock-on, then the root
+    cause as torchrun saw it.
+    """
+    entries = _report_entries(lines)
+    if not entries:
         return None, ""
-    block = lines[start:]
-    rank = next((int(m.group(1)) for line in block if (m := re.match(r"\s*rank\s*:\s*(\d+)", line))), None)
-    error: list[str] = []
-    for line in block:
-        if error and (line.startswith("=") or line.startswith("-")):
-            break
-        if error or re.match(r"\s*traceback\s*:", line):
-            error.append(line.split(":", 1)[1].strip() if not error else line.strip())
-    # A Python error's traceback ends with "Type: message"; a signal's is one line.
-    meaningful = [e for e in error if e]
-    return rank, meaningful[-1] if meaningful else ""
+
+    def rank_of(entry: dict) -> int:
+        code, error = entry["exitcode"], entry["error"]
+        if code is not None and code < 0 and code != -signal.SIGTERM:
+            return 0
+        if code is not None and code > 0 and error and not _KNOCK_ON.search(error):
+            return 1
+        return 2 if entry["root"] else 3
+
+    best = min(entries, key=rank_of)
+    return best["rank"], best["error"]
+
+
+def _report_entries(lines: list[str]) -> list[dict]:
+    """Each "[i]:" entry of torchrun's Failures / Root Cause blocks: rank, exit code, last error line."""
+    try:
+        first = min(i for i, line in enumerate(lines) if line.startswith(("Failures:", "Root Cause")))
+    except ValueError:
+        return []
+    entries: list[dict] = []
+    root, current, traceback = False, None, False
+    for line in lines[first:]:
+        if line.startswith("Root Cause"):
+            root = True
+        if re.match(r"^\[\d+\]:\s*$", line):
+            current = {"rank": None, "exitcode": None, "error": "", "root": root}
+            entries.append(current)
+            traceback = False
+            continue
+        if current is None or line.startswith(("=", "-")):
+            current, traceback = (None, False) if line.startswith(("=", "-")) else (current, traceback)
+            continue
+        if m := re.match(r"\s*rank\s*:\s*(\d+)", line):
+            current["rank"] = int(m.group(1))
+        elif m := re.match(r"\s*exitcode\s*:\s*(-?\d+)", line):
+            current["exitcode"] = int(m.group(1))
+        elif m := re.match(r"\s*traceback\s*:\s*(.*)", line):
+            traceback = True
+            current["error"] = m.group(1).strip()
+        elif traceback and line.strip():
+            # A Python error's traceback ends with "Type: message"; a signal's is one line.
+            current["error"] = line.strip()
+    return [e for e in entries if e["rank"] is not None and e["exitcode"] is not None]

@@ -226,8 +226,37 @@ RAISED = """Root Cause (first observed failure):
 ============================================================"""
 
 
+# Under load torchrun may observe the peer that lost its connection first: the killed rank is
+# then only listed under "Failures" (a CI run's report, shortened).
+KNOCK_ON = """Failures:
+[1]:
+  time      : 2026-11-26_18:51:01
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : {code} (pid: 20503){note}
+  error_file: <N/A>
+  traceback : {error}
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_18:51:01
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : {root_code} (pid: 20502)
+  error_file: /tmp/torchrun/none_lmahby2b/attempt_0/0/error.json
+  traceback : Traceback (most recent call last):
+    File "/x/expert/train/distributed.py", line 93, in sum_
+      dist.all_reduce(tensor)
+  RuntimeError: [../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:16281: Connection reset by peer.
+============================================================"""
+
+
 @pytest.mark.parametrize("report, rank, error", [
     (SIGKILLED, 1, "Signal 9 (SIGKILL) received by PID 22110"),
+    (KNOCK_ON.format(code=-9, note="  (SIGKILL)", error="Signal 9 (SIGKILL) received by PID 20503", root_code=-15),
+     1, "Signal 9 (SIGKILL) received by PID 20503"),
+    (KNOCK_ON.format(code=1, note="", error="expert.errors.DataError: bad row", root_code=1),
+     1, "expert.errors.DataError: bad row"),
     (RAISED, 3, "expert.errors.ConfigError: train.target_modules: q_prj not found"),
     ("torchrun: error: the following arguments are required", None, ""),
 ])

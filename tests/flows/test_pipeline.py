@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -28,9 +29,16 @@ def run(config, force=None) -> tuple[dict[str, str], dict]:
 
     state = pipeline(config=config, force=force, return_state=True)
     assert state.is_completed(), state
+    # Task-run states reach the server through Prefect's event stream, after the flow returns:
+    # wait (briefly) until every task run shows its final state.
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     states = {r.name.split(" [")[0]: r.state.name for r in runs if not r.name.startswith("fetch")}
     return states, state.result()
 
