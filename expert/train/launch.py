@@ -132,6 +132,8 @@ class _Stream:
             body = body[:at]
             if not body.strip():
                 return
+        if not body.strip():  # libraries print spacer lines; in the run log they are noise
+            return
         self.tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(body)
         level = _LEVEL.match(body)
         log.log(getattr(logging, level.group(1)) if level else logging.INFO, "[rank %d] %s", rank,
