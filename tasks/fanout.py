@@ -16,8 +16,12 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from expert.errors import ExpertError
 from expert.evaluation.config import RunnerConfig
 from expert.fanout import Piece, PieceFailed
+
+
+CONNECT_TIMEOUT = "30s"  # for a scheduler to answer; a busy one takes seconds, an absent one never does
 
 
 # No cache (the stage's artifact is what is cached) and no retries (scoring is
@@ -39,8 +43,14 @@ class DaskFanOut:
             return self.runner.local_workers
         from distributed import Client
 
-        with Client(self.runner.address, timeout="30s", set_as_default=False) as client:
-            return max(1, len(client.scheduler_info()["workers"]))
+        try:
+            with Client(self.runner.address, timeout=CONNECT_TIMEOUT, set_as_default=False) as client:
+                return max(1, len(client.scheduler_info()["workers"]))
+        except OSError as exc:  # distributed reports an unreachable scheduler as a timeout
+            raise ExpertError(
+                f"eval.runner.address: no dask scheduler answered at {self.runner.address} ({exc}). Start one "
+                "(`dask scheduler`, then `dask worker ADDRESS` on each worker machine), correct the address, or "
+                "set eval.runner.kind: local to score in this process") from None
 
     def __call__(self, pieces: list[Piece], on_done: Callable[[int], None] | None = None) -> list[Any]:
         from prefect.futures import as_completed

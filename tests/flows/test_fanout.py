@@ -92,6 +92,23 @@ def test_fanned_out_selection_scores_equal_one_process(prefect_harness, cluster,
                                                                "dev score step 6"]
 
 
+def test_an_unreachable_scheduler_names_the_setting_and_the_fixes(monkeypatch):
+    import socket
+
+    from expert.errors import ExpertError
+    from expert.evaluation.config import RunnerConfig
+    from tasks import fanout
+
+    with socket.socket() as sock:  # a port nobody listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(fanout, "CONNECT_TIMEOUT", "2s")
+    with pytest.raises(ExpertError, match=f"eval.runner.address: no dask scheduler answered at tcp://127.0.0.1:{port}") \
+            as info:
+        DaskFanOut(RunnerConfig(kind="dask", address=f"tcp://127.0.0.1:{port}")).width
+    assert "dask scheduler" in str(info.value) and "eval.runner.kind: local" in str(info.value)
+
+
 def test_a_failed_piece_fails_with_its_name(prefect_harness, cluster):
     fan_out = DaskFanOut(dask_config(cluster).runner)
     pieces = [Piece("good piece", json.loads, {"s": "[1]"}), Piece("pubmedqa shard 2/2", json.loads, {"s": "{"})]
