@@ -36,7 +36,8 @@ from expert.train.worker import PROGRESS
 log = logging.getLogger("expert.train")
 TAIL_LINES = 15  # of the failed rank's output, in the error
 _RANK_LINE = re.compile(r"^\[default(\d+)\]:(.*)$")  # torchrun --tee prefixes each rank's lines
-_LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+# The worker's own records ("LEVEL expert.x: message"): relayed at that level, under this logger.
+_LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) (?:expert[\w.]*: )?")
 
 
 def launch(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,

@@ -263,3 +263,16 @@ Root Cause (first observed failure):
 def test_the_failed_rank_and_its_error_are_read_from_torchruns_report(report, rank, error):
     lines = ["Failures:", "[1]:", "  rank      : 0 (local_rank: 0)", *report.splitlines()]
     assert _root_cause(lines) == (rank, error)
+
+
+def test_rank_lines_are_relayed_at_their_level_without_the_workers_prefix(caplog):
+    from expert.train.launch import _Stream
+
+    stream = _Stream(None)
+    with caplog.at_level(logging.INFO, logger="expert.train"):
+        for line in ("[default0]:INFO expert.train: step 1/8 loss 10.5", "[default1]:WARNING expert.train.data: cut",
+                     "[default0]:a library's own line", "[default0]:   ", "Setting OMP_NUM_THREADS to 1"):
+            stream.line(line)
+    relayed = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert relayed == [("INFO", "[rank 0] step 1/8 loss 10.5"), ("WARNING", "[rank 1] cut"),
+                       ("INFO", "[rank 0] a library's own line"), ("INFO", "torchrun: Setting OMP_NUM_THREADS to 1")]
