@@ -19,7 +19,10 @@ Speed, without changing what is computed:
   once and reuse its KV cache. The cached prefix is the longest common *token* prefix of
   the group's encoded inputs, so prefix + suffix tokens are exactly the uncached tokens
   (splitting the text at the prefix would not be: "\\n\\n" encodes as one token at the end
-  of a string and as two before a question).
+  of a string and as two before a question). Their suffixes then run packed, several to a
+  sequence after one copy of that cache (`_forward_packed`), where the attention kernel
+  takes a mask (SDPA, eager); other kernels get right-padded batches with the cache copied
+  per row.
 """
 
 from __future__ import annotations
