@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +39,21 @@ def write_result(path: str | Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+# A benchmark side that must not share a process with the other (peak memory, imports, a fresh
+# allocator) runs as a child of its own script, which prints one tagged line with its result.
+_TAG = "RESULT "
+
+
+def print_child_result(result: dict) -> None:
+    print(_TAG + json.dumps(result), flush=True)
+
+
+def run_child(cmd: list[str], what: str, **run_kwargs) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run a child benchmark process; its result, or SystemExit with its stderr when it has none."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, **run_kwargs)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(_TAG):]), proc

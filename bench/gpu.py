@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import print_child_result, run_child  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -77,7 +79,7 @@ MMLU_QUESTIONS = 14042
 def main() -> None:
     args = _parser().parse_args()
     if args.gptq_child:
-        print("RESULT " + json.dumps(_gptq_child(args)), flush=True)
+        print_child_result(_gptq_child(args))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -437,14 +439,12 @@ def _gptq_case(args, device, out: Path) -> dict:
         if args.gptq_site:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.gptq_site, env.get("PYTHONPATH")]))
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.gptq_timeout, env=env)
-        except subprocess.TimeoutExpired:
+            sides[side], proc = run_child(cmd, f"gptq {side}", timeout=args.gptq_timeout, env=env)
+            (out / f"gptq_{side}.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
+        except subprocess.TimeoutExpired:  # one side failing must not lose the other's numbers
             sides[side] = {"error": f"did not finish in {args.gptq_timeout} s"}
-            continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        (out / f"gptq_{side}.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
-        sides[side] = json.loads(lines[-1][7:]) if lines else {"error": f"exit {proc.returncode}: "
-                                                                        f"{proc.stderr[-600:]}"}
+        except SystemExit as failed:
+            sides[side] = {"error": str(failed)[-600:]}
     row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random bf16 weights" if not args.smoke
            else "tiny", "layers": layers, **{side: sides[side] for side in sides}}
     if all("seconds" in sides[s] for s in sides):

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import describe_machine, write_result  # bench/ is on sys.path when a script runs
+from common import describe_machine, print_child_result, run_child, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     args = _parser().parse_args()
     if args.child:
-        print("RESULT " + json.dumps(_child(args)), flush=True)
+        print_child_result(_child(args))
         return
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-quantize-"))
     sides = {side: _run_child(args, side, work / side) for side in ("peer", "ours")}
@@ -73,11 +71,7 @@ def _run_child(args, side: str, out: Path) -> dict:
     # gptqmodel cannot quantize on a 2-core machine without it; ours sets it by itself if unset.
     if side == "peer":
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_child(cmd, side, env=env)[0]
 
 
 def _child(args) -> dict:

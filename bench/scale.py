@@ -25,13 +25,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import describe_machine, newest_artifact, write_result  # bench/ is on sys.path when a script runs
+from common import describe_machine, newest_artifact, print_child_result, run_child, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     args = _parser().parse_args()
     if args.child:
-        print("RESULT " + json.dumps(_child(args)), flush=True)
+        print_child_result(_child(args))
         return
     model, data = Path(args.model or newest_artifact("quantize")), Path(args.data or newest_artifact("format_pubmedqa"))
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -71,11 +70,7 @@ def _sizes(text: str) -> list[int]:
 def _run_child(args, kind: str, n: int, model: Path, data: Path, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--n", str(n), "--model", str(model), "--data", str(data),
            "--max-length", str(args.max_length), "--work", str(work / f"{kind}-{n}")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{kind} {n} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    row = json.loads(lines[-1][len("RESULT "):])
+    row, _ = run_child(cmd, f"{kind} {n}")
     print(f"{kind} {n}: {row}", file=sys.stderr, flush=True)
     return row
 
