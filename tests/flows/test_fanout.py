@@ -15,6 +15,7 @@ from tasks.fanout import DaskFanOut
 from tests.expert.eval_fixtures import llama_dir, mmlu_dir, pubmedqa_dir  # noqa: F401
 from tests.expert.test_eval_adapter import save_adapter
 from tests.fixtures.data import write_mmlu_dir, write_pubmedqa_json
+from tests.fixtures.pipeline import final_task_runs
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +39,7 @@ def dask_config(cluster, **fields) -> EvalConfig:
 
 
 def task_run_names(flow_run_id) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted(r.name for r in runs if r.state.is_completed())
+    return sorted(r.name for r in final_task_runs(flow_run_id) if r.state.is_completed())
 
 
 @flow

@@ -2,12 +2,11 @@
 
 import json
 import shutil
-import time
 
 import pytest
 
 from tests.fixtures.data import write_pubmedqa_json
-from tests.fixtures.pipeline import tiny_config, tiny_inputs
+from tests.fixtures.pipeline import final_task_runs, tiny_config, tiny_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -22,23 +21,11 @@ make_config = tiny_config
 
 def run(config, force=None) -> tuple[dict[str, str], dict]:
     """Run the flow; return ({stage task name without its key: final state name}, result)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.pipeline import pipeline
 
     state = pipeline(config=config, force=force, return_state=True)
     assert state.is_completed(), state
-    # Task-run states reach the server through Prefect's event stream, after the flow returns:
-    # wait (briefly) until every task run shows its final state.
-    deadline = time.monotonic() + 60
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+    runs = final_task_runs(state.state_details.flow_run_id)
     states = {r.name.split(" [")[0]: r.state.name for r in runs if not r.name.startswith("fetch")}
     return states, state.result()
 
