@@ -31,8 +31,12 @@ from typing import Any
 import torch
 
 from expert.errors import ConfigError, ModelError
+from expert.artifacts import file_digest
 
 RECORD_FILE = "quantization.json"  # written by the quantize stage for nf4 / none
+# Written by the import stage beside a model's own Python code when model.trust_remote_code
+# was on: the consent, given once at import, that later stages may run that code.
+CODE_CONSENT_FILE = "remote_code.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # aten::_weight_int4pack_mm_for_cpu: "expect qGroupSize to be 32, 64, 128 or 256".
 _ATEN_INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -100,7 +104,8 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
         kwargs["quantization_config"] = _gptq_loading_config(base, torch_device, training)
     elif kind == "nf4":
         kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    trusted = remote_code_trusted(base)
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
     if kind == "gptq" and training:
         _pin_gptq_train_mode(model)
     if kind == "nf4":
@@ -108,7 +113,58 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     if adapter_dir is not None:
         model = _attach_adapter(model, Path(adapter_dir), training)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(base)
+    return model, AutoTokenizer.from_pretrained(base, trust_remote_code=trusted)
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model folder of the pipeline (its own code runs only as `load_model`'s)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted(Path(model_dir)))
+
+
+def write_code_consent(folder: Path, code_files: list[str]) -> None:
+    """Record that the user let `code_files` (in `folder`) run: model.trust_remote_code was on."""
+    files = {name: file_digest(Path(folder) / name) for name in sorted(code_files)}
+    (Path(folder) / CODE_CONSENT_FILE).write_text(json.dumps({"trust_remote_code": True, "files": files},
+                                                             indent=2))
+
+
+def carry_code_consent(source: Path, target: Path) -> None:
+    """Keep the consent for a model saved from a trusted one (the GPTQ stage's output), provided
+    the saved code is the code the consent names."""
+    if not remote_code_trusted(source):
+        return
+    recorded = json.loads((Path(source) / CODE_CONSENT_FILE).read_text())["files"]
+    saved = {p.name: file_digest(p) for p in Path(target).glob("*.py")}
+    if saved != recorded:
+        raise ModelError(f"the model code saved into {target} ({', '.join(sorted(saved)) or 'none'}) is not the "
+                         f"code imported with model.trust_remote_code ({', '.join(sorted(recorded))})")
+    write_code_consent(target, list(saved))
+
+
+def remote_code_trusted(folder: Path) -> bool:
+    """Whether transformers may run the Python code in `folder`.
+
+    Only where the import stage wrote its consent record, and only the code it recorded: a .py
+    file changed or added since then is refused, as is any folder without the record (a model's
+    code never runs because a folder happens to hold some).
+    """
+    path = Path(folder) / CODE_CONSENT_FILE
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path} is unreadable ({exc}); rerun the import stage") from None
+    present = {p.name for p in Path(folder).glob("*.py")}
+    changed = sorted(name for name in present | set(recorded)
+                     if name not in recorded or name not in present
+                     or file_digest(Path(folder) / name) != recorded[name])
+    if changed:
+        raise ModelError(f"the model code in {folder} differs from what was imported with "
+                         f"model.trust_remote_code ({', '.join(changed)}); it is not run. Rerun the import stage")
+    return True
 
 
 def resolve_device(device: str) -> torch.device:

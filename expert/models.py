@@ -198,15 +198,20 @@ def _import_folder(src: Path, out_dir: Path, config: ModelConfig) -> None:
     check_special_tokens(_load_tokenizer(src, config.trust_remote_code), src)
     out_dir.mkdir(parents=True, exist_ok=True)
     safetensors = any(n.endswith(".safetensors") for n in files)
+    code = [name for name in files if name.endswith(".py")]
     if safetensors and config.dtype in ("auto", summarize_folder(src, files)["dtype"]):
         for name in files:
             link_or_copy(src / name, out_dir / name)
-        return
-    # .bin weights (pickles) or a dtype change: load once, save as safetensors (with config).
-    for name in files:
-        if is_tokenizer_file(name) or name.endswith(".py"):
-            link_or_copy(src / name, out_dir / name)
-    _resave(src, out_dir, config)
+    else:
+        # .bin weights (pickles) or a dtype change: load once, save as safetensors (with config).
+        for name in files:
+            if is_tokenizer_file(name) or name.endswith(".py"):
+                link_or_copy(src / name, out_dir / name)
+        _resave(src, out_dir, config)
+    if code:  # only copied with model.trust_remote_code on (select_model_files)
+        from expert.modeling import write_code_consent
+
+        write_code_consent(out_dir, code)
 
 
 def _resave(src: Path, out_dir: Path, config: ModelConfig) -> None:

@@ -10,3 +10,5 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A model's own code (the trust_remote_code tests) is copied here by transformers, read at import.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="expert-tests-hf-modules-")

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from expert.errors import ConfigError
+from expert.modeling import carry_code_consent, remote_code_trusted
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
 
 _WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
@@ -42,9 +43,10 @@ def quantized_layer_sizes(model_dir: Path) -> dict[str, int]:
     from optimum.gptq.utils import get_block_name_with_pattern, get_layers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
+    trusted = remote_code_trusted(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trusted)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusted)
     block_name = get_block_name_with_pattern(model)
     blocks = model.get_submodule(block_name)
     sizes = {}
@@ -83,12 +85,14 @@ def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, to
     calibration = [{"input_ids": s["input_ids"][0].tolist(), "attention_mask": s["attention_mask"][0].tolist()}
                    for s in samples]
     with cpu_workers(), quiet_progress():
-        model = GPTQModel.load(str(model_dir), gptqmodel_config(config, offload_to_disk(model_dir)))
+        model = GPTQModel.load(str(model_dir), gptqmodel_config(config, offload_to_disk(model_dir)),
+                               trust_remote_code=remote_code_trusted(model_dir))
         # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's
         # default (10) would silently drop short ones the report counts.
         log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
         model.save(str(out_dir))
     del model
+    carry_code_consent(model_dir, Path(out_dir))
     _drop_offload_settings(Path(out_dir))
     return _log_rows(log)
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from expert.modeling import load_model
+from expert.modeling import load_model, load_tokenizer
 from expert.quantize.calibration import calibration_texts, heldout_texts, tokenize_samples
 from expert.quantize.config import QuantizeConfig
 from expert.quantize.gptq import check_group_size, run_gptq
@@ -93,9 +93,7 @@ def _base_report(config: QuantizeConfig, model_dir: Path) -> dict[str, Any]:
 def _calibration(config: QuantizeConfig, model_dir: Path, data_dir: Path | None,
                  report: dict[str, Any]) -> tuple[list[dict], Any]:
     """(tokenized calibration samples, tokenizer); notes the source in the report."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     texts, source = calibration_texts(config.calibration, data_dir, tokenizer, config.num_samples,
                                       config.max_length, config.seed)
     samples = tokenize_samples(texts, tokenizer, config.max_length)

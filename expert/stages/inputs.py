@@ -46,9 +46,9 @@ class FormatPubMedQA(Stage):
 
         tokenizer = None
         if config.max_prompt_tokens:  # the budget is in tokens of the model being tuned
-            from transformers import AutoTokenizer
+            from expert.modeling import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(upstream["model"])
+            tokenizer = load_tokenizer(upstream["model"])
         extra = inputs.get("extra_train")
         return format_pubmedqa(config, inputs["source"].path, out, tokenizer=tokenizer,
                                extra_source=extra.path if extra else None)

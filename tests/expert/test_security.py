@@ -134,9 +134,63 @@ def test_a_model_with_its_own_code_is_refused_and_the_code_never_runs(llama_dir,
     folder = remote_code_model(llama_dir, tmp_path / "evil", marker)
     with pytest.raises(ModelError, match="own Python code.*refused.*model.trust_remote_code=true"):
         resolve_model_source(ModelConfig(source=str(folder)))
-    with pytest.raises(Exception):  # later stages never pass trust_remote_code either
+    # A folder holding code but no consent record from the import stage: transformers is
+    # not allowed to run the code and says so.
+    with pytest.raises(ValueError, match="trust_remote_code"):
         load_model(folder, device="cpu")
     assert not marker.exists()
+
+
+def custom_code_model(llama_dir: Path, folder: Path, marker: Path) -> Path:
+    """The tiny Llama as a model that needs its own code (a subclass under a new model_type);
+    importing that code touches `marker`."""
+    shutil.copytree(llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["TinyCustomForCausalLM"], model_type="tinycustom",
+                  auto_map={"AutoConfig": "custom.TinyCustomConfig",
+                            "AutoModelForCausalLM": "custom.TinyCustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(
+        "import pathlib\n\nfrom transformers import LlamaConfig, LlamaForCausalLM\n\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n\n\n"
+        "class TinyCustomConfig(LlamaConfig):\n    model_type = 'tinycustom'\n\n\n"
+        "class TinyCustomForCausalLM(LlamaForCausalLM):\n    config_class = TinyCustomConfig\n")
+    return folder
+
+
+def test_consent_given_at_import_lets_later_stages_run_that_code_and_no_other(llama_dir, tmp_path):
+    """model.trust_remote_code is the user's consent; the import stage records it with the code's
+    digests, so quantize, train and eval load the model without asking again, and code changed
+    after the import is refused."""
+    from expert.modeling import CODE_CONSENT_FILE, load_model
+    from expert.models import ModelConfig, import_model, resolve_model_source
+    from expert.quantize.config import QuantizeConfig
+    from expert.quantize.nf4 import write_record
+
+    marker = tmp_path / "code-ran"
+    source = custom_code_model(llama_dir, tmp_path / "custom", marker)
+    config = ModelConfig(source=str(source), trust_remote_code=True)
+    imported = tmp_path / "imported"
+    import_model(config, resolve_model_source(config), imported)
+    consent = json.loads((imported / CODE_CONSENT_FILE).read_text())
+    assert list(consent["files"]) == ["custom.py"]
+
+    # As the quantize stage leaves it for method none: a record pointing at the import.
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    write_record(QuantizeConfig(method="none"), imported, quantized)
+    model, tokenizer = load_model(quantized, device="cpu")
+    assert type(model).__name__ == "TinyCustomForCausalLM" and marker.exists()
+    ids = tokenizer("hello", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+
+    (imported / "custom.py").write_text((imported / "custom.py").read_text() + "\nprint('changed')\n")
+    with pytest.raises(ModelError, match=r"differs from what was imported.*custom\.py.*Rerun the import"):
+        load_model(quantized, device="cpu")
+    (imported / "custom.py").unlink()
+    (imported / "extra.py").write_text("")
+    with pytest.raises(ModelError, match=r"custom\.py, extra\.py"):
+        load_model(quantized, device="cpu")
 
 
 def test_turning_remote_code_on_is_logged(llama_dir, tmp_path, caplog):
@@ -256,3 +310,25 @@ def test_hub_dataset_names_are_validated_before_any_path_is_made(tmp_path, sourc
     with pytest.raises(DataError, match="cannot fetch the Hugging Face dataset"):
         sources.fetch(source, tmp_path / "dl", FingerprintCache())
     assert not (tmp_path.parent / "etc").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_gptq_model_keeps_the_consent_for_the_same_code(llama_dir, tmp_path):
+    from expert.modeling import CODE_CONSENT_FILE, load_model, load_tokenizer
+    from expert.models import ModelConfig, import_model, resolve_model_source
+    from expert.quantize.config import QuantizeConfig
+    from expert.quantize.gptq import check_group_size, run_gptq
+
+    source = custom_code_model(llama_dir, tmp_path / "custom", tmp_path / "code-ran")
+    config = ModelConfig(source=str(source), trust_remote_code=True)
+    imported = tmp_path / "imported"
+    import_model(config, resolve_model_source(config), imported)
+    check_group_size(imported, 32)  # builds the model from its config: needs the code too
+    tokenizer = load_tokenizer(imported)
+    samples = [tokenizer(f"calibration text number {i} for the custom model", return_tensors="pt")
+               for i in range(4)]
+    out = tmp_path / "gptq"
+    run_gptq(QuantizeConfig(method="gptq", group_size=32, num_samples=4), imported, samples, tokenizer, out)
+    assert (out / CODE_CONSENT_FILE).read_text() == (imported / CODE_CONSENT_FILE).read_text()
+    model, _ = load_model(out, device="cpu")
+    assert type(model).__name__ == "TinyCustomForCausalLM"
+    assert "TorchAtenLinear" in {type(m).__name__ for m in model.modules()}  # gptqmodel's 4-bit CPU kernel
