@@ -56,7 +56,23 @@ def fetch(source: str, downloads: Path, fingerprints: FingerprintCache, attempts
     return LocalSource(source, path, fingerprints.path(path))
 
 
+def shown_url(url: str) -> str:
+    """`url` as logs, errors and meta.json show it: without user:password@ and query values, where
+    signed or tokened URLs keep their secrets (the key names stay, to tell URLs apart)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    try:
+        netloc += f":{parts.port}" if parts.port else ""
+    except ValueError:  # a port that is not a number: show none rather than fail
+        pass
+    query = "&".join(f"{key}=..." if value else key
+                     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 def _download(url: str, downloads: Path, attempts: int) -> Path:
+    shown = shown_url(url)
     folder = downloads / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
     name = _safe_name(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name)
     target, meta_file = folder / name, folder / "meta.json"
@@ -73,24 +89,24 @@ def _download(url: str, downloads: Path, attempts: int) -> Path:
                     while block := response.read(1 << 20):
                         out.write(block)
                 os.replace(tmp, target)
-                meta_file.write_text(json.dumps({"url": url, "etag": response.headers.get("ETag"),
+                meta_file.write_text(json.dumps({"url": shown, "etag": response.headers.get("ETag"),
                                                  "last_modified": response.headers.get("Last-Modified")}))
                 return target
         except urllib.error.HTTPError as exc:
             if exc.code == 304:
                 return target  # unchanged upstream: the cached copy is current
             if exc.code < 500:
-                raise DataError(f"cannot download '{url}': HTTP {exc.code} {exc.reason}. Check the URL.") from None
+                raise DataError(f"cannot download '{shown}': HTTP {exc.code} {exc.reason}. Check the URL.") from None
             error = exc
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             error = exc
         if attempt < attempts:
             time.sleep(min(2 ** attempt, 30))
     if target.is_file():
-        log.warning("could not revalidate %s (%s); using the copy downloaded before", url, error)
+        log.warning("could not revalidate %s (%s); using the copy downloaded before", shown, error)
         return target
     raise DataError(
-        f"cannot download '{url}' after {attempts} attempts ({error}). If this machine is offline, "
+        f"cannot download '{shown}' after {attempts} attempts ({error}). If this machine is offline, "
         "download the file elsewhere and give its local path as the source."
     )
 

@@ -72,3 +72,39 @@ def test_offline_uses_the_copy_downloaded_before(tmp_path, server, monkeypatch):
     assert sources.fetch(url, tmp_path / "dl", FingerprintCache()).path == first.path
     with pytest.raises(DataError, match="after 3 attempts"):
         sources.fetch(f"{base}/never.json", tmp_path / "dl", FingerprintCache())
+
+
+SECRET = "sig0PLANTEDsecretDoNotLeak"
+
+
+def test_a_url_secret_reaches_no_file_log_or_error(tmp_path, server, caplog, monkeypatch):
+    """Signed URLs carry their credentials in the query: downloads work with them, but meta.json,
+    the log and error messages show the URL without its query values."""
+    root, base = server
+    (root / "d.json").write_text("{}")
+    downloads = tmp_path / "dl"
+    got = sources.fetch(f"{base}/d.json?X-Amz-Signature={SECRET}&raw", downloads, FingerprintCache())
+    assert got.path.read_text() == "{}"
+    meta = next(downloads.rglob("meta.json")).read_text()
+    assert SECRET not in meta and "X-Amz-Signature=...&raw" in meta
+    with pytest.raises(DataError, match=r"HTTP 404") as error:
+        sources.fetch(f"{base}/missing.json?token={SECRET}", downloads, FingerprintCache())
+    assert SECRET not in str(error.value) and "missing.json?token=..." in str(error.value)
+
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sources.urllib.request, "urlopen",
+                        lambda *a, **k: (_ for _ in ()).throw(sources.urllib.error.URLError("unreachable")))
+    with caplog.at_level("WARNING", logger="expert"):
+        sources.fetch(f"{base}/d.json?X-Amz-Signature={SECRET}&raw", downloads, FingerprintCache())
+    assert "could not revalidate" in caplog.text and SECRET not in caplog.text
+    with pytest.raises(DataError, match="after 3 attempts") as error:
+        sources.fetch(f"{base}/never.json?token={SECRET}", downloads, FingerprintCache())
+    assert SECRET not in str(error.value)
+    files = [p for p in downloads.rglob("*") if p.is_file()]
+    assert not [p for p in files if SECRET.encode() in p.read_bytes()]
+
+
+def test_shown_url_drops_userinfo_and_query_values():
+    shown = sources.shown_url(f"https://user:{SECRET}@example.org:8443/a/b.json?token={SECRET}&x=1#frag")
+    assert shown == "https://example.org:8443/a/b.json?token=...&x=..."
+    assert sources.shown_url("http://[::1]:8000/f.json") == "http://[::1]:8000/f.json"
