@@ -12,9 +12,10 @@ and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effecti
 - peer: HF transformers + PEFT + bitsandbytes as a Trainer user runs it: shuffled PubMedQA-length
   examples, padded to each batch's longest (DataCollatorForSeq2Seq), `model(..., labels=)` loss, the
   preset's micro-batch (2 and 8), gradient checkpointing on;
-- ours: expert.train's own pieces on the same model: `attach_lora`, `plan_memory` (micro-batch and
-  checkpointing 'auto' under a 24 GiB limit), `BatchPlan` (length-bucketed batches) and `Runner.step`
-  (loss on answer tokens only, one host sync per optimizer step).
+- ours: expert.train's own pieces on the same model: `attach_lora` (with lean activations,
+  expert/train/lean.py), `plan_memory` (micro-batch and checkpointing 'auto' under a 24 GiB limit),
+  `BatchPlan` (length-bucketed batches) and `Runner.step` (loss on answer tokens only, one host sync
+  per optimizer step); `--ours-plain` adds ours without the lean activations (side "ours-plain").
 Reported: useful (non-padding) tokens/s, model TFLOP/s at 6N FLOPs per useful token (N = matmul
 parameters, as the anchor counts), peak GiB, and the projected time of the original job (500
 questions x 10 epochs at the mean length).
@@ -98,7 +99,8 @@ def main() -> None:
             continue
         size = "tiny" if args.smoke else size
         ours_micro = None
-        for side in ("peer", "ours", "peer@ours-micro"):
+        sides = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) + ("peer@ours-micro",)
+        for side in sides:
             micro = peer_micro if side == "peer" else ours_micro
             if side == "peer@ours-micro" and (not ours_micro or ours_micro == peer_micro or ours_micro > 16):
                 continue  # the peer at our micro-batch: how much of the gain is the micro-batch alone
@@ -123,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     p.add_argument("--peer-micro-steps", type=int, default=12, help="timed micro-steps of the peer")
     p.add_argument("--ours-examples", type=int, default=100, help="timed examples of ours (whole optimizer steps)")
+    p.add_argument("--eval-pack-sweep", default="",
+                   help="comma-separated pack sizes (suffix tokens per forward) timed on three subjects")
+    p.add_argument("--eval-profile", action="store_true",
+                   help="profile the scoring of one subject: top kernels and how busy the GPU is")
+    p.add_argument("--ours-plain", action="store_true",
+                   help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--eval-subject-stride", type=int, default=6, help="ours scores every N-th MMLU subject")
     p.add_argument("--eval-peer-questions", type=int, default=128)
     p.add_argument("--cases", default="llama-33b,llama3-8b,eval,gptq",
@@ -220,8 +228,10 @@ def _train_case(args, device, size, lora, peer_micro, effective, lengths, side) 
     examples = _examples(lengths, cfg.vocab_size, args.smoke)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run = _ours_train if side == "ours" else _peer_train
-    row = run(args, model, examples, lora, peer_micro, effective, device)
+    if side.startswith("ours"):
+        row = _ours_train(args, model, examples, lora, peer_micro, effective, device, lean=side == "ours")
+    else:
+        row = _peer_train(args, model, examples, lora, peer_micro, effective, device)
     flops = 6 * matmul_params(cfg)
     mean_len = statistics.mean(len(e.input_ids) for e in examples)
     row.update(model_tflops=round(flops * row["tokens_per_s"] / 1e12, 1),
@@ -287,11 +297,14 @@ def _padded(batch):
     return ids, mask, labels
 
 
-def _ours_train(args, model, examples, lora, peer_micro, effective, device) -> dict:
-    """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step."""
-    from expert.train import TrainConfig
+def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean: bool = True) -> dict:
+    """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
+    without the lean activations, to see what they add)."""
+    from unittest import mock
+
+    from expert.train import TrainConfig, lora as lora_module
     from expert.train.data import BatchPlan, EncodedSplit
-    from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+    from expert.train.lora import make_optimizer, make_scheduler
     from expert.train.memory import plan_memory
     from expert.train.step import Runner
 
@@ -300,7 +313,9 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device) -> d
                          effective_batch_size=effective, gradient_checkpointing="auto",
                          memory_limit_gib=MEMORY_LIMIT_GIB, max_length=512, warmup_steps=0)
     torch.manual_seed(0)
-    model = attach_lora(model, config)
+    plain = lambda m: dict.fromkeys(("lora", "rmsnorm", "mlp"), 0)  # noqa: E731 (make_lean's "switched nothing")
+    with mock.patch.object(lora_module, "make_lean", lora_module.make_lean if lean else plain):
+        model = lora_module.attach_lora(model, config)
     model.train()
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
@@ -374,6 +389,13 @@ def _eval_case(args, device, lengths) -> dict:
     diff = max(abs(a - b) for i, p in zip(sample, peer) for a, b in zip(ours[i], p))
     ours_qps, peer_qps = len(questions) / ours_s, len(sample) / peer_s
     pack = pack_tokens(model)
+    first = questions[:len(groups[0])]
+    extra = {}
+    if args.eval_pack_sweep:
+        extra["pack_sweep"] = _pack_sweep(model, questions, groups, device, args.eval_pack_sweep)
+    if args.eval_profile:
+        extra["profile"] = _profile(lambda: score_questions(model, first, max_length=max_length, groups=groups[:1]),
+                                    device)
     del model
     return {"model": "8B-shaped (Llama-3) bf16, random weights" if not args.smoke else "tiny",
             "subjects": len(subjects), "ours_questions": len(questions), "peer_questions": len(sample),
@@ -384,7 +406,57 @@ def _eval_case(args, device, lengths) -> dict:
             "ours_full_mmlu_s": round(MMLU_QUESTIONS / ours_qps, 1),
             "peer_full_mmlu_s": round(MMLU_QUESTIONS / peer_qps, 1),
             "same_prediction": f"{agree}/{len(sample)}", "max_loglik_diff": round(diff, 4),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+            **extra}
+
+
+def _pack_sweep(model, questions, groups, device, sizes: str) -> list[dict]:
+    """Questions/s of the first three subjects with other pack sizes (suffix tokens per forward)."""
+    from unittest import mock
+
+    from expert.evaluation import scoring
+
+    some = [i for g in groups[:3] for i in g]
+    picked = [questions[i] for i in some]
+    where = {q: n for n, q in enumerate(some)}
+    regrouped = [[where[i] for i in g] for g in groups[:3]]
+    rows = []
+    for size in (int(x) for x in sizes.split(",")):
+        with mock.patch.object(scoring, "pack_tokens", lambda model, size=size: size):
+            scoring.score_questions(model, picked[:len(regrouped[0])], max_length=4096, groups=regrouped[:1])
+            _sync(device)
+            start = time.perf_counter()
+            scoring.score_questions(model, picked, max_length=4096, groups=regrouped)
+            _sync(device)
+        rows.append({"pack_tokens": size, "questions_per_s": round(len(picked) / (time.perf_counter() - start), 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _profile(run, device, top: int = 15) -> dict:
+    """Where one call's time goes: the kernels (or CPU ops) with the most self time, and how busy
+    the GPU was over the call's wall time (low: launch or host-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run()  # warm
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        _sync(device)
+    wall = time.perf_counter() - start
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) / 1e6
+    rows = [{"name": e.key[:90], "ms": round(getattr(e, key) / 1e3, 1), "calls": e.count,
+             "share": round(getattr(e, key) / 1e6 / total, 3)} for e in events[:top]]
+    print(json.dumps({"profile_wall_s": round(wall, 2), "busy_s": round(total, 2)}), flush=True)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return {"wall_s": round(wall, 2), "busy_s": round(total, 2), "busy_fraction": round(total / wall, 3),
+            "top": rows}
 
 
 @torch.inference_mode()

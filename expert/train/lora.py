@@ -15,6 +15,8 @@ import torch
 
 from expert.errors import ConfigError
 from expert.train.config import TrainConfig
+from expert.train.lean import make_lean
+from expert.train.logging import log
 from expert.train.memory import set_checkpointing
 
 
@@ -47,7 +49,11 @@ def resolve_targets(model: torch.nn.Module, config: TrainConfig) -> list[str]:
 
 
 def attach_lora(model: torch.nn.Module, config: TrainConfig):
-    """Wrap `model` with fresh LoRA weights (seeded by the caller); only they require grad."""
+    """Wrap `model` with fresh LoRA weights (seeded by the caller); only they require grad.
+
+    The LoRA layers, norms and MLPs then keep less for the backward (`expert.train.lean`): a
+    bigger micro-batch fits without gradient checkpointing, for the same numbers.
+    """
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, config)
@@ -62,7 +68,10 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
     # An explicit `true` is switched on before wrapping; 'auto' is decided by memory.plan_memory.
     set_checkpointing(model, config.gradient_checkpointing is True)
     model.config.use_cache = False
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    switched = make_lean(model)
+    log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)
+    return model
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -1,0 +1,250 @@
+"""Lean activations: the same forward and gradients, with fewer tensors kept for the backward.
+
+Without gradient checkpointing, what the backward needs from the forward is what limits the
+micro-batch, and recomputing each layer (checkpointing) costs a third of the step's compute. On
+a Llama block with LoRA on every linear layer, the standard stack (transformers + PEFT) keeps
+about 440 KiB per token per layer on an 8B shape (bench/lean_memory.py measures it); three
+things make up a third of that and are not needed:
+
+- LoRA dropout: PEFT runs `lora_B(lora_A(dropout(x)))` per adapted layer, so each layer keeps its
+  own dropped copy of the input (and its mask), while q, k and v share the same input. Here one
+  autograd function adds the LoRA term, keeps the shared input once and a seed, and on a GPU
+  draws the same dropout mask again in the backward (the CPU keeps it, see REDRAW_MASK_ON).
+- RMSNorm: transformers upcasts to float32 and autograd keeps the float32 copies; here the input
+  and one reciprocal root per token are kept.
+- SiLU(gate) * up: autograd keeps gate, SiLU(gate) and up; here gate and up.
+
+Forward values are bitwise those of the modules replaced (the same operations in the same
+order); gradients agree to rounding. Only the modules whose computation is verified to be the one
+reproduced are switched (a norm by comparing outputs on a probe input, an MLP by its forward's
+code, a LoRA layer per call: merged, DoRA and multi-adapter calls keep PEFT's forward), so a
+model family this does not know trains as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+
+_MLP_LINE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+
+
+def make_lean(model: torch.nn.Module) -> dict[str, int]:
+    """Switch `model`'s LoRA layers, RMSNorms and SiLU MLPs to their lean forwards; counts."""
+    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0}
+    for module in model.modules():
+        if "forward" in vars(module):
+            continue  # already switched (or patched by someone else): leave it
+        if _is_lora_linear(module):
+            _switch(module, _lora_forward)
+            counts["lora"] += 1
+        elif _is_rmsnorm(module):
+            _switch(module, _rmsnorm_forward)
+            counts["rmsnorm"] += 1
+        elif _is_silu_mlp(module):
+            _switch(module, _mlp_forward)
+            counts["mlp"] += 1
+    return counts
+
+
+def _switch(module: torch.nn.Module, forward) -> None:
+    module._expert_plain_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+
+
+# ---------------------------------------------------------------- LoRA
+
+def _is_lora_linear(module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return isinstance(module, LoraLayer) and hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+def _plain_adapter(module, kwargs) -> str | None:
+    """The one active adapter when the call is plain LoRA (no merge, variant, mixed batch), else None."""
+    if module.disable_adapters or module.merged or kwargs.get("adapter_names") is not None:
+        return None
+    if any(kwargs.get(key) is not None for key in ("alora_offsets",)):
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+        return None
+    name = active[0]
+    a, b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None:
+        return None
+    if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
+        return None
+    return name
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    name = _plain_adapter(self, kwargs)
+    if name is None:
+        return self._expert_plain_forward(x, *args, **kwargs)
+    for key in ("adapter_names", "alora_offsets"):
+        kwargs.pop(key, None)
+    result = self.base_layer(x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    # The mask's seed comes from the CPU generator: seeded runs repeat, and checkpointing's
+    # recompute (which restores the RNG state) draws the same masks.
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if p > 0 else 0
+    return _LoraDelta.apply(result, x, self.lora_A[name].weight, self.lora_B[name].weight,
+                            float(self.scaling[name]), p, seed)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What PEFT's matmuls compute in: the autocast dtype under autocast, else the LoRA weights'."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
+# Where the backward draws the dropout mask again from its seed instead of keeping it. On a GPU
+# drawing is a memory-bound kernel, far cheaper than the memory a kept mask takes from the
+# micro-batch. On the CPU drawing costs more than keeping: redrawing the masks made a SmolLM2
+# step 6% slower (2 threads), and memory is rarely the limit there, so the CPU keeps the mask
+# (bool, 1 byte per value: still a third of PEFT's dropped copy plus its mask).
+REDRAW_MASK_ON = frozenset({"cuda"})
+
+
+def _mask(x: torch.Tensor, dtype: torch.dtype, p: float, seed: int) -> torch.Tensor:
+    """The 0/1 dropout mask of `x`'s shape: a function of the seed alone."""
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+    return torch.empty(x.shape, dtype=dtype, device=x.device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _dropped(x: torch.Tensor, dtype: torch.dtype, p: float, seed: int,
+             keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dropout(x) in `dtype`, the 0/1 mask: `keep`, else drawn from the seed).
+
+    The 1/(1-p) scale is applied as a Python number, so a bf16 result is rounded once, as torch's
+    dropout does (a bf16 mask holding 1/0.95 would round it to 1.0547 and bias every kept value).
+    """
+    xd = x.to(dtype)
+    if p == 0.0:
+        return xd, None
+    keep = _mask(x, dtype, p, seed) if keep is None else keep.to(dtype)
+    return xd * keep * (1.0 / (1.0 - p)), keep
+
+
+class _LoraDelta(torch.autograd.Function):
+    """result + scaling * B(A(dropout(x))), keeping x (shared by the layers reading the same
+    input), A's r-wide output and a seed (plus the mask where it is not redrawn, see
+    REDRAW_MASK_ON); the dropped input is rebuilt in the backward."""
+
+    @staticmethod
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, p: float, seed: int):
+        dtype = _compute_dtype(x, weight_a)
+        with torch.autocast(x.device.type, enabled=False):
+            xd, keep = _dropped(x, dtype, p, seed)
+            h = F.linear(xd, weight_a.to(dtype))
+            delta = F.linear(h, weight_b.to(dtype)) * scaling
+            out = result + delta.to(result.dtype)
+        kept = keep.bool() if keep is not None and x.device.type not in REDRAW_MASK_ON else None
+        ctx.save_for_backward(x, weight_a, weight_b, h, kept)
+        ctx.dtype, ctx.scaling, ctx.p, ctx.seed = dtype, scaling, p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight_a, weight_b, h, kept = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.to(dtype) * ctx.scaling
+            g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
+            grad_b = g2.t() @ h2 if ctx.needs_input_grad[3] else None
+            gh = g @ weight_b.to(dtype)
+            grad_a = grad_x = None
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[1]:
+                xd, keep = _dropped(x, dtype, ctx.p, ctx.seed, kept)
+                if ctx.needs_input_grad[2]:
+                    grad_a = gh.reshape(-1, gh.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+                if ctx.needs_input_grad[1]:
+                    grad_x = gh @ weight_a.to(dtype)
+                    if keep is not None:
+                        grad_x = grad_x * keep * (1.0 / (1.0 - ctx.p))
+                    grad_x = grad_x.to(x.dtype)
+        return grad, grad_x, grad_a, grad_b, None, None, None
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+def _is_rmsnorm(module) -> bool:
+    """A Llama-style RMSNorm: weight * normalize(x in float32).to(x's dtype), checked on a probe."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 1 or not isinstance(eps, float) or weight.device.type == "meta":
+        return False
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    probe = torch.randn((3, weight.shape[0]), generator=generator, device=weight.device).to(weight.dtype)
+    with torch.no_grad():
+        return torch.equal(module(probe), _RMSNorm.apply(probe, weight, eps))
+
+
+def _rmsnorm_forward(self, hidden_states):
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(torch.float32) * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * xhat.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        gx = (grad * weight).to(torch.float32)
+        grad_x = rstd * (gx - xhat * (gx * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, None
+
+
+# ---------------------------------------------------------------- MLP
+
+def _is_silu_mlp(module) -> bool:
+    """An MLP whose forward is exactly down(SiLU(gate(x)) * up(x))."""
+    act = getattr(module, "act_fn", None)
+    if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    if not (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    return body in ([f"down_proj = {_MLP_LINE}", "return down_proj"], [f"return {_MLP_LINE}"])
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
+        return grad_gate, grad * silu
