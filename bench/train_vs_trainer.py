@@ -7,6 +7,10 @@ micro-batch, gradient accumulation, sequence cap, optimizer (AdamW), learning ra
 gradient clipping, gradient checkpointing and number of optimizer steps (whole epochs, so both
 see every example equally often). The peer is written as a user would: `DataCollatorForSeq2Seq`
 padding to each batch's longest, Trainer's shuffled batches, the model's own loss (`labels=`).
+The weights are float32 on both sides; the peer's matmuls run in float32 (Trainer's CPU default),
+ours under bf16 autocast where the CPU multiplies bf16 natively (`train.precision: auto`).
+`--ours-float32` adds ours in float32 too (like for like), `--ours-plain` ours without lean
+activations (expert/train/lean.py).
 
 The metric is useful (non-padding) tokens per second of the training loop: the same tokens on
 both sides divided by the loop's time (Trainer: on_train_begin .. on_train_end; ours: the sum
@@ -49,14 +53,19 @@ def main() -> None:
                                          "../shared/data/pubmedqa/ori_pqal.json --out DIR"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
-    runs: dict[str, list[dict]] = {"peer": [], "ours": []}
-    order = ("peer", "ours")
+    order = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) + \
+        (("ours-float32",) if args.ours_float32 else ())
+    runs: dict[str, list[dict]] = {side: [] for side in order}
     for round_ in range(args.rounds):
         for side in order if round_ % 2 == 0 else order[::-1]:
             print(f"round {round_ + 1}: {side}", flush=True)
-            fn = _peer if side == "peer" else _ours
-            runs[side].append(fn(args, model_dir, subset, work / f"{side}-{round_}"))
-            print(json.dumps(runs[side][-1]), flush=True)
+            if side == "peer":
+                row = _peer(args, model_dir, subset, work / f"{side}-{round_}")
+            else:
+                row = _ours(args, model_dir, subset, work / f"{side}-{round_}", lean=side != "ours-plain",
+                            precision="float32" if side == "ours-float32" else args.ours_precision)
+            runs[side].append(row)
+            print(json.dumps(row), flush=True)
     result = _result(args, runs)
     write_result(args.out, result)
 
@@ -76,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="the peer's setting (on, as QLoRA recipes have it)")
     p.add_argument("--ours-checkpointing", default="auto", choices=("auto", "on", "off"),
                    help="ours: auto (off when memory allows, the default config), or as the peer")
+    p.add_argument("--ours-precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="ours: train.precision (auto: bf16 autocast where the CPU has native bf16 matmuls)")
+    p.add_argument("--ours-float32", action="store_true",
+                   help="also run ours with precision float32, the peer's (Trainer's CPU default)")
+    p.add_argument("--peer-bf16", action="store_true",
+                   help="the peer with TrainingArguments(bf16=True): bf16 autocast on the CPU too")
+    p.add_argument("--ours-plain", action="store_true",
+                   help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     p.add_argument("--rounds", type=int, default=1, help="peer+ours pairs, alternating the order")
     p.add_argument("--seed", type=int, default=0)
@@ -113,19 +130,25 @@ def _encoded(tokenizer, data_dir: Path, split: str, max_length: int):
     return encode_split(tokenizer, read_split(data_dir / f"{split}.parquet"), max_length)
 
 
-def _ours(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
+def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, precision: str = "auto") -> dict:
+    from unittest import mock
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expert.train import train
+    from expert.train import lora, train
 
-    summary = train(_config(args), model_dir, data_dir, work / "out", work / "work", device="cpu")
+    plain = lambda m: dict.fromkeys(("lora", "rmsnorm", "mlp"), 0)  # noqa: E731 (make_lean's "switched nothing")
+    with mock.patch.object(lora, "make_lean", lora.make_lean if lean else plain):
+        summary = train(_config(args).model_copy(update={"precision": precision}), model_dir, data_dir,
+                        work / "out", work / "work", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     model = PeftModel.from_pretrained(base, work / "out" / "final")
     tokens = sum(_encoded(tokenizer, data_dir, "train", args.max_length).lengths) * args.epochs
+    written = json.loads((work / "out" / "summary.json").read_text())
     return {"seconds": summary["train_seconds"], "tokens": tokens, "steps": summary["steps"],
-            "memory_plan": json.loads((work / "out" / "summary.json").read_text())["memory"],
+            "memory_plan": written["memory"], "precision": written["precision"],
             "tokens_per_s": tokens / summary["train_seconds"], "final_loss": summary["final_loss"],
             "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
 
@@ -154,7 +177,7 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
         weight_decay=0.0, optim="adamw_torch", gradient_checkpointing=bool(args.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True, seed=args.seed,
         logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
-        disable_tqdm=True)
+        disable_tqdm=True, bf16=args.peer_bf16)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -206,7 +229,8 @@ def _result(args, runs: dict[str, list[dict]]) -> dict:
                   f"SmolLM2-135M-Instruct float32, {args.examples} PubMedQA train examples x {args.epochs} epoch, "
                   f"micro-batch {args.micro_batch} x {args.accumulation} accumulation, max_length {args.max_length}, "
                   f"LoRA r8 q/v, gradient checkpointing: peer {'on' if args.gradient_checkpointing else 'off'}, "
-                  f"ours {args.ours_checkpointing}, "
+                  f"ours {args.ours_checkpointing}; matmuls: peer {'bf16 autocast' if args.peer_bf16 else 'float32'}, "
+                  f"ours precision {args.ours_precision}, "
                   f"{args.threads} threads",
         "unit": "tokens/s",
         "peer": {"name": f"transformers {transformers.__version__} Trainer + PEFT {peft.__version__}, "
@@ -216,6 +240,10 @@ def _result(args, runs: dict[str, list[dict]]) -> dict:
         "dev_loss": {"peer": mean("peer", "dev_loss"), "ours": mean("ours", "dev_loss"),
                      "examples": args.dev_examples, "what": "mean answer-token cross-entropy of the final adapter"},
         "quality_ok": mean("ours", "dev_loss") <= mean("peer", "dev_loss"),
+        **{f"ours_{what}": {"tokens_per_s": mean(side, "tokens_per_s"), "dev_loss": mean(side, "dev_loss"),
+                            "ratio": mean(side, "tokens_per_s") / peer}
+           for side, what in (("ours-plain", "without_lean_activations"), ("ours-float32", "in_float32"))
+           if runs.get(side)},
         "runs": runs,
         "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -233,7 +261,7 @@ def _command(args) -> str:
     defaults = vars(_parser().parse_args([]))
     for key, value in vars(args).items():
         if key not in ("model", "data", "out", "threads") and value != defaults[key]:
-            cmd += f" --{key.replace('_', '-')} {value}"
+            cmd += f" --{key.replace('_', '-')}" + ("" if value is True else f" {value}")
     return cmd
 
 

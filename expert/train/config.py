@@ -74,6 +74,12 @@ class TrainConfig(StageConfig):
         "auto", description="recompute activations in backward (a third more compute, far less memory); "
                             "'auto': only when the micro-batch does not fit memory_limit_gib without it"
     )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="what the matmuls compute in: 'bfloat16' runs the forward under bf16 autocast "
+                            "(weights and optimizer state stay as they are), 'float32' without autocast; "
+                            "'auto' is bfloat16 on a GPU and on CPUs with native bf16 matmuls (AVX512-BF16, "
+                            "AMX), float32 on other CPUs"
+    )
     memory_limit_gib: float | None = Field(
         None, gt=0, description="GPU memory the run may use, for the 'auto' choices and the out-of-memory "
                                 "hint; null: all the GPU memory free at start"

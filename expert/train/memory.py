@@ -140,8 +140,9 @@ def _checkpointing(model) -> bool:
 
 def _probe_fits(model, device: torch.device, config: TrainConfig):
     """fits(micro, length, checkpointing, limit): run one forward + backward and read the peak."""
-    from expert.train.step import answer_loss_sum
+    from expert.train.step import answer_loss_sum, autocast_dtype
 
+    amp = autocast_dtype(config.precision, device)  # probe as the run will compute
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     moments = 0 if config.optimizer != "adamw" else 2 * 4 * trainable  # 8-bit optimizers: ~4x less, ignored
     peaks: dict[tuple, int | None] = {}
@@ -150,14 +151,14 @@ def _probe_fits(model, device: torch.device, config: TrainConfig):
         key = (micro, length, checkpointing)
         if key not in peaks:
             with _capped(device, limit):
-                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, checkpointing)
+                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, checkpointing, amp=amp)
         peak = peaks[key]
         return peak is not None and peak + moments <= HEADROOM * limit
 
     def speed(micro: int, length: int, checkpointing: bool, limit: int) -> float:
         """Tokens/s of a forward + backward, timed after a warm-up pass."""
         with _capped(device, limit):
-            peak = _probe(model, answer_loss_sum, device, micro, length, checkpointing, repeats=2)
+            peak = _probe(model, answer_loss_sum, device, micro, length, checkpointing, repeats=2, amp=amp)
         return 0.0 if peak is None else micro * length / _probe.seconds
 
     fits.peaks, fits.speed = peaks, speed
@@ -180,7 +181,8 @@ def _capped(device: torch.device, limit: int):
         torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
-def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool, repeats: int = 1) -> int | None:
+def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool, repeats: int = 1,
+           amp: torch.dtype | None = torch.bfloat16) -> int | None:
     """Peak bytes of forward + backward on a (micro, length) batch; None when it ran out of memory.
 
     With repeats > 1 the last pass is timed (the earlier ones warm the allocator and kernels)
@@ -197,7 +199,7 @@ def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool,
         for _ in range(repeats):
             torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None):
                 loss = loss_fn(model, {"input_ids": ids, "labels": labels}, device)
             loss.backward()
             torch.cuda.synchronize(device)

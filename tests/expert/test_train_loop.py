@@ -173,3 +173,46 @@ def test_resume_with_8bit_optimizer_matches_uninterrupted_run(llama_dir, data_di
     state = load_file(tmp_path / "out" / "checkpoints" / "step-000006" / "optimizer.safetensors")
     assert any(t.dtype == torch.uint8 for t in state.values())  # 8-bit state really was saved
     assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(tmp_path / "ref" / "final"))
+
+
+def test_precision_picks_what_the_matmuls_compute_in(tmp_path, monkeypatch):
+    from expert.train import step
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert step.cpu_has_native_bf16(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not step.cpu_has_native_bf16(str(cpuinfo))
+    assert not step.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(step, "cpu_has_native_bf16", lambda native=native: native)
+        assert step.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+        assert step.autocast_dtype("float32", cpu) is None and step.autocast_dtype("float32", gpu) is None
+        assert step.autocast_dtype("bfloat16", cpu) == torch.bfloat16
+        assert step.autocast_dtype("auto", gpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_run_computes_in_its_precision_and_says_so(llama_dir, data_dir, tmp_path, precision, monkeypatch):
+    """The matmuls of training steps and dev losses run in the configured precision (seen by a hook on
+    a projection), and summary.json records it; bf16 learns as float32 does."""
+    import expert.train.loop as loop
+
+    seen = set()
+    attach = loop.attach_lora
+
+    def attach_and_watch(model, config):
+        model = attach(model, config)
+        proj = model.get_base_model().model.layers[0].mlp.up_proj.base_layer
+        proj.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        return model
+
+    monkeypatch.setattr(loop, "attach_lora", attach_and_watch)
+    config = TrainConfig(**{**RUN, "epochs": 1, "precision": precision, "target_modules": "all-linear"})
+    summary = train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    assert seen == {torch.float32 if precision == "float32" else torch.bfloat16}
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["precision"] == ("float32" if precision == "float32" else "bfloat16 autocast")
+    assert summary["final_dev_loss"] < written["dev_loss"]["2"]  # it learns
