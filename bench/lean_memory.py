@@ -61,16 +61,10 @@ def kept_bytes(model, ids) -> tuple[int, object, dict]:
     """(bytes autograd keeps, loss, LoRA gradients) of one forward + backward."""
     import torch
 
-    params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    from expert.train.lean import counting_kept_bytes
 
     torch.manual_seed(1)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counting_kept_bytes(model) as kept:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -23,8 +23,10 @@ model family this does not know trains as before.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,22 @@ def make_lean(model: torch.nn.Module) -> dict[str, int]:
             _switch(module, _mlp_forward)
             counts["mlp"] += 1
     return counts
+
+
+@contextlib.contextmanager
+def counting_kept_bytes(model: torch.nn.Module) -> Iterator[dict[int, int]]:
+    """Count what autograd keeps for the backward inside the block: storage -> bytes of the
+    distinct activation storages (weights and buffers excluded). Sum the values after the block."""
+    weights = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
 
 
 def _switch(module: torch.nn.Module, forward) -> None:

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from expert.train import lean as lean_module
-from expert.train.lean import _dropped, _LoraDelta, make_lean
+from expert.train.lean import _dropped, _LoraDelta, counting_kept_bytes, make_lean
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -134,15 +134,7 @@ def test_eval_mode_drops_nothing_and_equals_peft():
 
 def saved_bytes(model, batch, autocast: bool = True) -> int:
     """Bytes of the distinct activation storages autograd keeps for the backward."""
-    params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counting_kept_bytes(model) as kept:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
