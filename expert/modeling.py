@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from expert.errors import ConfigError, ModelError
 from expert.artifacts import file_digest
+from expert.errors import ConfigError, ModelError
 
 RECORD_FILE = "quantization.json"  # written by the quantize stage for nf4 / none
 # Written by the import stage beside a model's own Python code when model.trust_remote_code

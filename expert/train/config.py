@@ -77,8 +77,8 @@ class TrainConfig(StageConfig):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="what the matmuls compute in: 'bfloat16' runs the forward under bf16 autocast "
                             "(weights and optimizer state stay as they are), 'float32' without autocast; "
-                            "'auto' is bfloat16 on a GPU and on CPUs with native bf16 matmuls (AVX512-BF16, "
-                            "AMX), float32 on other CPUs"
+                            "'auto' is bfloat16 on GPUs and CPUs with native bf16 matmuls (Ampere or newer; "
+                            "AVX512-BF16 or AMX), float32 elsewhere"
     )
     memory_limit_gib: float | None = Field(
         None, gt=0, description="GPU memory the run may use, for the 'auto' choices and the out-of-memory "

@@ -3,7 +3,7 @@
 The loss of a step is the summed cross-entropy of its answer + EOS tokens divided by their
 count over the whole step (all micro-batches), so gradient accumulation gives the gradient
 of one big batch. The forward runs under bf16 autocast where `autocast_dtype` says so
-(train.precision: on a GPU, and on CPUs with native bf16 matmuls), else in the weights' dtype.
+(train.precision: on GPUs and CPUs with native bf16 matmuls), else in the weights' dtype.
 On several processes each takes its share of the micro-batches, still divided by the whole
 step's count, and the gradients are summed (see `expert.train.distributed`).
 """
@@ -33,13 +33,22 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def gpu_has_bf16() -> bool:
+    """Ampere and newer; older cards emulate bf16 slowly (and fp16 autocast would need loss scaling)."""
+    try:
+        return torch.cuda.is_bf16_supported()
+    except (RuntimeError, AssertionError):  # no usable CUDA
+        return False
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of train.precision on `device` (None: no autocast)."""
     if precision == "float32":
         return None
-    if precision == "bfloat16" or device.type == "cuda" or cpu_has_native_bf16():
+    if precision == "bfloat16":
         return torch.bfloat16
-    return None
+    native = gpu_has_bf16() if device.type == "cuda" else cpu_has_native_bf16()
+    return torch.bfloat16 if native else None
 
 
 class Runner:

@@ -188,10 +188,11 @@ def test_precision_picks_what_the_matmuls_compute_in(tmp_path, monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     for native in (True, False):
         monkeypatch.setattr(step, "cpu_has_native_bf16", lambda native=native: native)
-        assert step.autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
-        assert step.autocast_dtype("float32", cpu) is None and step.autocast_dtype("float32", gpu) is None
-        assert step.autocast_dtype("bfloat16", cpu) == torch.bfloat16
-        assert step.autocast_dtype("auto", gpu) == torch.bfloat16
+        monkeypatch.setattr(step, "gpu_has_bf16", lambda native=native: native)
+        for device in (cpu, gpu):
+            assert step.autocast_dtype("auto", device) == (torch.bfloat16 if native else None)
+            assert step.autocast_dtype("float32", device) is None
+            assert step.autocast_dtype("bfloat16", device) == torch.bfloat16
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
