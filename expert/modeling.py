@@ -105,7 +105,16 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     elif kind == "nf4":
         kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
     trusted = remote_code_trusted(base)
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelError(
+            f"the model in {base} needs its own Python code, and no consent to run it was recorded there "
+            f"({CODE_CONSENT_FILE}, written by the import stage when model.trust_remote_code is true). If you "
+            "trust the model, set model.trust_remote_code: true; an import made before EXPERT recorded the "
+            "consent must be redone: delete its artifacts/import_model/<key> folder and run again") from None
     if kind == "gptq" and training:
         _pin_gptq_train_mode(model)
     if kind == "nf4":

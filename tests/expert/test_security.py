@@ -134,9 +134,10 @@ def test_a_model_with_its_own_code_is_refused_and_the_code_never_runs(llama_dir,
     folder = remote_code_model(llama_dir, tmp_path / "evil", marker)
     with pytest.raises(ModelError, match="own Python code.*refused.*model.trust_remote_code=true"):
         resolve_model_source(ModelConfig(source=str(folder)))
-    # A folder holding code but no consent record from the import stage: transformers is
-    # not allowed to run the code and says so.
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    # A folder holding code but no consent record from the import stage: transformers is not
+    # allowed to run the code, and the error says how consent is given.
+    with pytest.raises(ModelError, match=r"needs its own Python code.*no consent.*remote_code\.json.*"
+                                         r"model\.trust_remote_code: true"):
         load_model(folder, device="cpu")
     assert not marker.exists()
 

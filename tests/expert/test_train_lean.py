@@ -205,3 +205,19 @@ def test_bf16_dropout_scales_kept_values_like_torch():
     assert 0.9 < kept.float().mean() < 0.99
     assert torch.equal(xd[kept], (x.float() * (1 / 0.95)).to(torch.bfloat16)[kept])
     assert torch.all(xd[~kept] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_gradients_are_autograds_own(dtype):
+    from expert.train.lean import _SiluMul
+
+    gen = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(8, 96, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    upstream = torch.randn(8, 96, generator=gen).to(dtype)
+    (torch.nn.functional.silu(gate) * up).backward(upstream)
+    want = gate.grad.clone(), up.grad.clone()
+    gate.grad = up.grad = None
+    out = _SiluMul.apply(gate, up)
+    out.backward(upstream)
+    assert torch.equal(out, torch.nn.functional.silu(gate) * up)
+    assert torch.equal(gate.grad, want[0]) and torch.equal(up.grad, want[1])
