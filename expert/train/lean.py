@@ -93,6 +93,9 @@ def _plain_adapter(module, kwargs) -> str | None:
     if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
         return None
     name = active[0]
+    # DoRA as PEFT releases before lora_variant mark it (use_dora, a magnitude vector).
+    if getattr(module, "use_dora", {}).get(name) or name in getattr(module, "lora_magnitude_vector", {}):
+        return None
     a, b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
     if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None:
         return None
