@@ -300,22 +300,19 @@ def _padded(batch):
 def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean: bool = True) -> dict:
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
     without the lean activations, to see what they add)."""
-    from unittest import mock
-
-    from expert.train import TrainConfig, lora as lora_module
+    from expert.train import TrainConfig
     from expert.train.data import BatchPlan, EncodedSplit
-    from expert.train.lora import make_optimizer, make_scheduler
+    from expert.train.lora import attach_lora, make_optimizer, make_scheduler
     from expert.train.memory import plan_memory
     from expert.train.step import Runner
 
     r, alpha, targets = lora
     config = TrainConfig(lora_r=r, lora_alpha=alpha, target_modules=targets, micro_batch_size="auto",
                          effective_batch_size=effective, gradient_checkpointing="auto",
-                         memory_limit_gib=MEMORY_LIMIT_GIB, max_length=512, warmup_steps=0)
+                         memory_limit_gib=MEMORY_LIMIT_GIB, max_length=512, warmup_steps=0,
+                         lean_activations=lean)
     torch.manual_seed(0)
-    plain = lambda m: dict.fromkeys(("lora", "rmsnorm", "mlp"), 0)  # noqa: E731 (make_lean's "switched nothing")
-    with mock.patch.object(lora_module, "make_lean", lora_module.make_lean if lean else plain):
-        model = lora_module.attach_lora(model, config)
+    model = attach_lora(model, config)
     model.train()
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()

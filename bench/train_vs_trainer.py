@@ -131,17 +131,13 @@ def _encoded(tokenizer, data_dir: Path, split: str, max_length: int):
 
 
 def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, precision: str = "auto") -> dict:
-    from unittest import mock
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expert.train import lora, train
+    from expert.train import train
 
-    plain = lambda m: dict.fromkeys(("lora", "rmsnorm", "mlp"), 0)  # noqa: E731 (make_lean's "switched nothing")
-    with mock.patch.object(lora, "make_lean", lora.make_lean if lean else plain):
-        summary = train(_config(args).model_copy(update={"precision": precision}), model_dir, data_dir,
-                        work / "out", work / "work", device="cpu")
+    config = _config(args).model_copy(update={"precision": precision, "lean_activations": lean})
+    summary = train(config, model_dir, data_dir, work / "out", work / "work", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     model = PeftModel.from_pretrained(base, work / "out" / "final")

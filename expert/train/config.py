@@ -74,6 +74,10 @@ class TrainConfig(StageConfig):
         "auto", description="recompute activations in backward (a third more compute, far less memory); "
                             "'auto': only when the micro-batch does not fit memory_limit_gib without it"
     )
+    lean_activations: bool = Field(
+        True, description="keep less for the backward (expert/train/lean.py): the same numbers, a bigger "
+                          "micro-batch without checkpointing; false: transformers + PEFT as they come"
+    )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="what the matmuls compute in: 'bfloat16' runs the forward under bf16 autocast "
                             "(weights and optimizer state stay as they are), 'float32' without autocast; "

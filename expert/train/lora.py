@@ -51,8 +51,9 @@ def resolve_targets(model: torch.nn.Module, config: TrainConfig) -> list[str]:
 def attach_lora(model: torch.nn.Module, config: TrainConfig):
     """Wrap `model` with fresh LoRA weights (seeded by the caller); only they require grad.
 
-    The LoRA layers, norms and MLPs then keep less for the backward (`expert.train.lean`): a
-    bigger micro-batch fits without gradient checkpointing, for the same numbers.
+    With train.lean_activations the LoRA layers, norms and MLPs then keep less for the backward
+    (`expert.train.lean`): a bigger micro-batch fits without gradient checkpointing, for the same
+    numbers.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -69,8 +70,9 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
     set_checkpointing(model, config.gradient_checkpointing is True)
     model.config.use_cache = False
     model = get_peft_model(model, lora)
-    switched = make_lean(model)
-    log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)
+    if config.lean_activations:
+        switched = make_lean(model)
+        log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)
     return model
 
 

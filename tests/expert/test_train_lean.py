@@ -221,3 +221,16 @@ def test_silu_mul_gradients_are_autograds_own(dtype):
     out.backward(upstream)
     assert torch.equal(out, torch.nn.functional.silu(gate) * up)
     assert torch.equal(gate.grad, want[0]) and torch.equal(up.grad, want[1])
+
+
+def test_attach_lora_switches_only_with_lean_activations_on():
+    from expert.train import TrainConfig
+    from expert.train.lora import attach_lora
+
+    def switched(lean: bool) -> int:
+        config = LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=2, vocab_size=96)
+        model = attach_lora(LlamaForCausalLM(config), TrainConfig(lean_activations=lean, target_modules="all-linear"))
+        return sum("forward" in vars(m) for m in model.modules())
+
+    assert switched(True) == 2 * 7 + 2 * 2 + 1 + 2 and switched(False) == 0
