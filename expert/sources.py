@@ -8,6 +8,7 @@ The fingerprint goes into the consuming stage's cache key.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -71,17 +72,30 @@ def shown_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def _with_basic_auth(url: str) -> tuple[str, dict[str, str]]:
+    """(the URL without user:password@, the HTTP Basic header for them): urllib would take them
+    for part of the host name."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    plain = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return plain, {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
 def _download(url: str, downloads: Path, attempts: int) -> Path:
     shown = shown_url(url)
     folder = downloads / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
     name = _safe_name(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name)
     target, meta_file = folder / name, folder / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() and target.is_file() else {}
+    plain_url, auth = _with_basic_auth(url)
     headers = {k: v for k, v in (("If-None-Match", meta.get("etag")),
-                                 ("If-Modified-Since", meta.get("last_modified"))) if v}
+                                 ("If-Modified-Since", meta.get("last_modified"))) if v} | auth
     for attempt in range(1, attempts + 1):
         try:
-            request = urllib.request.Request(url, headers=headers)
+            request = urllib.request.Request(plain_url, headers=headers)
             with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = folder / f".{name}.{os.getpid()}.part"

@@ -108,3 +108,39 @@ def test_shown_url_drops_userinfo_and_query_values():
     shown = sources.shown_url(f"https://user:{SECRET}@example.org:8443/a/b.json?token={SECRET}&x=1#frag")
     assert shown == "https://example.org:8443/a/b.json?token=...&x=..."
     assert sources.shown_url("http://[::1]:8000/f.json") == "http://[::1]:8000/f.json"
+
+
+def test_user_and_password_in_a_url_are_sent_as_basic_auth(tmp_path):
+    """https://user:password@host/file: urllib alone takes them for part of the host; they go in
+    an Authorization header, and nowhere else."""
+    import base64
+
+    seen = []
+
+    class Private(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != "Basic " + base64.b64encode(f"me:{SECRET}@x".encode()).decode():
+                self.send_response(401)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"ok": 1}')
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Private)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        got = sources.fetch(f"http://me:{SECRET}%40x@127.0.0.1:{port}/p.json", tmp_path / "dl", FingerprintCache())
+        assert got.path.read_text() == '{"ok": 1}' and len(seen) == 1
+        with pytest.raises(DataError, match="HTTP 401") as error:
+            sources.fetch(f"http://me:wrong@127.0.0.1:{port}/q.json", tmp_path / "dl", FingerprintCache())
+        assert "wrong" not in str(error.value)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not [p for p in (tmp_path / "dl").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
