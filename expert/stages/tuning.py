@@ -40,7 +40,7 @@ class Quantize(Stage):
 @dataclass(frozen=True)
 class Train(Stage):
     name: ClassVar[str] = "train"
-    version: ClassVar[int] = 3  # 2: memory plan (auto micro-batch, checkpointing); 3: lean activations (new dropout masks)
+    version: ClassVar[int] = 3  # 2: memory plan (auto micro-batch, checkpointing); 3: lean activations, precision
 
     def produce(self, config, upstream, inputs, out, progress=None, work_dir=None):
         from expert.train import train

@@ -83,8 +83,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm, ranks,
                     config.precision)
     if ranks.main:
-        log.info("matmuls in %s (train.precision %s)",
-                 "bfloat16 autocast" if runner.amp_dtype == torch.bfloat16 else "float32", config.precision)
+        log.info("matmuls in %s (train.precision %s)", runner.precision_name, config.precision)
     logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress) \
         if ranks.main else QuietLogger(plan.total_steps, progress)
     try:
@@ -285,5 +284,5 @@ def _summary(config, state, plan, train_set, dev_set, runner, checkpoints) -> di
         "trainable_params": trainable,
         "resumed_from": state["resumed_from"],
         "device": str(runner.device),
-        "precision": "bfloat16 autocast" if runner.amp_dtype == torch.bfloat16 else "float32",
+        "precision": runner.precision_name,
     }

@@ -62,6 +62,11 @@ class Runner:
         self.device = self.params[0].device
         self.amp_dtype = autocast_dtype(precision, self.device)
 
+    @property
+    def precision_name(self) -> str:
+        """What the run log and summary.json say the matmuls compute in."""
+        return "bfloat16 autocast" if self.amp_dtype == torch.bfloat16 else "float32"
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
