@@ -22,7 +22,10 @@ Speed, without changing what is computed:
   of a string and as two before a question). Their suffixes then run packed, several to a
   sequence after one copy of that cache (`_forward_packed`), where the attention kernel
   takes a mask (SDPA, eager); other kernels get right-padded batches with the cache copied
-  per row.
+  per row. On a GPU every pack is padded to the same length and every prefix cache to a
+  multiple of SHAPE_STEP with masked-out slots (`fixed_shapes`): attention kernels that plan
+  per shape (cuDNN's, which PyTorch picks on an H100) then plan a few times per run instead of
+  once per pack.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ import torch
 
 # A shared prefix shorter than this is not worth a separate forward pass.
 MIN_PREFIX_TOKENS = 16
+# Prefix caches (and packs longer than the pack budget) are padded to a multiple of this
+# when shapes are fixed: a few distinct attention shapes in a whole MMLU run.
+SHAPE_STEP = 256
 
 
 @dataclass(frozen=True)
@@ -127,11 +133,14 @@ def _make_passes(index: int, question: Question, max_length: int) -> list[_Pass]
 
 def score_questions(model, questions: Sequence[Question], *, max_length: int, batch_size: int = 8,
                     groups: Sequence[Sequence[int]] | None = None,
-                    on_question_done: Callable[[int], None] | None = None) -> list[list[float]]:
+                    on_question_done: Callable[[int], None] | None = None,
+                    fixed_shapes: bool | None = None) -> list[list[float]]:
     """Log-likelihood of every choice of every question: result[q][c].
 
     `groups` lists questions that share a prompt prefix; each group's longest common token
-    prefix is run once and its KV cache reused (None: no prefix caching).
+    prefix is run once and its KV cache reused (None: no prefix caching). `fixed_shapes` pads
+    packs and prefix caches to a few shapes, with the padding masked out (None: on a GPU).
+    The scores do not change: padded slots are never attended to and never scored.
     """
     passes = [p for i, q in enumerate(questions) for p in _make_passes(i, q, max_length)]
     scores = [[math.nan] * len(q.choices) for q in questions]
@@ -148,12 +157,19 @@ def score_questions(model, questions: Sequence[Question], *, max_length: int, ba
             on_question_done(p.question)
 
     mask_kind = _mask_kind(model)
+    if fixed_shapes is None:
+        fixed_shapes = device.type == "cuda"
+    budget = pack_tokens(model)
     for prefix, members in _plan(passes, groups):
-        cache = _prefix_cache(model, prefix, device) if prefix else None
+        packed = bool(prefix) and mask_kind is not None
+        # Only packs can mask out a padded prefix cache; padded batches need it exact.
+        cached = _round_up(len(prefix), SHAPE_STEP) if packed and fixed_shapes else len(prefix)
+        cache = _prefix_cache(model, prefix, device, cached) if prefix else None
         members.sort(key=lambda p: (-len(p.tokens), p.tokens))
-        if cache is not None and mask_kind is not None:
-            for chunk in _packs(members, len(prefix), pack_tokens(model)):
-                for p, values in zip(chunk, _forward_packed(model, chunk, len(prefix), cache, mask_kind, device)):
+        if packed:
+            for chunk in _packs(members, len(prefix), budget):
+                shape = _PackShape(len(prefix), cached, budget if fixed_shapes else 0)
+                for p, values in zip(chunk, _forward_packed(model, chunk, shape, cache, mask_kind, device)):
                     record(p, values)
             continue
         for start in range(0, len(members), batch_size):
@@ -234,10 +250,28 @@ def _common_prefix(passes: list[_Pass]) -> list[int]:
     return list(prefix[:max(room, 0)])
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 @torch.inference_mode()
-def _prefix_cache(model, prefix: list[int], device: torch.device):
-    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+def _prefix_cache(model, prefix: list[int], device: torch.device, length: int | None = None):
+    """The KV cache of `prefix`, `length` slots long: slots past the prefix hold filler tokens
+    (they come after every prefix token, so causal attention keeps them out of the prefix's
+    values) that the packs mask out."""
+    filler = [prefix[-1]] * ((length or len(prefix)) - len(prefix))
+    ids = torch.tensor([prefix + filler], dtype=torch.long, device=device)
     return model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+
+
+@dataclass(frozen=True)
+class _PackShape:
+    """prefix: real prefix tokens; cached: slots in the prefix cache (prefix + masked filler);
+    length: the pack's padded length (0: no padding; longer packs round up to SHAPE_STEP)."""
+
+    prefix: int
+    cached: int
+    length: int = 0
 
 
 def _expand(cache, batch: int):
@@ -308,7 +342,7 @@ def _mask_kind(model) -> str | None:
 
 
 @torch.inference_mode()
-def _forward_packed(model, passes: list[_Pass], prefix: int, cache, mask_kind: str,
+def _forward_packed(model, passes: list[_Pass], shape: _PackShape, cache, mask_kind: str,
                     device: torch.device) -> list[list[float]]:
     """All passes' suffixes as ONE sequence after the shared prefix's cache.
 
@@ -316,18 +350,27 @@ def _forward_packed(model, passes: list[_Pass], prefix: int, cache, mask_kind: s
     mask), and its positions restart after the prefix, so every suffix sees what it would see
     alone; logits are built only at the scored positions. Against a padded batch this needs no
     copy of the prefix cache per row (a batch of 64 rows of an 8B model's 5-shot prefix is
-    GiBs of copying) and no padding.
+    GiBs of copying) and no padding. With `shape.length` the pack is filled up with one more
+    segment of filler tokens, attending to the prefix and itself like any suffix, never scored;
+    the cache's filler slots past `shape.prefix` are masked out for every token.
     """
+    prefix = shape.prefix
     suffixes = [p.tokens[prefix:] for p in passes]
-    lengths = torch.tensor([len(t) for t in suffixes], device=device)
-    total = int(sum(len(t) for t in suffixes))
-    ids = torch.tensor([t for s in suffixes for t in s], dtype=torch.long, device=device)[None]
-    segment = torch.repeat_interleave(torch.arange(len(suffixes), device=device), lengths)
+    real = sum(len(t) for t in suffixes)
+    if not shape.length:
+        total = real
+    else:  # one pass longer than the budget makes a longer pack: rounded, it rarely adds a shape
+        total = shape.length if real <= shape.length else _round_up(real, SHAPE_STEP)
+    segments = suffixes + ([[0] * (total - real)] if total > real else [])
+    lengths = torch.tensor([len(t) for t in segments], device=device)
+    ids = torch.tensor([t for s in segments for t in s], dtype=torch.long, device=device)[None]
+    segment = torch.repeat_interleave(torch.arange(len(segments), device=device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     local = torch.arange(total, device=device) - starts[segment]
     position = torch.arange(total, device=device)
     allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
-    allowed = torch.cat([torch.ones((total, prefix), dtype=torch.bool, device=device), allowed], dim=1)
+    seen = torch.arange(shape.cached, device=device) < prefix  # filler slots of the cache: never
+    allowed = torch.cat([seen.expand(total, shape.cached), allowed], dim=1)
     if mask_kind == "bool":
         mask = allowed[None, None]
     else:

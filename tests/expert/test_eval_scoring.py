@@ -1,5 +1,7 @@
 """Log-likelihood scoring on the tiny Llama against brute-force references."""
 
+import math
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_prefix_cache_equals_uncached(loaded, monkeypatch):
 
     prefixes = []
     real = scoring._prefix_cache
-    monkeypatch.setattr(scoring, "_prefix_cache", lambda m, p, d: prefixes.append(len(p)) or real(m, p, d))
+    monkeypatch.setattr(scoring, "_prefix_cache", lambda m, p, d, *a: prefixes.append(len(p)) or real(m, p, d, *a))
     frame = mmlu_frame(4)
     questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), [LETTERS] * len(frame))
     groups = list(frame.groupby("subject", sort=False).indices.values())
@@ -117,6 +119,57 @@ def test_packed_suffixes_equal_padded_batches(loaded, monkeypatch, attention):
         assert packs and max(packs) > 1 and len(packs) > len(groups), packs
         assert packed == [pytest.approx(row, abs=1e-4) for row in padded]
         packs.clear()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded, monkeypatch, attention):
+    # On a GPU every pack is padded to the pack budget and every prefix cache to a multiple of
+    # SHAPE_STEP (cuDNN attention plans once per shape). The filler must change no score: the
+    # cache's filler slots are masked out for every token, the pack's filler is its own segment.
+    import torch
+
+    from expert.evaluation import scoring
+
+    frame = mmlu_frame(4)
+    groups = list(frame.groupby("subject", sort=False).indices.values())
+    shapes, caches = set(), []
+    real_forward, real_cache = scoring._forward_packed, scoring._prefix_cache
+
+    def forward(model, passes, shape, cache, *rest):
+        out = real_forward(model, passes, shape, cache, *rest)
+        shapes.add((shape.cached, max(shape.length, sum(len(p.tokens) - shape.prefix for p in passes))))
+        return out
+
+    def prefix_cache(model, prefix, device, length=None):
+        cache = real_cache(model, prefix, device, length)
+        caches.append((len(prefix), cache.get_seq_length()))
+        return cache
+
+    monkeypatch.setattr(scoring, "_forward_packed", forward)
+    monkeypatch.setattr(scoring, "_prefix_cache", prefix_cache)
+    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 80)
+    monkeypatch.setattr(scoring, "SHAPE_STEP", 64)
+    monkeypatch.setattr(loaded.model.config, "_attn_implementation", attention)
+    for texts in (LETTERS, [" xyzzy", " B", " no plugh", " D"]):
+        questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), [texts] * len(frame))
+        exact = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups,
+                                fixed_shapes=False)
+        assert all(n == slots for n, slots in caches)
+        caches.clear()
+        shapes.clear()
+        fixed = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups,
+                                fixed_shapes=True)
+        assert fixed == [pytest.approx(row, abs=1e-4) for row in exact]
+        assert all(not math.isnan(v) for row in fixed for v in row)
+        assert all(slots % 64 == 0 and slots > n for n, slots in caches), caches
+        assert {length for _, length in shapes} <= {80, 128, 192, 256}, shapes
+        assert all(cached % 64 == 0 for cached, _ in shapes), shapes
+        caches.clear()
+        shapes.clear()
+    # Off a GPU the default is exact shapes (padding would only add work there).
+    assert next(loaded.model.parameters()).device == torch.device("cpu")
+    score_questions(loaded.model, questions[:4], max_length=256, groups=[[0, 1, 2, 3]])
+    assert all(n == slots for n, slots in caches)
 
 
 def test_pack_size_follows_the_model_shape(loaded):
