@@ -118,11 +118,13 @@ def offload_to_disk(model_dir: Path) -> bool:
     Block by block keeps peak memory near one block, but cost a third more time on SmolLM2-135M
     on the CPU (its turtle model re-materializes each block from disk); loaded whole, the model
     is one copy in memory. So on a CPU-only machine only a checkpoint over a quarter of the RAM
-    is read block by block (on 24 GiB: SmolLM2 loaded, an 8B model streamed). With a GPU it is
-    the other way round: an 8B-shaped checkpoint of 3.6 GB took 70.9 s loaded whole and 27.9 s
-    streamed (gptqmodel's default) on an H100 (bench/results/gpu_h100_2026-11-26b.json), so
-    there gptqmodel's default stays. The quantized weights are bit-identical either way
-    (measured on both), so the choice does not enter the cache key.
+    is read block by block (on 24 GiB: SmolLM2 loaded, an 8B model streamed). With a GPU,
+    gptqmodel's default (streamed) stays: it keeps host memory near one block, and on an H200 it
+    quantized a 2-layer 8B-shaped checkpoint in 20.1 s, as fast as gptqmodel's own call once
+    both had its packing extension built (bench/results/gpu_h200_2026-11-26d.json; an earlier
+    70.9 vs 27.9 s gap was that one-off build, paid by whichever process ran first). The
+    quantized weights are bit-identical either way (measured on both), so the choice does not
+    enter the cache key.
     """
     if torch.cuda.is_available():
         return True
