@@ -1,0 +1,38 @@
+"""bench/gpu.py runs end to end in its CPU smoke mode.
+
+GPU time comes a few minutes at a time, so a script that breaks on the machine wastes it: every
+case and option of the next planned call runs here on tiny shapes (numbers are not checked,
+only that each case produced its rows and its quality checks).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_script_smoke_runs_every_case(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path),
+           "--cases", "eval,llama3-8b,gptq", "--ours-plain", "--eval-profile", "--eval-pack-sweep", "64",
+           "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+
+    train = result["train"]
+    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain"], train
+    assert all("error" not in row and row["tokens_per_s"] > 0 for row in train), train
+
+    ev = result["eval"]
+    assert "error" not in ev, ev
+    assert ev["same_prediction"] == f"{ev['peer_questions']}/{ev['peer_questions']}"
+    assert [v["variant"] for v in ev["variants"]] == ["exact", "fixed", "efficient", "fixed-efficient"]
+    assert ev["pack_sweep"][0]["pack_tokens"] == 64 and ev["profile"]["top"]
+
+    gptq = result["gptq"]
+    assert all("seconds" in gptq[side] for side in ("ours-cold", "peer", "ours")), gptq
+    same = gptq["identical_tensors"]
+    assert same["identical"] == same["ours"] == same["peer"] > 0, same
+    assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log"}
