@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                         "efficient (exact, SDPA kept off cuDNN), fixed-efficient")
     p.add_argument("--eval-profile", action="store_true",
                    help="profile the scoring of one subject: top kernels and how busy the GPU is")
+    p.add_argument("--train-profile", action="store_true",
+                   help="profile one optimizer step of ours: top kernels and how busy the GPU is")
     p.add_argument("--ours-plain", action="store_true",
                    help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--eval-subject-stride", type=int, default=6, help="ours scores every N-th MMLU subject")
@@ -343,7 +345,10 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
             _, n, s, _, _ = runner.step(batches)
             tokens, seconds = tokens + n, seconds + s
         passes.append(seconds)
-    return {"micro_batch": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing,
+    extra = {}
+    if args.train_profile and lean:
+        extra["profile"] = _profile(lambda: runner.step(windows[0]), device)
+    return {**extra, "micro_batch": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
             "padding_fraction": round(1 - tokens / padded, 3), "seconds": round(passes[1], 2)}
