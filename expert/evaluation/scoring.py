@@ -163,7 +163,8 @@ def score_questions(model, questions: Sequence[Question], *, max_length: int, ba
     for prefix, members in _plan(passes, groups):
         packed = bool(prefix) and mask_kind is not None
         # Only packs can mask out a padded prefix cache; padded batches need it exact.
-        cached = _round_up(len(prefix), SHAPE_STEP) if packed and fixed_shapes else len(prefix)
+        # Never past the context window: a model with learned positions has no slot beyond it.
+        cached = min(_round_up(len(prefix), SHAPE_STEP), max_length) if packed and fixed_shapes else len(prefix)
         cache = _prefix_cache(model, prefix, device, cached) if prefix else None
         members.sort(key=lambda p: (-len(p.tokens), p.tokens))
         if packed:
@@ -351,7 +352,8 @@ def _forward_packed(model, passes: list[_Pass], shape: _PackShape, cache, mask_k
     alone; logits are built only at the scored positions. Against a padded batch this needs no
     copy of the prefix cache per row (a batch of 64 rows of an 8B model's 5-shot prefix is
     GiBs of copying) and no padding. With `shape.length` the pack is filled up with one more
-    segment of filler tokens, attending to the prefix and itself like any suffix, never scored;
+    segment of filler tokens, attending to the prefix and itself like any suffix, never scored,
+    all at the first suffix position (a long filler must not run past the model's positions);
     the cache's filler slots past `shape.prefix` are masked out for every token.
     """
     prefix = shape.prefix
@@ -367,6 +369,7 @@ def _forward_packed(model, passes: list[_Pass], shape: _PackShape, cache, mask_k
     segment = torch.repeat_interleave(torch.arange(len(segments), device=device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     local = torch.arange(total, device=device) - starts[segment]
+    local[real:] = 0  # the filler's positions: any valid one, and the first suffix position is
     position = torch.arange(total, device=device)
     allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
     seen = torch.arange(shape.cached, device=device) < prefix  # filler slots of the cache: never

@@ -145,9 +145,13 @@ def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded
         caches.append((len(prefix), cache.get_seq_length()))
         return cache
 
+    positions = []  # the highest position id of every forward
+    hook = loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(int(kwargs["position_ids"].max()))
+        if kwargs.get("position_ids") is not None else None, with_kwargs=True)
     monkeypatch.setattr(scoring, "_forward_packed", forward)
     monkeypatch.setattr(scoring, "_prefix_cache", prefix_cache)
-    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 80)
+    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 150)  # 3 + 1 questions
     monkeypatch.setattr(scoring, "SHAPE_STEP", 64)
     monkeypatch.setattr(loaded.model.config, "_attn_implementation", attention)
     for texts in (LETTERS, [" xyzzy", " B", " no plugh", " D"]):
@@ -157,15 +161,29 @@ def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded
         assert all(n == slots for n, slots in caches)
         caches.clear()
         shapes.clear()
+        exact_top, positions[:] = max(positions), []
         fixed = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups,
                                 fixed_shapes=True)
         assert fixed == [pytest.approx(row, abs=1e-4) for row in exact]
         assert all(not math.isnan(v) for row in fixed for v in row)
         assert all(slots % 64 == 0 and slots > n for n, slots in caches), caches
-        assert {length for _, length in shapes} <= {80, 128, 192, 256}, shapes
+        assert {length for _, length in shapes} <= {150, 192, 256}, shapes
         assert all(cached % 64 == 0 for cached, _ in shapes), shapes
+        # Filler never takes a position a real token would not: the highest stays the same.
+        assert max(positions) == exact_top, (positions, exact_top)
         caches.clear()
         shapes.clear()
+        positions.clear()
+    # Nor does a padded cache run past the context window (a model with learned positions has
+    # no slot there): with a window just over the longest input, the cache stops at the window.
+    caches.clear()
+    monkeypatch.setattr(scoring, "SHAPE_STEP", 100)  # prefixes of 93-108 tokens: one rounds to 200
+    window = max(len(q.context) for q in questions) + 1
+    score_questions(loaded.model, questions, max_length=window, groups=groups, fixed_shapes=True)
+    assert all(slots <= window for _, slots in caches) and (max(n for n, _ in caches), window) in caches, \
+        (caches, window)
+    hook.remove()
+    caches.clear()
     # Off a GPU the default is exact shapes (padding would only add work there).
     assert next(loaded.model.parameters()).device == torch.device("cpu")
     score_questions(loaded.model, questions[:4], max_length=256, groups=[[0, 1, 2, 3]])
