@@ -369,7 +369,7 @@ def _forward_packed(model, passes: list[_Pass], shape: _PackShape, cache, mask_k
     segment = torch.repeat_interleave(torch.arange(len(segments), device=device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     local = torch.arange(total, device=device) - starts[segment]
-    local[real:] = 0  # the filler's positions: any valid one, and the first suffix position is
+    local[real:] = 0  # any valid position does for the filler; the first suffix position is one
     position = torch.arange(total, device=device)
     allowed = (segment[:, None] == segment[None, :]) & (position[None, :] <= position[:, None])
     seen = torch.arange(shape.cached, device=device) < prefix  # filler slots of the cache: never

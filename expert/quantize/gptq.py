@@ -120,9 +120,9 @@ def offload_to_disk(model_dir: Path) -> bool:
     is one copy in memory. So on a CPU-only machine only a checkpoint over a quarter of the RAM
     is read block by block (on 24 GiB: SmolLM2 loaded, an 8B model streamed). With a GPU,
     gptqmodel's default (streamed) stays: it keeps host memory near one block, and on an H200 it
-    quantized a 2-layer 8B-shaped checkpoint in 20.1 s, as fast as gptqmodel's own call once
-    both had its packing extension built (bench/results/gpu_h200_2026-11-26d.json; an earlier
-    70.9 vs 27.9 s gap was that one-off build, paid by whichever process ran first). The
+    quantized a 2-layer 8B-shaped checkpoint in 20.1 s, against 48.0 s for gptqmodel's own call,
+    ~28 s of which built its packing extension (bench/results/gpu_h200_2026-11-26d.json; an
+    earlier 70.9 vs 27.9 s gap was that one-off build, paid by whichever process ran first). The
     quantized weights are bit-identical either way (measured on both), so the choice does not
     enter the cache key.
     """
