@@ -16,6 +16,8 @@ and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effecti
   expert/train/lean.py), `plan_memory` (micro-batch and checkpointing 'auto' under a 24 GiB limit),
   `BatchPlan` (length-bucketed batches) and `Runner.step` (loss on answer tokens only, one host sync
   per optimizer step); `--ours-plain` adds ours without the lean activations (side "ours-plain").
+`--train-fresh` also times each side on batches it has not seen (new widths: attention kernels that
+plan per shape pay again), `--ours-pad-multiple N` adds ours with widths rounded up to N (side "ours-padN").
 Reported: useful (non-padding) tokens/s, model TFLOP/s at 6N FLOPs per useful token (N = matmul
 parameters, as the anchor counts), peak GiB, and the projected time of the original job (500
 questions x 10 epochs at the mean length).
@@ -101,7 +103,8 @@ def main() -> None:
             continue
         size = "tiny" if args.smoke else size
         ours_micro = None
-        sides = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) + ("peer@ours-micro",)
+        sides = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) \
+            + ((f"ours-pad{args.ours_pad_multiple}",) if args.ours_pad_multiple else ()) + ("peer@ours-micro",)
         for side in sides:
             micro = peer_micro if side == "peer" else ours_micro
             if side == "peer@ours-micro" and (not ours_micro or ours_micro == peer_micro or ours_micro > 16):
@@ -137,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="profile the scoring of one subject: top kernels and how busy the GPU is")
     p.add_argument("--train-profile", action="store_true",
                    help="profile one optimizer step of ours: top kernels and how busy the GPU is")
+    p.add_argument("--train-fresh", action="store_true",
+                   help="also time each side on batches it has not seen: a run's steady state meets new "
+                        "batch widths, and attention kernels that plan per shape pay for each")
+    p.add_argument("--ours-pad-multiple", type=int, default=0,
+                   help="also run ours with batch widths rounded up to this multiple (side ours-padN): fewer shapes")
     p.add_argument("--ours-plain", action="store_true",
                    help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--eval-subject-stride", type=int, default=6, help="ours scores every N-th MMLU subject")
@@ -237,7 +245,8 @@ def _train_case(args, device, size, lora, peer_micro, effective, lengths, side) 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if side.startswith("ours"):
-        row = _ours_train(args, model, examples, lora, peer_micro, effective, device, lean=side == "ours")
+        row = _ours_train(args, model, examples, lora, peer_micro, effective, device, lean=side != "ours-plain",
+                          pad_multiple=args.ours_pad_multiple if side.startswith("ours-pad") else 1)
     else:
         row = _peer_train(args, model, examples, lora, peer_micro, effective, device)
     flops = 6 * matmul_params(cfg)
@@ -266,6 +275,7 @@ def _peer_train(args, model, examples, lora, micro, effective, device) -> dict:
     rng = random.Random(1)
     batches = [[examples[rng.randrange(len(examples))] for _ in range(micro)]
                for _ in range(2 if args.smoke else args.peer_micro_steps)]
+    fresh = [[examples[rng.randrange(len(examples))] for _ in range(micro)] for _ in batches]
 
     def window(batches) -> tuple[int, int, float]:
         useful = padded = 0
@@ -288,9 +298,17 @@ def _peer_train(args, model, examples, lora, micro, effective, device) -> dict:
     # many times, so the number kept is the second pass over the same batches (the peer's best case).
     _, _, cold = window(batches)
     useful, padded, seconds = window(batches)
-    return {"micro_batch": micro, "gradient_checkpointing": True, "tokens_per_s": round(useful / seconds, 1),
+    extra = {}
+    if args.train_fresh:
+        new_useful, _, new_seconds = window(fresh)
+        extra["fresh_tokens_per_s"] = round(new_useful / new_seconds, 1)
+    return {**extra, "micro_batch": micro, "gradient_checkpointing": True, "tokens_per_s": round(useful / seconds, 1),
             "cold_tokens_per_s": round(useful / cold, 1),
             "padding_fraction": round(1 - useful / padded, 3), "seconds": round(seconds, 2)}
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def _padded(batch):
@@ -305,9 +323,14 @@ def _padded(batch):
     return ids, mask, labels
 
 
-def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean: bool = True) -> dict:
+def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean: bool = True,
+                pad_multiple: int = 1) -> dict:
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
-    without the lean activations, to see what they add)."""
+    without the lean activations, to see what they add; pad_multiple > 1: batch widths rounded up
+    to it, to see what fewer shapes buy)."""
+    from unittest import mock
+
+    from expert.train import step as step_module
     from expert.train import TrainConfig
     from expert.train.data import BatchPlan, EncodedSplit
     from expert.train.lora import attach_lora, make_optimizer, make_scheduler
@@ -335,19 +358,36 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
         torch.cuda.reset_peak_memory_stats()
     # Windows of whole micro-batches from the run's own order; each ends with an optimizer step.
     per_window = max(1, min(accum, -(-args.ours_examples // memory.micro_batch_size)))
-    stream = [plan._batch(i) for i in range(per_window * 2)]
-    windows = [stream[:per_window], stream[per_window:]]
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in stream)
-    passes = []
-    for _ in range(2):  # cold, then warm: the same measurement as the peer's
+    stream = [plan._batch(i) for i in range(per_window * 4)]
+    windows = [stream[:per_window], stream[per_window:2 * per_window]]
+    fresh = [stream[2 * per_window:3 * per_window], stream[3 * per_window:]]
+    padded = sum(_round_up(max(lengths[i] for i in b), pad_multiple) * len(b) for b in stream[:2 * per_window])
+    real_collate = step_module.collate
+
+    def collate(examples, pad_id):  # right padding to a multiple: more pad positions, no labels on them
+        batch = real_collate(examples, pad_id)
+        extra_width = _round_up(batch["input_ids"].shape[1], pad_multiple) - batch["input_ids"].shape[1]
+        pad = {"input_ids": pad_id, "labels": -100}
+        return {k: torch.nn.functional.pad(v, (0, extra_width), value=pad[k]) for k, v in batch.items()}
+
+    def timed(runs) -> tuple[float, float]:
         tokens = seconds = 0.0
-        for batches in windows:
+        for batches in runs:
             _, n, s, _, _ = runner.step(batches)
             tokens, seconds = tokens + n, seconds + s
-        passes.append(seconds)
+        return tokens, seconds
+
     extra = {}
-    if args.train_profile and lean:
-        extra["profile"] = _profile(lambda: runner.step(windows[0]), device)
+    with mock.patch.object(step_module, "collate", collate if pad_multiple > 1 else real_collate):
+        passes = []
+        for _ in range(2):  # cold, then warm: the same measurement as the peer's
+            tokens, seconds = timed(windows)
+            passes.append(seconds)
+        if args.train_fresh:
+            new_tokens, new_seconds = timed(fresh)
+            extra["fresh_tokens_per_s"] = round(new_tokens / new_seconds, 1)
+        if args.train_profile and lean and pad_multiple == 1:
+            extra["profile"] = _profile(lambda: runner.step(windows[0]), device)
     return {**extra, "micro_batch": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
@@ -734,6 +774,9 @@ def _print_table(result: dict) -> None:
     for case, sides in by_case.items():
         if all("tokens_per_s" in sides.get(s, {}) for s in ("peer", "ours")):
             print(f"ratio ours/peer {case}: {sides['ours']['tokens_per_s'] / sides['peer']['tokens_per_s']:.2f}")
+        if all("fresh_tokens_per_s" in sides.get(s, {}) for s in ("peer", "ours")):
+            print(f"ratio ours/peer {case}, batches not seen before: "
+                  f"{sides['ours']['fresh_tokens_per_s'] / sides['peer']['fresh_tokens_per_s']:.2f}")
     e = result["eval"] or {}
     if "error" in e:
         print(f"eval ERROR {e['error'][:200]}")

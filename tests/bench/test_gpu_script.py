@@ -15,16 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_script_smoke_runs_every_case(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--cases", "eval,llama3-8b,gptq", "--ours-plain", "--train-profile", "--eval-profile", "--eval-pack-sweep", "64",
+           "--cases", "eval,llama3-8b,gptq", "--ours-plain", "--train-profile", "--train-fresh",
+           "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
 
     train = result["train"]
-    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain"], train
-    assert all("error" not in row and row["tokens_per_s"] > 0 for row in train), train
-    assert train[1]["profile"]["top"] and "profile" not in train[2]  # ours only
+    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64"], train
+    assert all("error" not in row and row["tokens_per_s"] > 0 < row["fresh_tokens_per_s"] for row in train), train
+    assert train[1]["profile"]["top"] and all("profile" not in row for row in train[2:])  # ours only
+    # Widths rounded up to 64: the same useful tokens in more padding (tiny examples are ~40 tokens).
+    assert train[3]["padding_fraction"] > train[1]["padding_fraction"] + 0.2, train
 
     ev = result["eval"]
     assert "error" not in ev, ev
