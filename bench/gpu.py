@@ -328,6 +328,7 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
     without the lean activations, to see what they add; pad_multiple > 1: batch widths rounded up
     to it, to see what fewer shapes buy)."""
+    import contextlib
     from unittest import mock
 
     from expert.train import step as step_module
@@ -378,7 +379,7 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
         return tokens, seconds
 
     extra = {}
-    with mock.patch.object(step_module, "collate", collate if pad_multiple > 1 else real_collate):
+    with mock.patch.object(step_module, "collate", collate) if pad_multiple > 1 else contextlib.nullcontext():
         passes = []
         for _ in range(2):  # cold, then warm: the same measurement as the peer's
             tokens, seconds = timed(windows)

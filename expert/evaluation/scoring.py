@@ -168,8 +168,8 @@ def score_questions(model, questions: Sequence[Question], *, max_length: int, ba
         cache = _prefix_cache(model, prefix, device, cached) if prefix else None
         members.sort(key=lambda p: (-len(p.tokens), p.tokens))
         if packed:
+            shape = _PackShape(len(prefix), cached, budget if fixed_shapes else 0)
             for chunk in _packs(members, len(prefix), budget):
-                shape = _PackShape(len(prefix), cached, budget if fixed_shapes else 0)
                 for p, values in zip(chunk, _forward_packed(model, chunk, shape, cache, mask_kind, device)):
                     record(p, values)
             continue
