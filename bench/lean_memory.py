@@ -145,9 +145,17 @@ def main() -> None:
         "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
-        "command": "python bench/lean_memory.py " + " ".join(sys.argv[1:]),
+        "command": _command(args),
         "date": datetime.date.today().isoformat(),
     })
+
+
+def _command(args) -> str:
+    """The command line without --out: where this machine wrote the result is no part of it."""
+    cmd = "python bench/lean_memory.py"
+    for flag, value, default in (("--shapes", args.shapes, ",".join(SHAPES)), ("--tokens", args.tokens, 256)):
+        cmd += f" {flag} {value}" if value != default else ""
+    return cmd
 
 
 if __name__ == "__main__":

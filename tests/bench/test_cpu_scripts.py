@@ -1,0 +1,81 @@
+"""The CPU benchmark scripts run end to end on tiny inputs and write results in the issue's format.
+
+The committed results were measured on SmolLM2-135M and the real PubMedQA; here each script gets
+a tiny random Llama and a few made-up PubMedQA records, so only that it runs, writes every field
+of the result format and passes its own quality check is tested, never a speed. Not covered:
+`eval_vs_lmeval.py` (needs lm-evaluation-harness in its own environment) and
+`pipeline_overhead.py` (times `make run`'s whole pipeline on the embedded model).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.data import write_pubmedqa_json
+from tests.fixtures.models import tiny_llama_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {"metric", "unit", "peer", "ours", "ratio", "machine", "versions", "command", "date"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model folder and a formatted PubMedQA folder (the data stage's output)."""
+    root = tmp_path_factory.mktemp("bench-inputs")
+    source = write_pubmedqa_json(root / "ori_pqal.json", n=60)
+    data = root / "pubmedqa"
+    _run([sys.executable, "-m", "expert.cli", "format", "pubmedqa", "--source", str(source), "--out", str(data)])
+    return {"model": tiny_llama_dir(root / "model"), "data": data}
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
+
+
+def _bench(script: str, out: Path, *args: str) -> dict:
+    _run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert FIELDS <= result.keys(), sorted(FIELDS - result.keys())
+    assert result["peer"]["name"] and result["peer"]["value"] > 0 < result["ours"]["value"], result
+    assert result["ratio"] > 0 and str(out.parent) not in result["command"], result["command"]
+    return result
+
+
+def test_train_vs_trainer(inputs, tmp_path):
+    result = _bench("train_vs_trainer.py", tmp_path / "train.json", "--model", str(inputs["model"]),
+                    "--data", str(inputs["data"]), "--examples", "8", "--dev-examples", "4", "--max-length", "128")
+    # Both sides trained the same examples and were scored on the same dev examples.
+    peer, ours = result["runs"]["peer"][0], result["runs"]["ours"][0]
+    assert peer["tokens"] == ours["tokens"] > 0 and result["dev_loss"]["examples"] == 4, result["runs"]
+    assert result["quality_ok"] is True, result["dev_loss"]
+
+
+def test_scale(inputs, tmp_path):
+    result = _bench("scale.py", tmp_path / "scale.json", "--model", str(inputs["model"]), "--data", str(inputs["data"]),
+                    "--train-sizes", "4,8", "--eval-sizes", "4,8", "--max-length", "64")
+    assert [row["examples"] for row in result["training"]] == [4, 8], result["training"]
+    assert [row["questions"] for row in result["evaluation"]] == [4, 8], result["evaluation"]
+
+
+def test_quantize(inputs, tmp_path):
+    result = _bench("quantize.py", tmp_path / "quantize.json", "--model", str(inputs["model"]),
+                    "--data", str(inputs["data"]), "--samples", "8", "--max-length", "64", "--group-size", "32",
+                    "--perplexity", "4")
+    same = result["identical_tensors"]
+    assert same["identical"] == same["ours"] == same["peer"] > 0, same  # our settings are gptqmodel's defaults
+
+
+def test_lean_memory(tmp_path):
+    result = _bench("lean_memory.py", tmp_path / "lean.json", "--shapes", "smollm2-135m", "--tokens", "32")
+    assert result["ours"]["value"] < result["peer"]["value"], result  # lean keeps less
+    assert result["quality"]["same_loss_without_dropout"] is True, result["quality"]
+
+
+def test_format_scale(tmp_path):
+    result = _bench("format_scale.py", tmp_path / "format.json", "--sizes", "50,200")
+    assert [row["pqa_a_questions"] for row in result["scaling"]] == [50, 200], result["scaling"]
+    assert result["quality"]["identical_rows"] is True, result["quality"]
