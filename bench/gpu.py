@@ -401,7 +401,7 @@ def _eval_case(args, device, lengths) -> dict:
     from expert.evaluation.scoring import Question, score_questions
 
     model, cfg = build("tiny" if args.smoke else "llama3-8b", "none", device)
-    model = _CacheKwarg.wrap(model.eval())
+    model = _Work(_CacheKwarg.wrap(model.eval()))
     rng = random.Random(2)
     subjects = sorted(lengths["mmlu"])[::args.eval_subject_stride]
     scale = 8 if args.smoke else 1
@@ -419,10 +419,12 @@ def _eval_case(args, device, lengths) -> dict:
     # First pass warms kernels and the allocator for the pack shapes; the second is timed.
     score_questions(model, questions[:len(groups[0])], max_length=max_length, batch_size=32, groups=groups[:1])
     _sync(device)
+    model.reset()
     start = time.perf_counter()
     ours = score_questions(model, questions, max_length=max_length, batch_size=32, groups=groups)
     _sync(device)
     ours_s = time.perf_counter() - start
+    work = model.summary(cfg, ours_s)
     from expert.evaluation.scoring import pack_tokens
 
     prefix_tokens = sum(lengths["mmlu"][subject]["prefix"] // scale * len(g) for subject, g in zip(subjects, groups))
@@ -453,9 +455,11 @@ def _eval_case(args, device, lengths) -> dict:
             "ours_questions_per_s": round(ours_qps, 1), "peer_questions_per_s": round(peer_qps, 1),
             "ratio": round(ours_qps / peer_qps, 2),
             "ours_path": f"packed suffixes after each subject's prefix cache, {pack} tokens per pack",
+            "ours_suffix_tokens": suffix_tokens,
             "ours_suffix_tokens_per_s": round(suffix_tokens / ours_s),
             "ours_full_mmlu_s": round(MMLU_QUESTIONS / ours_qps, 1),
             "peer_full_mmlu_s": round(MMLU_QUESTIONS / peer_qps, 1),
+            "ours_work": work,
             "same_prediction": f"{agree}/{len(sample)}", "max_loglik_diff": round(diff, 4),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
             **extra}
@@ -708,6 +712,41 @@ class _CacheKwarg(nn.Module):
         return out
 
 
+class _Work(nn.Module):
+    """Counts what the wrapped model was asked to compute: tokens through the layers and
+    attention (query, key) pairs, dense, masked or not (a pack's mask hides most of its pairs,
+    and the kernels compute them anyway). Turned into FLOPs, the rate says whether the GPU
+    was kept busy on big matmuls (hundreds of TFLOP/s) or waited on something else."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = self.pairs = self.forwards = 0
+
+    def forward(self, **kwargs):
+        q = kwargs["input_ids"].shape[-1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        self.tokens += kwargs["input_ids"].numel()
+        self.pairs += kwargs["input_ids"].shape[0] * q * (past + q)
+        self.forwards += 1
+        return self.model(**kwargs)
+
+    def summary(self, cfg, seconds: float) -> dict:
+        """2 FLOPs per weight per token in the decoder layers (the LM head runs on scored rows only),
+        and 4 * hidden per attention pair per layer (scores and weighted sum)."""
+        layers_params = matmul_params(cfg) - cfg.hidden_size * cfg.vocab_size
+        linear = 2 * layers_params * self.tokens
+        attention = 4 * cfg.hidden_size * cfg.num_hidden_layers * self.pairs
+        return {"forwards": self.forwards, "tokens": self.tokens, "attention_pairs": self.pairs,
+                "tflop": float(f"{(linear + attention) / 1e12:.4g}"),
+                "attention_share": round(attention / (linear + attention), 3),
+                "tflop_per_s": float(f"{(linear + attention) / 1e12 / seconds:.4g}")}
+
+
 def _argmax(row: list[float]) -> int:
     return max(range(len(row)), key=row.__getitem__)
 
@@ -785,6 +824,8 @@ def _print_table(result: dict) -> None:
         print(f"MMLU-shaped eval: ours {e['ours_questions_per_s']} q/s (full MMLU {e['ours_full_mmlu_s']} s), "
               f"peer {e['peer_questions_per_s']} q/s (full {e['peer_full_mmlu_s']} s), ratio {e['ratio']}, "
               f"same prediction {e['same_prediction']}, max log-lik diff {e['max_loglik_diff']}")
+        w = e["ours_work"]
+        print(f"  ours computed {w['tflop']} TFLOP ({w['attention_share']:.0%} attention) at {w['tflop_per_s']} TFLOP/s")
 
 
 if __name__ == "__main__":
