@@ -1,11 +1,12 @@
 """Content-addressed artifact store: `artifacts/<stage>/<key>/`.
 
-A stage's key is the hash of its name, its version, its canonical config, the keys of its
-upstream artifacts and the fingerprints of its external inputs (files, hub revisions), so
-the same inputs always map to the same folder and any change maps to a new one.
+A stage's key is the hash of its name, its version, its canonical config, the keys and file
+digests of its upstream artifacts (`content_id`) and the fingerprints of its external inputs
+(files, hub revisions), so the same inputs always map to the same folder and any change maps
+to a new one.
 
 An artifact is complete only when its `manifest.json` exists and matches: the producer
-writes into a temporary folder beside the target, the manifest (config, upstream keys,
+writes into a temporary folder beside the target, the manifest (config, upstream ids,
 file digests, package versions, timings) is written last, and the folder is renamed into
 place. A crash leaves at most a `.tmp-*` folder, which never counts (and the next build of
 the same key deletes it).
@@ -38,6 +39,7 @@ from expert.locks import exclusive
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+EXTERNAL = "external"  # the stage name of refs to folders made outside the store
 KEY_LENGTH = 16
 # Files up to this size are re-hashed on every use; larger ones (model shards of GBs) are
 # checked by size and a digest of SAMPLE_BLOCKS blocks spread over the file, which reads a few
@@ -67,7 +69,7 @@ class StageRequest:
     stage: str
     version: int
     config: dict[str, Any]
-    upstream: dict[str, str] = field(default_factory=dict)  # role -> upstream artifact key
+    upstream: dict[str, str] = field(default_factory=dict)  # role -> upstream `content_id`
     inputs: dict[str, str] = field(default_factory=dict)  # role -> external input fingerprint
 
     @property
@@ -91,6 +93,22 @@ class Artifact:
     def ref(self) -> dict[str, str]:
         """The small, JSON-safe handle that Prefect tasks pass around."""
         return {"stage": self.stage, "key": self.key, "path": str(self.path)}
+
+
+def content_id(ref: dict[str, str]) -> str:
+    """How a downstream key names an upstream artifact: its key and a digest of its files.
+
+    The key alone is not enough: a forced rebuild (or one after the folder was deleted) keeps
+    the key and may change the content (a code fix, GPU nondeterminism). Were the stages
+    after it keyed by the key only, a run stopped right after that rebuild would leave them
+    cached on the old content, and the next run would reuse them.
+    """
+    if ref.get("stage") == EXTERNAL:
+        return ref["key"]  # a folder made outside the store is keyed by its content already
+    # A ref may name a folder inside its artifact (select's adapter): "artifact" is the artifact's.
+    manifest = json.loads((Path(ref.get("artifact", ref["path"])) / MANIFEST).read_text())
+    files = {rel: desc["sha256"] for rel, desc in manifest["files"].items()}
+    return f"{ref['key']}@{hashlib.sha256(canonical_json(files).encode()).hexdigest()[:KEY_LENGTH]}"
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
@@ -182,7 +200,9 @@ class ArtifactStore:
             for debris in target.parent.glob(f".tmp-{request.key}-*"):
                 shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
             self._write(request, producer, target, replace)
-        shutil.rmtree(self.work_dir(request), ignore_errors=True)
+            # Under the lock: a forced build of the same key waiting for it writes its own
+            # checkpoints there next, and they must not be deleted under it.
+            shutil.rmtree(self.work_dir(request), ignore_errors=True)
         artifact = self.get(request)
         if artifact is None:  # pragma: no cover - only if the disk lies to us
             raise ExpertError(f"artifact {target} failed verification right after it was written")

@@ -66,7 +66,16 @@ class FingerprintCache:
 
 
 def _files_under(folder: Path):
-    for root, dirs, files in os.walk(folder):
+    """Every file a reader of `folder` would see: symlinked subfolders are followed (a glob such
+    as MMLU's `test/*_test.csv` follows them, so their content is part of the data), each real
+    folder once, so a link back up the tree ends instead of looping."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if d not in _SKIP_NAMES]
         for name in files:
             yield Path(root) / name

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from expert.artifacts import MANIFEST, ArtifactStore, verify
+from expert.artifacts import EXTERNAL, MANIFEST, ArtifactStore, verify
 from expert.errors import ExpertError
 from expert.fingerprint import FingerprintCache
 
@@ -47,4 +47,4 @@ class Workspace:
             manifest = json.loads((path / MANIFEST).read_text())
             return {"stage": manifest["stage"], "key": manifest["key"], "path": str(path)}
         digest = hashlib.sha256(self.fingerprints.path(path).encode()).hexdigest()[:16]
-        return {"stage": "external", "key": digest, "path": str(path)}
+        return {"stage": EXTERNAL, "key": digest, "path": str(path)}

@@ -1,7 +1,7 @@
 """One mechanism for every stage task: fetch inputs, check the artifact store, build or reuse.
 
-Prefect's cache key is the stage's content key (stage, version, config, upstream keys,
-input fingerprints), never the run id. Prefect's cached record is trusted only while the
+Prefect's cache key is the stage's content key (stage, version, config, upstream keys and
+file digests, input fingerprints), never the run id. Prefect's cached record is trusted only while the
 artifact folder itself is complete: the flow-side check in `run_stage` forces a refresh
 when the folder is gone or fails verification, so a deleted artifact is rebuilt even
 though Prefect still remembers it.

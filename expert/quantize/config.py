@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,6 +11,8 @@ from expert.config import StageConfig
 GPTQ_BITS = (2, 3, 4, 8)  # what transformers' GPTQConfig accepts; 4 is the tested one
 # Group sizes gptqmodel's kernels are built for (-1: one group per output row).
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+# The fields every method uses (the rest are GPTQ's): the perplexity check's, and the method.
+COMMON_FIELDS = ("method", "perplexity_samples", "max_length", "seed")
 
 
 class QuantizeConfig(StageConfig):
@@ -55,6 +57,12 @@ class QuantizeConfig(StageConfig):
         if size != -1 and size not in GROUP_SIZES:
             raise ValueError(f"must be -1 or one of {GROUP_SIZES}")
         return size
+
+    def canonical(self) -> dict[str, Any]:
+        """Only the fields that apply to the method: a GPTQ setting changed under nf4 or none
+        changes nothing those write, so it must not change their key (and rerun training)."""
+        out = super().canonical()
+        return out if self.method == "gptq" else {k: out[k] for k in COMMON_FIELDS}
 
     @model_validator(mode="after")
     def _nf4_is_4bit(self) -> "QuantizeConfig":

@@ -81,10 +81,9 @@ def _base_report(config: QuantizeConfig, model_dir: Path) -> dict[str, Any]:
         import optimum.version
 
         versions |= {"optimum": optimum.version.__version__, "gptqmodel": gptqmodel.__version__}
-    settings = config.canonical()
-    if config.method != "gptq":  # the GPTQ fields do not apply; nf4's fixed settings do
-        settings = {k: settings[k] for k in ("method", "perplexity_samples", "max_length", "seed")}
-        settings |= NF4_SETTINGS if config.method == "nf4" else {}
+    settings = config.canonical()  # for nf4 and none without the GPTQ fields, which do not apply
+    if config.method == "nf4":
+        settings |= NF4_SETTINGS
     return {"method": config.method, "settings": settings, "versions": versions, "time_s": {},
             "size_bytes": {"before": weights_bytes(model_dir)}, "calibration": None,
             "perplexity": None, "layers": [], "layers_note": ""}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from expert.artifacts import StageRequest
+from expert.artifacts import StageRequest, content_id
 from expert.config import StageConfig
 from expert.workspace import Workspace
 
@@ -32,7 +32,7 @@ class Stage:
             stage=self.name,
             version=self.version,
             config=self.key_config(config),
-            upstream={role: ref["key"] for role, ref in sorted(upstream.items())},
+            upstream={role: content_id(ref) for role, ref in sorted(upstream.items())},
             inputs={role: src.fingerprint for role, src in sorted(inputs.items())},
         )
 

@@ -9,6 +9,9 @@ from typing import Any, ClassVar
 
 from expert.stages.base import Stage
 
+# Evaluation settings without an mmlu_ prefix that only MMLU scoring reads.
+MMLU_ONLY = ("prefix_cache",)
+
 
 @dataclass(frozen=True)
 class Evaluate(Stage):
@@ -25,7 +28,8 @@ class Evaluate(Stage):
         # Only the settings that matter for this benchmark: a new MMLU subset must not
         # rerun the PubMedQA evaluation.
         other = "mmlu_" if self.benchmark == "pubmedqa" else "pubmedqa_"
-        canon = {k: v for k, v in config.canonical().items() if not k.startswith(other)}
+        canon = {k: v for k, v in config.canonical().items()
+                 if not k.startswith(other) and not (self.benchmark == "pubmedqa" and k in MMLU_ONLY)}
         return {"benchmark": self.benchmark, **canon}
 
     def split_file(self, config) -> str:

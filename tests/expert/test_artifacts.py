@@ -143,3 +143,62 @@ def test_a_damaged_artifact_is_reported_once_per_process(tmp_path, caplog):
         assert store.get(request(config={"damaged": 1})) is None
         assert store.get(request(config={"damaged": 1})) is None
     assert [r.getMessage().startswith(f"not using {art.path}") for r in caplog.records] == [True]
+
+
+def test_downstream_keys_name_the_upstream_files_not_only_its_key(tmp_path):
+    """A forced rebuild keeps the upstream's key; if its files change, what reads it gets a new key
+    (a run stopped right after that rebuild must not leave the old downstream artifacts cached)."""
+    from expert.artifacts import content_id
+    from expert.stages.base import Stage
+
+    class Reader(Stage):
+        name, version = "reader", 1
+
+    store = ArtifactStore(tmp_path)
+    up = store.build(request(), lambda out: (out / "w.bin").write_bytes(b"old"))
+    config = type("C", (), {"canonical": lambda self: {"x": 1}})()
+    before = Reader().request(config, {"model": up.ref()}, {}).key
+    same = store.build(request(), lambda out: (out / "w.bin").write_bytes(b"old"), replace=True)
+    assert Reader().request(config, {"model": same.ref()}, {}).key == before  # same files: still cached
+    new = store.build(request(), lambda out: (out / "w.bin").write_bytes(b"new"), replace=True)
+    assert new.key == up.key and Reader().request(config, {"model": new.ref()}, {}).key != before
+    # A folder inside the artifact (select's adapter) is named by its artifact's files.
+    (new.path / "adapter").mkdir(exist_ok=True)
+    inner = {**new.ref(), "path": str(new.path / "adapter"), "artifact": str(new.path)}
+    assert content_id(inner) == content_id(new.ref())
+    assert content_id({"stage": "external", "key": "abc", "path": str(tmp_path)}) == "abc"
+
+
+def test_work_dir_is_removed_under_the_keys_lock(tmp_path, monkeypatch):
+    """A forced build of the same key waits for the lock and then writes its own checkpoints into the
+    work folder: the finished build must have removed its work folder before letting go of the lock."""
+    import shutil
+    import threading
+    import time
+
+    import expert.artifacts as artifacts
+
+    store = ArtifactStore(tmp_path)
+    work = store.work_dir(request())
+    rmtree = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):  # widens the window between the build's end and the removal
+        if str(path) == str(work):
+            time.sleep(0.5)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts.shutil, "rmtree", slow_rmtree)
+    survived = {}
+
+    def forced(out):
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "checkpoint-10").write_text("resume from here")
+        time.sleep(1.0)
+        survived["checkpoint"] = (work / "checkpoint-10").exists()
+        (out / "f").write_text("b")
+
+    first = threading.Thread(target=store.build, args=(request(), lambda out: (out / "f").write_text("a")))
+    second = threading.Thread(target=lambda: (time.sleep(0.1), store.build(request(), forced, replace=True)))
+    first.start(), second.start()
+    first.join(), second.join()
+    assert survived == {"checkpoint": True}

@@ -32,3 +32,19 @@ def test_memo_avoids_rehashing_unchanged_files(tmp_path, monkeypatch):
     os.utime(f, ns=(1, 1))
     again.path(f)
     assert calls == [f.resolve()]
+
+
+def test_tree_fingerprint_follows_symlinked_folders_and_ends_on_a_loop(tmp_path):
+    """MMLU's reader globs `test/*_test.csv`, which follows a symlinked `test/`: so must the fingerprint."""
+    real = tmp_path / "real_test"
+    real.mkdir()
+    (real / "anatomy_test.csv").write_text("q,a,b,c,d,A\n")
+    data = tmp_path / "mmlu"
+    data.mkdir()
+    (data / "test").symlink_to(real, target_is_directory=True)
+    (real / "up").symlink_to(data, target_is_directory=True)  # a loop back up the tree
+    cache = FingerprintCache(None)
+    before = cache.path(data)
+    (real / "anatomy_test.csv").write_text("q2,a,b,c,d,B\n")
+    os.utime(real / "anatomy_test.csv", ns=(2, 2))
+    assert cache.path(data) != before

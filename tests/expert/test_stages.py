@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 from expert.benchmarks.pubmedqa import PubMedQAConfig
 from expert.evaluation import EvalConfig
-from expert.stages import Evaluate, FormatPubMedQA, ImportModel
+from expert.quantize import QuantizeConfig
+from expert.stages import Evaluate, FormatPubMedQA, ImportModel, Quantize
 from expert.models import ModelConfig
 
 
@@ -28,28 +29,32 @@ def test_model_key_follows_dtype_and_content():
     assert base.key != stage.request(ModelConfig(source="gguf:a.gguf", dtype="bfloat16"), {}, {"source": src("x")}).key
 
 
-def _data_ref(tmp_path, digest):
+def _data_ref(tmp_path, digest, names=("test.parquet", "dev.parquet"), stage="format"):
+    """A ref to an artifact folder whose manifest lists `names`, each with content `digest`."""
     folder = tmp_path / digest
     folder.mkdir()
-    files = {n: {"size": 1, "sha256": digest} for n in ("test.parquet", "dev.parquet")}
+    files = {n: {"size": 1, "sha256": digest} for n in names}
     (folder / "manifest.json").write_text(__import__("json").dumps({"files": files}))
-    return {"stage": "format", "key": f"k-{digest}", "path": str(folder)}
+    return {"stage": stage, "key": f"k-{digest}", "path": str(folder)}
+
+
+def _model_ref(tmp_path, digest="m1"):
+    return _data_ref(tmp_path, digest, ("model.safetensors",), "import_model")
 
 
 def test_evaluation_key_ignores_the_other_benchmarks_settings(tmp_path):
     data = _data_ref(tmp_path, "d1")
-    model = {"stage": "import_model", "key": "m1", "path": "/m"}
+    model = _model_ref(tmp_path)
     pubmedqa = Evaluate("pubmedqa")
     mmlu = Evaluate("mmlu")
-    cfg, subset = EvalConfig(), EvalConfig(mmlu_max_per_subject=3)
-    assert pubmedqa.request(cfg, {"model": model, "data": data}, {}).key == \
-        pubmedqa.request(subset, {"model": model, "data": data}, {}).key
-    assert mmlu.request(cfg, {"model": model, "data": data}, {}).key != \
-        mmlu.request(subset, {"model": model, "data": data}, {}).key
+    up = {"model": model, "data": data}
+    for mmlu_only in (EvalConfig(mmlu_max_per_subject=3), EvalConfig(prefix_cache=False)):
+        assert pubmedqa.request(EvalConfig(), up, {}).key == pubmedqa.request(mmlu_only, up, {}).key
+        assert mmlu.request(EvalConfig(), up, {}).key != mmlu.request(mmlu_only, up, {}).key
 
 
 def test_evaluation_key_follows_the_split_content_not_the_data_key(tmp_path):
-    model = {"stage": "import_model", "key": "m1", "path": "/m"}
+    model = _model_ref(tmp_path)
     same = _data_ref(tmp_path, "d1")
     other_key_same_content = {**same, "key": "another-fold"}
     stage = Evaluate("pubmedqa")
@@ -57,6 +62,20 @@ def test_evaluation_key_follows_the_split_content_not_the_data_key(tmp_path):
         stage.request(EvalConfig(), {"model": model, "data": other_key_same_content}, {}).key
     assert stage.request(EvalConfig(), {"model": model, "data": same}, {}).key != \
         stage.request(EvalConfig(), {"model": model, "data": _data_ref(tmp_path, "d2")}, {}).key
-    adapter = {"stage": "train", "key": "a1", "path": "/a"}
+    adapter = _data_ref(tmp_path, "a1", ("adapter_model.safetensors",), "train")
     assert stage.request(EvalConfig(), {"model": model, "data": same}, {}).key != \
         stage.request(EvalConfig(), {"model": model, "data": same, "adapter": adapter}, {}).key
+
+
+def test_quantize_key_holds_only_the_settings_its_method_uses(tmp_path):
+    """nf4 and none write no weights: a GPTQ setting changed under them must not rerun them (and training)."""
+    up = {"model": _model_ref(tmp_path)}
+    gptq_only = {"group_size": 128, "num_samples": 8, "desc_act": True, "damp_percent": 0.1, "calibration": "c.txt"}
+
+    def key(**fields):
+        return Quantize().request(QuantizeConfig(**fields), up, {}).key
+
+    for method in ("nf4", "none"):
+        assert key(method=method) == key(method=method, **gptq_only)
+        assert key(method=method) != key(method=method, max_length=64)  # the perplexity check's
+    assert all(key() != key(**{name: value}) for name, value in gptq_only.items())
