@@ -8,6 +8,7 @@ config is what goes into the stage's cache key.
 
 from __future__ import annotations
 
+import typing
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -20,15 +21,20 @@ C = TypeVar("C", bound="StageConfig")
 class StageConfig(BaseModel):
     """Base class of every stage config: frozen, strict about unknown keys."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # No inf or NaN: `learning_rate: .inf` would pass `gt=0` and fail hours later.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
-        """Validate `data`; raise `ConfigError` listing every problem, prefixed by `where`."""
+    def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "", source: str = "") -> C:
+        """Validate `data`; raise `ConfigError` listing every problem.
+
+        `where` is the section the data is (fields are named `where.field`, as the user writes
+        them in a pipeline config); `source` is where it came from (a file, a command), named once.
+        """
         try:
             return cls.model_validate(data or {})
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(cls, exc, where)) from None
+            raise ConfigError(format_validation_error(cls, exc, where, source)) from None
 
     def canonical(self) -> dict[str, Any]:
         """JSON-ready dict of every field (defaults included): the cache-key input.
@@ -44,7 +50,7 @@ class StageConfig(BaseModel):
         return out
 
 
-def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: str = "") -> str:
+def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: str = "", source: str = "") -> str:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
@@ -58,7 +64,8 @@ def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: s
             if "input" in err and err["type"] != "missing":
                 msg += f" (got {err['input']!r})"
         problems.append(msg)
-    head = f"invalid {cls.__name__}" + (f" in '{where}'" if where else "")
+    place = source or where
+    head = f"invalid {cls.__name__}" + (f" in '{place}'" if place else "")
     return head + ": " + "; ".join(problems)
 
 
@@ -69,5 +76,15 @@ def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
-        model = field.annotation
+        model = _model_in(field.annotation)
     return list(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The config class an annotation holds: itself, or the one inside `X | None`."""
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None

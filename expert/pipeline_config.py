@@ -74,7 +74,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    return PipelineConfig.from_dict(raw, where=str(path) if path else "")
+    return PipelineConfig.from_dict(raw, source=str(path) if path else "")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -16,8 +16,11 @@ from pydantic import Field, field_validator, model_validator
 
 from expert.config import StageConfig
 
-# A dask scheduler address as `distributed.Client` takes it: tcp://host:8786, tls://..., host:8786.
-_ADDRESS = re.compile(r"^([a-z]+://)?[^\s:/]+:\d+$")
+# A dask scheduler address as `distributed.Client` takes it: tcp://host:8786, tls://..., host:8786,
+# and an IPv6 host in brackets (tcp://[::1]:8786), since its own colons would end a bare host.
+# The devices torch names that scoring can run on.
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+_ADDRESS = re.compile(r"^([a-z]+://)?([^\s:/\[\]]+|\[[0-9a-fA-F:.]+\]):\d+$")
 
 
 class RunnerConfig(StageConfig):
@@ -53,7 +56,8 @@ class RunnerConfig(StageConfig):
             if chosen:
                 problems.append(f"{', '.join(chosen)}: used with kind 'dask' only; set kind: dask, or remove them")
         if self.address is not None and not _ADDRESS.match(self.address):
-            problems.append(f"address {self.address!r} is not a scheduler address; give e.g. 'tcp://host:8786'")
+            problems.append(f"address {self.address!r} is not a scheduler address; give e.g. 'tcp://host:8786' "
+                            "(an IPv6 host in brackets: 'tcp://[::1]:8786')")
         if self.address is not None and self.workers is not None:
             problems.append("give address (a running cluster) or workers (a LocalCluster started here), not both")
         if problems:
@@ -66,7 +70,7 @@ class RunnerConfig(StageConfig):
 
 
 class EvalConfig(StageConfig):
-    """How to score a model on PubMedQA (zero-shot) and MMLU (5-shot)."""
+    """How to score a model on PubMedQA (zero-shot) and MMLU (k-shot: data.mmlu.num_shots)."""
 
     batch_size: int = Field(
         8,
@@ -104,7 +108,7 @@ class EvalConfig(StageConfig):
     )
     prefix_cache: bool = Field(
         True,
-        description="MMLU: run the 5-shot prefix once per subject and reuse its KV cache for "
+        description="MMLU: run the k-shot prefix once per subject and reuse its KV cache for "
         "all that subject's questions. Same scores to float tolerance, several times faster.",
     )
 
@@ -115,6 +119,14 @@ class EvalConfig(StageConfig):
 
     def canonical(self) -> dict[str, Any]:
         return {k: v for k, v in super().canonical().items() if k != "runner"}
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        # Checked here, not when select first loads a model after quantize and train have run.
+        if not _DEVICE.match(value):
+            raise ValueError("must be 'auto', 'cpu', 'mps', or 'cuda' / 'xpu' with an optional index ('cuda:1')")
+        return value
 
     @field_validator("mmlu_subjects")
     @classmethod

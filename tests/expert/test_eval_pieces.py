@@ -88,6 +88,18 @@ def test_runner_config_names_the_bad_field_and_the_fix(runner, message):
         EvalConfig.from_dict({"runner": runner}, where="eval")
 
 
+@pytest.mark.parametrize("address", ["tcp://10.0.0.5:8786", "scheduler:8786", "tls://host.example:8786",
+                                     "tcp://[::1]:8786", "[::1]:8786", "tcp://[::ffff:10.0.0.5]:8786"])
+def test_runner_takes_the_addresses_dask_takes(address):
+    assert EvalConfig.from_dict({"runner": {"kind": "dask", "address": address}}).runner.address == address
+
+
+@pytest.mark.parametrize("address", ["tcp://::1:8786", "tcp://[::1]", "tcp://[host]:8786", "tcp://[::1:8786"])
+def test_runner_rejects_malformed_addresses(address):
+    with pytest.raises(ConfigError, match="is not a scheduler address"):
+        EvalConfig.from_dict({"runner": {"kind": "dask", "address": address}}, where="eval")
+
+
 def test_runner_is_in_no_cache_key():
     local, dask = EvalConfig(), EvalConfig.from_dict({"runner": DASK})
     assert "runner" not in local.canonical()
