@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--tokenizer", type=Path, default=None, help="model folder whose tokenizer sets the budget")
     pq.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate contexts to this token budget")
     pq.set_defaults(handler=cmd_format_pubmedqa)
-    mm = fsub.add_parser("mmlu", parents=[common], help="MMLU -> dev/test.parquet (5-shot prompts)")
+    mm = fsub.add_parser("mmlu", parents=[common], help="MMLU -> dev/test.parquet (k-shot prompts, 5 by default)")
     mm.add_argument("--source", required=True, help="folder in the original CSV layout, or hf:cais/mmlu")
     mm.add_argument("--out", required=True, type=Path)
-    mm.add_argument("--num-shots", type=int, default=None)
+    mm.add_argument("--num-shots", type=int, default=None, help="dev questions per prompt (default 5)")
     mm.set_defaults(handler=cmd_format_mmlu)
 
     ev = sub.add_parser("eval", parents=[common], help="evaluate a model folder (+ adapter) on a benchmark")
@@ -167,7 +167,7 @@ def cmd_format_pubmedqa(args: argparse.Namespace) -> None:
 
     raw = {"source": args.source, "fold": args.fold, "template": args.template,
            "extra_train_source": args.extra_train, "max_prompt_tokens": args.max_prompt_tokens}
-    config = PubMedQAConfig.from_dict({k: v for k, v in raw.items() if v is not None}, where="format pubmedqa")
+    config = PubMedQAConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format pubmedqa")
     workspace = _workspace()
     source = fetch(config.source, workspace.downloads, workspace.fingerprints)
     extra = fetch(args.extra_train, workspace.downloads, workspace.fingerprints) if args.extra_train else None
@@ -185,7 +185,7 @@ def cmd_format_mmlu(args: argparse.Namespace) -> None:
     from expert.sources import fetch
 
     raw = {"source": args.source, "num_shots": args.num_shots}
-    config = MMLUConfig.from_dict({k: v for k, v in raw.items() if v is not None}, where="format mmlu")
+    config = MMLUConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format mmlu")
     workspace = _workspace()
     source = fetch(config.source, workspace.downloads, workspace.fingerprints)
     _write_into(args.out, lambda tmp: format_mmlu(config, source.path, tmp))

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from expert.evaluation.report import REFERENCES, to_markdown
+from expert.evaluation.report import REFERENCES, shots_label, to_markdown
 
 PLOTS = {"select": "dev_scores.png", "train": "loss.png", "mmlu/expert": "mmlu.png"}
 HEADLINE = {"pubmedqa": ("accuracy", "macro_f1", "n"), "mmlu": ("average", "subject_mean", "n")}
@@ -49,7 +49,7 @@ def render(summary: dict, details: dict, plots: list[str]) -> str:
     lines = [f"# EXPERT report: {summary['config'].get('name', '')}", "", f"Base model: `{model}`", ""]
     lines += ["## PubMedQA (reasoning-required, test split)", "", to_markdown(pubmedqa_rows(summary["pubmedqa"])), ""]
     if summary["mmlu"]:
-        lines += ["## MMLU (5-shot): what tuning costs in general knowledge", "",
+        lines += [f"## {mmlu_heading(summary['mmlu'])}: what tuning costs in general knowledge", "",
                   to_markdown(mmlu_rows(summary["mmlu"])), ""]
     for role, title in (("quantize", "Quantization"), ("train", "Training"), ("select", "Checkpoint selection")):
         if role in details:
@@ -82,6 +82,15 @@ def pubmedqa_rows(runs: dict[str, dict]) -> list[dict]:
     rows += [{"model": f"**{name}** (this run, n={m['n']})", "accuracy (%)": round(100 * m["accuracy"], 1),
               "macro-F1 (%)": round(100 * m["macro_f1"], 1)} for name, m in runs.items()]
     return [{"rank": i, **r} for i, r in enumerate(sorted(rows, key=lambda r: -r["accuracy (%)"]), 1)]
+
+
+def mmlu_heading(runs: dict[str, dict]) -> str:
+    """The MMLU heading with the shots the evaluations record, e.g. "MMLU (5-shot)"; each run's
+    when they differ (a cached evaluation from before metrics.json recorded them, beside a new one)."""
+    shots = {name: m.get("num_shots") for name, m in runs.items()}
+    if len(set(shots.values())) == 1:
+        return f"MMLU ({shots_label(next(iter(shots.values())))})"
+    return "MMLU (" + ", ".join(f"{name}: {shots_label(n)}" for name, n in shots.items()) + ")"
 
 
 def mmlu_rows(runs: dict[str, dict]) -> list[dict]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import pyarrow.parquet as pq
 from pydantic import Field
@@ -109,18 +109,33 @@ def read_questions(subject: Subject, split: str) -> list[Question]:
 
 def _read_csv(path: Path) -> list[Question]:
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, "rb") as f:
         # The csv module, not pandas: pandas turns answer texts such as "None" or "NA" into NaN.
-        reader = csv.reader(f)
+        reader = csv.reader(_decoded_lines(f))
         try:
             for row in reader:
                 out.append(_csv_question(path, row, len(out) + 1, reader.line_num))
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: row {len(out) + 1} (line {reader.line_num + 1}) is not readable CSV "
+            # csv.Error: line_num already counts the failing line. A decode error stops the
+            # line before the reader sees it, so the failing line is the one after line_num.
+            line = reader.line_num + (1 if isinstance(exc, UnicodeDecodeError) else 0)
+            raise DataError(f"{path}: row {len(out) + 1} (line {line}) is not readable CSV "
                             f"({type(exc).__name__}: {exc}); restore the file from the MMLU data (UTF-8 CSV)") from None
     if not out:
         raise DataError(f"{path} holds no questions; restore it from the MMLU data")
     return out
+
+
+def _decoded_lines(handle: BinaryIO) -> Iterator[str]:
+    """The file's lines as text, decoded one at a time so that a bad byte is reported on its own
+    line (text mode decodes 8 kB blocks ahead of the csv reader). Lines end at LF, CRLF or a lone
+    CR, as in text mode with newline="", which the csv module asks for. A UTF-8 BOM (Excel's
+    "CSV UTF-8") is dropped, or it would stay in the first question and reach every k-shot prompt."""
+    first = True
+    for block in handle:  # a binary file splits at LF only
+        for raw in block.splitlines(keepends=True):
+            yield raw.decode("utf-8-sig" if first else "utf-8")
+            first = False
 
 
 def _csv_question(path: Path, row: list[str], number: int, line: int) -> Question:

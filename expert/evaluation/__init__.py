@@ -1,4 +1,4 @@
-"""Evaluation: PubMedQA (zero-shot) and MMLU (5-shot) by log-likelihood scoring.
+"""Evaluation: PubMedQA (zero-shot) and MMLU (k-shot, 5 by default) by log-likelihood scoring.
 
 Entry point: `evaluate(config, benchmark, model_dir, data_dir, out_dir, adapter_dir=None,
 progress=None)`; it writes metrics.json, predictions, plots and report.md into out_dir.

@@ -15,7 +15,7 @@ from expert.evaluation.metrics import MMLU_CATEGORIES
 COLORS = {"STEM": "#1f77b4", "humanities": "#d62728", "social sciences": "#2ca02c", "other": "#9467bd"}
 
 
-def plot_mmlu(metrics: dict, path: Path, title: str = "MMLU (5-shot)") -> Path:
+def plot_mmlu(metrics: dict, path: Path, title: str = "MMLU") -> Path:
     """Write the per-subject bar chart of `metrics` (from `mmlu_metrics`) to `path`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

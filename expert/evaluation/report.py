@@ -29,6 +29,30 @@ REFERENCES: dict[str, list[dict]] = {
         {"model": "LLaMA-65B", "accuracy": 63.4},
     ],
 }
+# Every MMLU number above is 5-shot; a run with other shots is ranked among them only with a caveat.
+PUBLISHED_MMLU_SHOTS = 5
+
+
+def shots_label(num_shots: int | None) -> str:
+    """The shots as a label ("5-shot"); None: MMLU metrics that record no shot count (written
+    before metrics.json had `num_shots`, or from data without the formatter's stats.json)."""
+    return "shot count not recorded" if num_shots is None else f"{num_shots}-shot"
+
+
+def benchmark_title(metrics: dict) -> str:
+    if metrics["benchmark"] == "pubmedqa":
+        return "PubMedQA (zero-shot)"
+    return f"MMLU ({shots_label(metrics.get('num_shots'))})"
+
+
+def mmlu_caveat(metrics: dict) -> str | None:
+    """Why the published MMLU rows are not like-for-like with this run; None when they are."""
+    shots = metrics.get("num_shots")
+    if metrics["benchmark"] != "mmlu" or shots == PUBLISHED_MMLU_SHOTS:
+        return None
+    this = "records no shot count" if shots is None else f"is {shots}-shot"
+    return (f"Not like-for-like: the published results are {PUBLISHED_MMLU_SHOTS}-shot and this run {this} "
+            "(data.mmlu.num_shots), so its rank among them is indicative only.")
 
 
 def _pct(value: float | None) -> float | None:
@@ -43,8 +67,14 @@ def comparison_rows(metrics: dict, run_name: str = "this run") -> list[dict]:
                 "macro_f1": _pct(metrics["macro_f1"])}
     else:
         ours = {"model": f"**{run_name}**", "accuracy": _pct(metrics["average"])}
-    rows = sorted([ours] + [dict(r) for r in REFERENCES[benchmark]],
-                  key=lambda r: (-r["accuracy"], r is not ours))
+    references = [dict(r) for r in REFERENCES[benchmark]]
+    if mmlu_caveat(metrics):
+        # The table is also published on its own (a Prefect table artifact), without the
+        # report's caveat, so each row says its shots.
+        ours["model"] += f" ({shots_label(metrics.get('num_shots'))})"
+        for row in references:
+            row["model"] += f" ({shots_label(PUBLISHED_MMLU_SHOTS)})"
+    rows = sorted([ours] + references, key=lambda r: (-r["accuracy"], r is not ours))
     table = []
     for rank, row in enumerate(rows, 1):
         out = {"rank": rank, "model": row["model"], "accuracy (%)": row["accuracy"]}
@@ -119,14 +149,15 @@ _TITLES = {"summary": "Summary", "comparison": "Comparison with published result
 
 def render_report(metrics: dict, run_name: str = "this run", details: dict | None = None) -> str:
     """report.md text: what was run, then every table; MMLU links its plot."""
-    name = {"pubmedqa": "PubMedQA (zero-shot)", "mmlu": "MMLU (5-shot)"}[metrics["benchmark"]]
-    parts = [f"# {name}: {run_name}\n"]
+    parts = [f"# {benchmark_title(metrics)}: {run_name}\n"]
     if details:
         parts.append("\n".join(f"- {key}: {value}" for key, value in details.items()) + "\n")
     tables = markdown_tables(metrics, run_name)
     order = ["summary", "comparison"] + [t for t in tables if t not in ("summary", "comparison")]
+    caveat = mmlu_caveat(metrics)
     for title in order:
-        parts.append(f"## {_TITLES.get(title, title)}\n\n" + to_markdown(tables[title]))
+        note = f"{caveat}\n\n" if title == "comparison" and caveat else ""
+        parts.append(f"## {_TITLES.get(title, title)}\n\n" + note + to_markdown(tables[title]))
         if title == "comparison" and metrics["benchmark"] == "mmlu":
             parts.append("![MMLU accuracy per subject](mmlu.png)\n")
     return "\n".join(parts)

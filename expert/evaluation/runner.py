@@ -3,7 +3,8 @@
 Reads the benchmark's Parquet (data contract: id, prompt, answer, choices; MMLU adds
 subject, category), scores every choice by log-likelihood (see scoring.py), and writes
 into `out_dir`:
-- metrics.json: the numbers (see metrics.py) plus scoring mode and timing;
+- metrics.json: the numbers (see metrics.py) plus scoring mode and timing; MMLU adds
+  num_shots, from the formatter's stats.json beside the data (None where there is none);
 - predictions.parquet: id, gold, prediction, correct, loglik_<choice> per choice;
 - pubmedqa_preds.json (PubMedQA): {pmid: label} for exactly the evaluated ids, the
   submission format of the PubMedQA authors' evaluation.py;
@@ -26,7 +27,7 @@ from expert.evaluation.config import EvalConfig
 from expert.evaluation.loading import load_model
 from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
 from expert.evaluation.plots import plot_mmlu
-from expert.evaluation.report import write_report
+from expert.evaluation.report import benchmark_title, write_report
 from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
 from expert.fanout import FanOut
 
@@ -58,6 +59,8 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
     choices = frame["choices"].tolist()
     predictions = predict(choices, scores)
     metrics = _metrics(benchmark, frame, predictions)
+    if benchmark == "mmlu":
+        metrics["num_shots"] = mmlu_num_shots(Path(data_dir))
     metrics["scoring"] = mode
     metrics["timing"] = timing
     run_name = run_name or Path(model_dir).name + (" + LoRA" if adapter_dir else "")
@@ -124,6 +127,22 @@ def _subset_mmlu(config: EvalConfig, frame: pd.DataFrame, path: Path) -> pd.Data
     return frame
 
 
+def mmlu_num_shots(data_dir: Path) -> int | None:
+    """The shots of the formatted MMLU data, as the mmlu formatter recorded them in stats.json;
+    None for data without one (Parquet written by other means): the report then says so."""
+    path = data_dir / "stats.json"
+    if not path.is_file():
+        return None
+    try:
+        shots = json.loads(path.read_text()).get("num_shots")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise DataError(f"{path} is not a JSON object ({exc}); re-run the data stage to rewrite it") from None
+    if shots is not None and (type(shots) is not int or shots < 0):
+        raise DataError(f"{path}: field 'num_shots' must be a whole number >= 0, got {shots!r}; "
+                        "re-run the data stage to rewrite it")
+    return shots
+
+
 def score_frame(model, tokenizer, frame: pd.DataFrame, config: EvalConfig, benchmark: str,
                 progress: Progress | None = None) -> tuple[list[list[float]], dict]:
     """Log-likelihood of every choice of every row; plus how the scoring ran."""
@@ -183,7 +202,7 @@ def _write_outputs(out_dir: Path, benchmark: str, frame: pd.DataFrame, predictio
         preds = dict(zip(frame["id"], predictions))
         (out_dir / "pubmedqa_preds.json").write_text(json.dumps(preds, indent=1) + "\n")
     else:
-        plot_mmlu(metrics, out_dir / "mmlu.png", title=f"MMLU 5-shot, {run_name}")
+        plot_mmlu(metrics, out_dir / "mmlu.png", title=f"{benchmark_title(metrics)}, {run_name}")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     timing = metrics["timing"]
     write_report(out_dir / "report.md", metrics, run_name,

@@ -1,5 +1,7 @@
 """report.md and its tables: the run's row in rank order among the published results."""
 
+import pytest
+
 from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
 from expert.evaluation.plots import plot_mmlu
 from expert.evaluation.report import REFERENCES, comparison_rows, markdown_tables, render_report
@@ -33,7 +35,7 @@ def test_mmlu_tables_and_plot(tmp_path):
     categories = ["STEM"] * 4 + ["humanities"] * 4 + ["social sciences"] * 2
     gold = list("ABCDABCDAB")
     pred = list("ABCAAAAAAB")  # anatomy 3/4, philosophy 1/4, econometrics 2/2 -> 6/10
-    m = mmlu_metrics(subjects, categories, gold, pred)
+    m = {**mmlu_metrics(subjects, categories, gold, pred), "num_shots": 5}  # as the runner records it
     tables = markdown_tables(m, "ours")
     assert set(tables) == {"comparison", "summary", "categories", "subjects"}
     ranked = [r["model"] for r in tables["comparison"]]
@@ -41,3 +43,27 @@ def test_mmlu_tables_and_plot(tmp_path):
     assert tables["categories"][0] == {"category": "STEM", "accuracy (%)": 75.0, "questions": 4}
     path = plot_mmlu(m, tmp_path / "mmlu.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("num_shots, title, ours", [
+    (1, "# MMLU (1-shot): ours", "**ours** (1-shot)"),
+    (0, "# MMLU (0-shot): ours", "**ours** (0-shot)"),
+    (None, "# MMLU (shot count not recorded): ours", "**ours** (shot count not recorded)"),  # metrics.json of old
+])
+def test_mmlu_report_says_its_shots_and_flags_the_5_shot_comparison(num_shots, title, ours):
+    m = mmlu_metrics(["anatomy"] * 4, ["STEM"] * 4, list("ABCD"), list("ABAA"))  # 50%
+    if num_shots is not None:
+        m["num_shots"] = num_shots
+    text = render_report(m, "ours")
+    assert text.startswith(title + "\n") and "5-shot" not in text.splitlines()[0]
+    assert "Not like-for-like: the published results are 5-shot" in text
+    ranked = [r["model"] for r in comparison_rows(m, "ours")]
+    assert ranked == ["LLaMA-65B (5-shot)", "LLaMA-33B (5-shot)", "LLaMA-33B-4bit (original project) (5-shot)",
+                      ours, "LLaMA-13B (5-shot)"]
+
+
+def test_mmlu_5_shot_report_compares_like_for_like():
+    m = {**mmlu_metrics(["anatomy"] * 4, ["STEM"] * 4, list("ABCD"), list("ABAA")), "num_shots": 5}
+    text = render_report(m, "ours")
+    assert text.startswith("# MMLU (5-shot): ours\n") and "like-for-like" not in text
+    assert [r["model"] for r in comparison_rows(m, "ours")][2:4] == ["LLaMA-33B-4bit (original project)", "**ours**"]

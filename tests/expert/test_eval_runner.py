@@ -7,6 +7,7 @@ import pytest
 
 from expert.errors import ConfigError, DataError
 from expert.evaluation import EvalConfig, evaluate
+from expert.evaluation.runner import mmlu_num_shots
 from tests.expert.eval_fixtures import llama_dir, mmlu_dir, pubmedqa_dir, pubmedqa_frame  # noqa: F401
 
 
@@ -50,6 +51,30 @@ def test_mmlu_subset_outputs(llama_dir, mmlu_dir, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     report = (tmp_path / "report.md").read_text()
     assert "![MMLU accuracy per subject](mmlu.png)" in report and "| college_biology | STEM |" in report
+    # Parquet written without the formatter's stats.json: the shots are unknown, and the report says so
+    assert metrics["num_shots"] is None and report.startswith("# MMLU (shot count not recorded): ")
+
+
+def test_mmlu_shots_come_from_the_formatters_stats(llama_dir, mmlu_dir, tmp_path):
+    (mmlu_dir / "stats.json").write_text(json.dumps({"benchmark": "mmlu", "num_shots": 1}))  # the fixture's 1 shot
+    config = EvalConfig(device="cpu", mmlu_subjects=["nutrition"], mmlu_max_per_subject=2)
+    metrics = evaluate(config, "mmlu", llama_dir, mmlu_dir, tmp_path, run_name="tiny")
+    assert metrics["num_shots"] == 1 == json.loads((tmp_path / "metrics.json").read_text())["num_shots"]
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# MMLU (1-shot): tiny\n")
+    assert "Not like-for-like: the published results are 5-shot and this run is 1-shot" in report
+    assert "| **tiny** (1-shot) |" in report and "| LLaMA-65B (5-shot) |" in report
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1]", "stats.json is not a JSON object"),
+    ("{", "stats.json is not a JSON object"),
+    ('{"num_shots": "5"}', "stats.json: field 'num_shots' must be a whole number >= 0, got '5'; re-run the data stage"),
+])
+def test_bad_mmlu_stats_are_named(tmp_path, text, message):
+    (tmp_path / "stats.json").write_text(text)
+    with pytest.raises(DataError, match=message):
+        mmlu_num_shots(tmp_path)
 
 
 def test_prefix_cache_changes_no_prediction(llama_dir, mmlu_dir, tmp_path):

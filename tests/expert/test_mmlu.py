@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from collections import Counter
@@ -112,6 +113,43 @@ def test_bad_csv_names_file_row_and_field(tmp_path, edit, message):
     with_test_rows(root, edit)
     with pytest.raises(DataError, match=message):
         format_mmlu(MMLUConfig(), root, tmp_path / "out")
+
+
+def csv_bytes(rows):
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode()
+
+
+# Each fixture question spans two lines, so row 2 starts on line 3 and its options sit on line 4.
+@pytest.mark.parametrize("field, bad, message", [
+    (0, b"\xff", r"row 2 \(line 3\) is not readable CSV \(UnicodeDecodeError"),
+    (1, b"\xff", r"row 2 \(line 4\) is not readable CSV \(UnicodeDecodeError"),  # inside a quoted multi-line field
+    (0, b"x" * 200_000, r"row 2 \(line 3\) is not readable CSV \(Error: field larger than field limit"),
+])
+def test_unreadable_csv_names_the_line_it_is_on(tmp_path, field, bad, message):
+    root = write_mmlu_dir(tmp_path / "m")
+    test_rows = mmlu_rows("anatomy", "test", 4)
+    test_rows[1][field] = "BAD" + test_rows[1][field]
+    (root / "test" / "anatomy_test.csv").write_bytes(csv_bytes(test_rows).replace(b"BAD", bad))
+    with pytest.raises(DataError, match=f"anatomy_test.csv: {message}"):
+        format_mmlu(MMLUConfig(), root, tmp_path / "out")
+
+
+@pytest.mark.parametrize("rewrite", [
+    lambda data: "\ufeff".encode() + data,  # Excel's "CSV UTF-8" starts with a byte-order mark
+    lambda data: data.replace(b"\r\n", b"\r"),  # old Mac line ends: text mode with newline="" reads them
+])
+def test_bom_and_line_ends_change_no_prompt(tmp_path, rewrite):
+    plain = write_mmlu_dir(tmp_path / "plain")
+    edited = write_mmlu_dir(tmp_path / "edited")
+    for path in [*edited.glob("*/*.csv")]:
+        path.write_bytes(rewrite(path.read_bytes()))
+    format_mmlu(MMLUConfig(), plain, tmp_path / "out_plain")
+    format_mmlu(MMLUConfig(), edited, tmp_path / "out_edited")
+    for split in ("dev", "test"):
+        assert rows(tmp_path / "out_edited", split) == rows(tmp_path / "out_plain", split)
+    assert not any("\ufeff" in r["prompt"] for r in rows(tmp_path / "out_edited", "test"))
 
 
 def test_empty_or_missing_dir(tmp_path):

@@ -48,3 +48,27 @@ def test_inline_images_embeds_local_plots_only(tmp_path):
     out = inline_images(text, tmp_path)
     assert "![mmlu](data:image/png;base64,iVBORyBmYWtl)" in out
     assert "![gone](missing.png)" in out and "![up](../secret.png)" in out
+
+
+def mmlu_report(tmp_path, base_shots, expert_shots):
+    mmlu = {"average": 0.3, "subject_mean": 0.28, "n": 114, "categories": {"STEM": 0.25}}
+    upstream = {f"mmlu/{name}": artifact(tmp_path, f"mmlu/{name}", {"metrics.json": {
+        **mmlu, **({} if shots is None else {"num_shots": shots})}}) for name, shots in
+        (("base", base_shots), ("expert", expert_shots))}
+    out = tmp_path / "out"
+    out.mkdir()
+    write_pipeline_report(upstream, {"name": "t"}, out)
+    return (out / "report.md").read_text()
+
+
+def test_mmlu_heading_says_the_recorded_shots(tmp_path):
+    assert "## MMLU (1-shot): what tuning costs" in mmlu_report(tmp_path, 1, 1)
+
+
+def test_mmlu_heading_without_recorded_shots_claims_none(tmp_path):  # metrics.json from before num_shots
+    report = mmlu_report(tmp_path, None, None)
+    assert "## MMLU (shot count not recorded): what tuning costs" in report and "5-shot" not in report
+
+
+def test_mmlu_heading_names_each_runs_shots_when_they_differ(tmp_path):
+    assert "## MMLU (base: shot count not recorded, expert: 5-shot): what" in mmlu_report(tmp_path, None, 5)
