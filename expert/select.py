@@ -3,7 +3,8 @@
 The dev split (PubMedQA fold k, 50 questions) is scored with the evaluator's own
 log-likelihood scoring, so "best on dev" means best under exactly the protocol used on the
 test split, which this stage never reads. The base model is loaded once; adapters are
-swapped in one after another. Ties go to the earlier step (less training, same dev score).
+swapped in one after another. Ties go to the earlier step (less training, same dev score);
+a NaN score (a diverged checkpoint) loses to every number.
 Given a fan-out, each checkpoint is scored as an independent piece instead (one model load
 each), with the same rows.
 """
@@ -11,6 +12,7 @@ each), with the same rows.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Callable, Literal
@@ -27,8 +29,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 class SelectConfig(StageConfig):
     metric: Literal["accuracy", "macro_f1", "dev_loss"] = Field(
-        "accuracy", description="dev score to maximise (accuracy, macro_f1) or minimise (dev_loss: mean "
-        "negative log-likelihood of the gold answer's tokens)")
+        "accuracy", description="dev score to maximise (accuracy, macro_f1) or minimise (dev_loss: the "
+        "negative log-likelihood of the gold answer ' {answer}' as the evaluator scores it, summed over its "
+        "tokens (no EOS), averaged over the dev questions; not the training loss, which is per token and "
+        "includes EOS)")
 
 
 def select_checkpoint(config: SelectConfig, eval_config, model_dir: Path, train_dir: Path, data_dir: Path,
@@ -125,6 +129,7 @@ def _row(step: int, path: Path, frame, scores: list[list[float]]) -> dict:
     choices = frame["choices"].tolist()
     preds = predict(choices, scores)
     gold = frame["answer"].tolist()
+    # scores: each choice's log-likelihood summed over its tokens, so this is a per-question NLL
     nll = [-s[opts.index(g)] for g, opts, s in zip(gold, choices, scores)]
     metrics = pubmedqa_metrics(gold, preds)
     return {"step": step, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
@@ -132,9 +137,16 @@ def _row(step: int, path: Path, frame, scores: list[list[float]]) -> dict:
 
 
 def pick_best(rows: list[dict], metric: str) -> dict:
-    """Highest accuracy / macro-F1, or lowest dev loss; ties to the earlier step."""
+    """Highest accuracy / macro-F1, or lowest dev loss; ties to the earlier step; NaN never wins."""
+    # Left out, not compared: nothing compares greater than NaN, so max() would keep a NaN it met first.
+    scored = [r for r in rows if not math.isnan(r[metric])]
+    if not scored:
+        steps = ", ".join(str(r["step"]) for r in rows)
+        raise ExpertError(f"select.metric {metric} is NaN on the dev split for every checkpoint (steps {steps}): "
+                          "training diverged, so no adapter is worth selecting. Train again with a lower "
+                          "train.learning_rate (or train.precision: float32)")
     sign = -1.0 if metric == "dev_loss" else 1.0
-    return max(sorted(rows, key=lambda r: r["step"]), key=lambda r: sign * r[metric])
+    return max(sorted(scored, key=lambda r: r["step"]), key=lambda r: sign * r[metric])
 
 
 def plot_scores(rows: list[dict], metric: str, best_step: int, path: Path) -> Path:
@@ -154,7 +166,7 @@ def plot_scores(rows: list[dict], metric: str, best_step: int, path: Path) -> Pa
     ax.set_ylim(0, 1)
     loss_ax = ax.twinx()
     loss_ax.plot(steps, [r["dev_loss"] for r in rows], color="grey", linestyle="--", marker=".", label="dev loss")
-    loss_ax.set_ylabel("dev loss (gold answer NLL)")
+    loss_ax.set_ylabel("dev loss (gold answer NLL per question)")
     ax.axvline(best_step, color="green", alpha=0.4, label=f"selected: step {best_step} ({metric})")
     lines = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + loss_ax.get_legend_handles_labels()[1]

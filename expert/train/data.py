@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,12 @@ def read_split(path: Path) -> dict[str, list[str]]:
                         "Training needs a split written by expert.benchmarks (id, prompt, answer)")
     cols = {c: table.column(c).to_pylist() for c in _COLUMNS}
     for i, (pid, prompt, answer) in enumerate(zip(cols["id"], cols["prompt"], cols["answer"])):
-        if not prompt or not answer:
-            raise DataError(f"{path}: row {i} (id {pid!r}) has an empty prompt or answer")
+        # Whitespace alone counts as empty: a blank prompt encodes to no tokens, leaving nothing
+        # before the answer to predict it from.
+        blank = [name for name, text in (("prompt", prompt), ("answer", answer)) if not (text and text.strip())]
+        if blank:
+            raise DataError(f"{path}: row {i} (id {pid!r}) has an empty or whitespace-only {' and '.join(blank)}; "
+                            "fix or drop that row of the source data and format the data again")
     if not cols["id"]:
         raise DataError(f"{path} has no rows; nothing to train on")
     return cols
@@ -81,6 +86,9 @@ def encode_split(tokenizer, rows: dict[str, list[str]], max_length: int) -> Enco
     examples, truncated = [], []
     for pid, question in zip(rows["id"], questions):
         prompt, answer = question.context, question.choices[0] + [eos]
+        if not prompt:  # e.g. only characters the tokenizer drops; the loss needs a token before the answer
+            raise DataError(f"example {pid!r}: its prompt encodes to no tokens with this tokenizer; fix or drop "
+                            "that row of the source data and format the data again")
         if len(answer) >= max_length:
             raise DataError(f"example {pid!r}: its answer and EOS take {len(answer)} tokens, which leaves no room "
                             f"for the prompt in max_length={max_length}; raise train.max_length")
@@ -131,7 +139,9 @@ class BatchPlan:
                  seed: int, max_steps: int | None = None):
         self.lengths, self.micro, self.accum, self.seed = lengths, micro_batch_size, accumulation, seed
         self.per_epoch = math.ceil(len(lengths) / micro_batch_size)
-        self.total_steps = max(1, math.ceil(epochs * self.per_epoch / accumulation))
+        # Exact arithmetic on the epochs as written: 1.1 * 50 is 55.00000000000001 in floats,
+        # and ceil would add a step.
+        self.total_steps = max(1, math.ceil(Fraction(str(epochs)) * self.per_epoch / accumulation))
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
         self._epochs: dict[int, list[list[int]]] = {}

@@ -117,8 +117,13 @@ class Ranks:
         if self.many:
             import torch.distributed as dist
 
+            device = _collective_device()
             for p in params:
-                dist.broadcast(p.data, src=0)
+                # Through a copy on the collective device: NCCL takes CUDA tensors only, and under
+                # fsdp a plain base (and so its LoRA weights) is still on the CPU until shard_base.
+                sent = p.data.to(device)
+                dist.broadcast(sent, src=0)
+                p.data.copy_(sent)
 
     def seed_dropout(self, seed: int) -> None:
         """Ranks other than 0 draw their own dropout masks (rank 0 keeps the one-process stream);

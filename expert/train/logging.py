@@ -4,7 +4,8 @@ Every `log_every` optimizer steps one record {step, epoch, loss, lr, tokens_per_
 grad_norm} goes to the `expert.train` logger, to `train_log.jsonl` and to TensorBoard
 (`tensorboard/`); dev losses go to the same places. `plot_loss` draws `loss.png` from the JSONL.
 On resume, records after the resumed step are dropped from the JSONL and purged from
-TensorBoard, so the logs read like one uninterrupted run.
+TensorBoard, and the steps since the last record that the checkpoint holds (`pending`) open
+the averaging window again, so the logs read like one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TrainLogger:
     """All progress reporting of one run (or one resumed piece of it)."""
 
     def __init__(self, log_dir: Path, total_steps: int, start_step: int, log_every: int,
-                 device: torch.device, progress: Progress | None = None):
+                 device: torch.device, progress: Progress | None = None, pending: list | None = None):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
@@ -48,7 +49,8 @@ class TrainLogger:
             shutil.rmtree(board, ignore_errors=True)
         self.writer = SummaryWriter(str(board), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self._window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since the last record
+        # (loss, tokens, seconds) of the steps since the last record; a resumed run gets its checkpoint's
+        self._window: list[tuple[float, int, float]] = [tuple(w) for w in pending or []]
 
     def step(self, step: int, epoch: float, loss: float, lr: float, tokens: int, seconds: float,
              grad_norm: float | None) -> None:
@@ -71,6 +73,10 @@ class TrainLogger:
             if record[key] is not None:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
         self._append(record)
+
+    def pending(self) -> list[list]:
+        """The steps not yet averaged into a record, JSON-ready: a checkpoint keeps them for its resume."""
+        return [list(w) for w in self._window]
 
     def dev(self, step: int, loss: float) -> None:
         log.info("step %d dev loss %.4f", step, loss)
@@ -103,6 +109,9 @@ class QuietLogger:
 
     def step(self, *args) -> None:
         pass
+
+    def pending(self) -> list[list]:
+        return []
 
     def dev(self, step: int, loss: float) -> None:
         pass

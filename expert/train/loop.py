@@ -84,8 +84,8 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
                     config.precision)
     if ranks.main:
         log.info("matmuls in %s (train.precision %s)", runner.precision_name, config.precision)
-    logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress) \
-        if ranks.main else QuietLogger(plan.total_steps, progress)
+    logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress,
+                         state.get("log_window")) if ranks.main else QuietLogger(plan.total_steps, progress)
     try:
         _run(config, runner, plan, state, logger, dev_set, work_dir)
     except torch.cuda.OutOfMemoryError:
@@ -217,6 +217,7 @@ def _checkpoint(work_dir: Path, config: TrainConfig, runner: Runner, dev_set: En
     if dev is not None:
         state["dev_losses"][str(step)] = dev
         logger.dev(step, dev)
+    state["log_window"] = logger.pending()  # absent from older checkpoints: their resume starts it empty
     marker = {"config": config.canonical(), "epoch": plan.epoch_after(step), "train_loss": state["last_loss"],
               "dev_loss": dev}
     ranks = runner.ranks

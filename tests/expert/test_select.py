@@ -1,8 +1,14 @@
-"""Checkpoint selection: the best dev score wins, ties go to the earlier step."""
+"""Checkpoint selection: the best dev score wins, ties go to the earlier step, NaN never wins."""
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
-from expert.select import pick_best
+from expert.errors import ExpertError
+from expert.select import SelectConfig, _row, pick_best
+
+NAN = float("nan")
 
 
 def rows(*triples):
@@ -19,3 +25,27 @@ def test_pick_best_by_metric(metric, expected):
 def test_ties_go_to_the_earlier_step_whatever_the_order(metric):
     table = rows((30, 0.7, 0.4, 0.8), (10, 0.7, 0.4, 0.8), (20, 0.6, 0.3, 0.9))
     assert pick_best(table, metric)["step"] == 10
+
+
+@pytest.mark.parametrize("metric, expected", [("accuracy", 20), ("macro_f1", 30), ("dev_loss", 30)])
+def test_a_nan_score_of_a_diverged_checkpoint_never_wins(metric, expected):
+    # NaN first: max() keeps the first item it meets unless something compares greater, and nothing does.
+    table = rows((10, NAN, NAN, NAN), (20, 0.7, 0.4, NAN), (40, NAN, NAN, NAN), (30, 0.6, 0.5, 0.9))
+    assert pick_best(table, metric)["step"] == expected
+
+
+def test_every_score_nan_is_an_error_saying_training_diverged():
+    table = rows((10, 0.5, 0.3, NAN), (20, 0.7, 0.4, NAN))
+    with pytest.raises(ExpertError, match=r"select.metric dev_loss is NaN .* \(steps 10, 20\): training diverged"
+                                          r".* lower train.learning_rate"):
+        pick_best(table, "dev_loss")
+    assert pick_best(table, "accuracy")["step"] == 20  # another metric still selects
+
+
+def test_dev_loss_is_what_its_description_says():
+    # score_frame's scores: each choice's log-likelihood summed over the tokens of " {choice}".
+    frame = pd.DataFrame({"choices": [["yes", "no", "maybe"]] * 2, "answer": ["yes", "no"]})
+    row = _row(10, Path("step-000010"), frame, [[-1.5, -2.0, -3.0], [-0.5, -4.0, -1.0]])
+    assert row["dev_loss"] == (1.5 + 4.0) / 2  # the gold answer's summed NLL, averaged over the questions
+    described = SelectConfig.model_fields["metric"].description
+    assert "summed over its tokens (no EOS), averaged over the dev questions" in described, described

@@ -100,6 +100,38 @@ def test_plan_steps_run_through_epochs_in_order():
     assert plan.epoch_after(5) == 2.0
 
 
+@pytest.mark.parametrize("examples, micro, accumulation, epochs, steps", [
+    (100, 2, 1, 1.1, 55),  # 1.1 * 50 micro-batches is 55.00000000000001 in floats
+    (100, 2, 5, 1.1, 11),  # 50 micro-batches in 5s: 11 steps, not 12
+    (200, 2, 1, 1.1, 110),
+    (340, 2, 1, 1.1, 187),
+    (20, 2, 4, 2.5, 7),  # a real fraction of a step still rounds up
+    (30, 1, 1, 0.1, 3),
+])
+def test_plan_takes_the_steps_the_epochs_say_with_no_extra_step_from_float_noise(examples, micro, accumulation,
+                                                                                 epochs, steps):
+    assert BatchPlan([5] * examples, micro, accumulation, epochs, seed=0).total_steps == steps
+
+
+@pytest.mark.parametrize("prompt, answer, blank", [
+    ("  \n", "yes", "prompt"), ("Question: x? Answer:", " ", "answer"), ("", "", "prompt and answer")])
+def test_blank_prompt_or_answer_is_refused_naming_file_row_and_fix(tmp_path, prompt, answer, blank):
+    cols = toy_rows(3, "train")
+    cols["prompt"][1], cols["answer"][1] = prompt, answer
+    pq.write_table(pa.table({k: cols[k] for k in ("id", "prompt", "answer")}), tmp_path / "train.parquet")
+    with pytest.raises(DataError, match=rf"train.parquet: row 1 \(id '1001'\) has an empty or whitespace-only "
+                                        rf"{blank}; fix or drop that row .* format the data again"):
+        read_split(tmp_path / "train.parquet")
+
+
+def test_prompt_that_encodes_to_no_tokens_is_refused_naming_the_example(tokenizer, rows):
+    # read_split refuses blank prompts first; this guards rows that reach encode_split otherwise.
+    blank = {k: v[:2] for k, v in rows.items()}
+    blank["prompt"] = [blank["prompt"][0], "  "]  # stripped before encoding, as the evaluator does
+    with pytest.raises(DataError, match="example '1001': its prompt encodes to no tokens"):
+        encode_split(tokenizer, blank, max_length=512)
+
+
 def test_split_without_answer_column_names_file_and_column(tmp_path):
     cols = toy_rows(3, "train")
     pq.write_table(pa.table({"id": cols["id"], "prompt": cols["prompt"]}), tmp_path / "train.parquet")

@@ -173,6 +173,47 @@ def test_the_pipeline_config_refuses_fsdp_on_gptq_at_load_time():
     assert load_preset("default", [*fsdp, "quantize.method=nf4"]).train.strategy == "fsdp"
 
 
+class Sent(Exception):
+    """Stops `same_weights` right after its broadcast: a meta tensor holds no values to copy back."""
+
+
+def test_lora_weights_are_broadcast_on_the_collective_device(monkeypatch):
+    # init_process_group("nccl") serves CUDA tensors only, and under fsdp the LoRA weights of a plain
+    # base are still on the CPU when they are broadcast. This CPU has no CUDA: the collective device is
+    # played by "meta", NCCL by a broadcast that refuses other devices with NCCL's own error.
+    import torch.distributed as dist
+
+    from expert.train import distributed
+
+    sent = []
+
+    def nccl_broadcast(tensor, src):
+        if tensor.device.type != "meta":
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        sent.append((tuple(tensor.shape), src))
+        raise Sent
+
+    monkeypatch.setattr(distributed, "_collective_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(dist, "broadcast", nccl_broadcast)
+    ranks = distributed.Ranks(rank=1, world=2, strategy="fsdp")
+    for shape in ((4, 2), (2, 4)):
+        with pytest.raises(Sent):
+            ranks.same_weights([torch.nn.Parameter(torch.zeros(shape))])  # on the CPU, as attach_lora left it
+    assert sent == [((4, 2), 0), ((2, 4), 0)]
+
+
+def test_lora_weights_broadcast_by_rank_0_land_in_the_parameters(monkeypatch):
+    import torch.distributed as dist
+
+    from expert.train import distributed
+
+    monkeypatch.setattr(distributed, "_collective_device", lambda: torch.device("cpu"))  # gloo's
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: tensor.fill_(7.0))  # rank 0's values arrive
+    weights = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    distributed.Ranks(rank=1, world=2, strategy="fsdp").same_weights(weights)
+    assert all(torch.equal(p.data, torch.full_like(p.data, 7.0)) for p in weights)
+
+
 # ---------------------------------------------------------------- config
 
 @pytest.mark.parametrize("values, field, hint", [

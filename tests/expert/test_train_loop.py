@@ -1,6 +1,7 @@
 """Whole training runs on a tiny Llama: learning, outputs, exact resume after a crash."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 
 from expert.errors import DataError, ExpertError
 from expert.train import TrainConfig, list_checkpoints, train
-from expert.train.checkpoint import MARKER
+from expert.train.checkpoint import MARKER, STATE
 from expert.train.data import read_split
 from tests.expert.train_fixtures import WORDS, plain_load, write_toy_data, llama_dir, one_thread  # noqa: F401 (fixtures)
 
@@ -115,6 +116,29 @@ def test_resume_after_crash_continues_and_matches_uninterrupted_run(reference, l
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "memory_mb")}
                            for x in lines]
     assert strip(ours) == strip(theirs)  # no duplicated or missing steps, same losses
+
+
+def test_resume_keeps_the_steps_not_yet_logged_when_logging_every_few_steps(reference, llama_dir, data_dir,
+                                                                          tmp_path):
+    # log_every_steps 3, checkpoints every 2: the checkpoint of step 4 holds step 4's loss, not yet
+    # logged, and the record of step 6 must average steps 4, 5 and 6 as an uninterrupted run does.
+    per_step = {r["step"]: r["loss"] for r in map(json.loads, (reference[0] / "train_log.jsonl").read_text()
+                                                  .splitlines()) if "loss" in r}  # the same losses, logged each step
+    config = TrainConfig(**RUN, log_every_steps=3)
+    with pytest.raises(Crash):
+        train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", progress=crash_at(5), device="cpu")
+    older = tmp_path / "older_work"  # as a checkpoint written before the window was kept
+    shutil.copytree(tmp_path / "work", older)
+    state_file = older / "checkpoints" / "step-000004" / STATE
+    state_file.write_text(json.dumps({k: v for k, v in json.loads(state_file.read_text()).items()
+                                      if k != "log_window"}))
+    train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    logged = [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "out" / "train_log.jsonl").read_text()
+                                                  .splitlines()) if "loss" in r]
+    assert logged == [(end, sum(per_step[s] for s in range(end - 2, end + 1)) / 3) for end in (3, 6, 9)]
+    summary = train(config, llama_dir, data_dir, tmp_path / "older_out", older, device="cpu")
+    assert summary["steps"] == 9
+    assert json.loads((tmp_path / "older_out" / "summary.json").read_text())["resumed_from"] == [4]
 
 
 def test_checkpoint_without_marker_is_ignored(reference, llama_dir, data_dir, tmp_path):
