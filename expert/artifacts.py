@@ -197,8 +197,11 @@ class ArtifactStore:
             if existing is not None:  # another process built it while we waited for the lock
                 log.info("%s was built by another process meanwhile; reusing it", target)
                 return existing
-            for debris in target.parent.glob(f".tmp-{request.key}-*"):
-                shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
+            for pattern in (f".tmp-{request.key}-*", f".trash-{request.key}-*"):
+                for debris in target.parent.glob(pattern):
+                    shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
+            if replace:  # a forced rebuild starts over: not from checkpoints the code before a fix wrote
+                shutil.rmtree(self.work_dir(request), ignore_errors=True)
             self._write(request, producer, target, replace)
             # Under the lock: a forced build of the same key waiting for it writes its own
             # checkpoints there next, and they must not be deleted under it.

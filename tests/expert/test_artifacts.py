@@ -202,3 +202,17 @@ def test_work_dir_is_removed_under_the_keys_lock(tmp_path, monkeypatch):
     first.start(), second.start()
     first.join(), second.join()
     assert survived == {"checkpoint": True}
+
+
+def test_a_forced_build_starts_over_and_clears_debris_of_a_killed_replace(tmp_path):
+    store = ArtifactStore(tmp_path)
+    first = store.build(request(), lambda out: (out / "a.txt").write_text("old"))
+    work = store.work_dir(request())
+    work.mkdir()
+    (work / "checkpoint-10").write_text("written by the code before the fix")
+    trash = first.path.parent / f".trash-{first.key}-deadbeef"  # a replace killed mid-way
+    trash.mkdir()
+    seen = []
+    store.build(request(), lambda out: seen.append(sorted(p.name for p in work.glob("*"))) or
+                (out / "a.txt").write_text("new"), replace=True)
+    assert seen == [[]] and not trash.exists()
