@@ -31,9 +31,16 @@ StageName = Literal["import_model", "format_pubmedqa", "format_mmlu", "quantize"
                     "evaluate", "report"]
 STAGE_NAMES: tuple[str, ...] = get_args(StageName)
 
-# Shipped presets live beside the code (configs/), so a deployment run finds them from its
-# working directory and a notebook finds them from anywhere.
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _presets_dir() -> Path:
+    """Shipped presets live beside the code (configs/), so a notebook finds them from anywhere. A
+    regular (not editable) install, as in the Docker image, puts the code in site-packages without
+    them: then they are the working directory's, the project folder a deployment runs in."""
+    beside = Path(__file__).resolve().parents[1] / "configs"
+    return beside if beside.is_dir() else Path.cwd() / "configs"
+
+
+PRESETS_DIR = _presets_dir()
 
 
 class DataConfig(StageConfig):

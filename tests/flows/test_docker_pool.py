@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -207,6 +208,35 @@ def test_dockerfile_copies_what_the_package_needs_and_the_context_keeps_it():
     assert packages | {project["project"]["readme"], "pyproject.toml"} <= set(sources)
     for heavy in (".venv", "artifacts", ".git", ".prefect"):
         assert ignored(heavy), f"{heavy} would be sent to the daemon with every build"
+
+
+def test_the_cli_of_a_regular_install_finds_the_presets_in_the_project_folder(tmp_path):
+    """The image installs the package as the Dockerfile says (not editable): the code then lives in
+    site-packages, away from configs/, and `docker run ... expert run configs/gpu-8b.yaml` runs in the
+    project folder (its WORKDIR), where the presets are."""
+    (run,) = [r for r in _instructions("RUN") if "--no-build-isolation" in r]
+    flags = re.search(r"pip install (.+?) \.(\s|$)", run).group(1).split()
+    sources = [source for args in _instructions("COPY") if not args.startswith("--from")
+               for source in args.split()[:-1]]
+    context, site = tmp_path / "context", tmp_path / "site"
+    for source in sources:  # the build context, as COPY puts it into the image
+        target = context / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / source, target)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *flags, "--target", str(site), "."],
+                   cwd=context, check=True, capture_output=True)
+    # As the console script `expert run` imports the flow: from site-packages (-P: the working
+    # folder is not on the path); importing it loads the default preset.
+    code = "import flows.pipeline as p, expert; print(p.DEFAULT_PRESET.name, expert.__file__)"
+    out = subprocess.run([sys.executable, "-P", "-c", code], cwd=context, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, module = out.stdout.split()
+    assert name == yaml.safe_load((REPO / "configs/default.yaml").read_text())["name"]
+    assert Path(module).is_relative_to(site)
 
 
 def test_dockerfile_runs_as_a_user_with_the_venv_and_the_library_logs():
