@@ -27,7 +27,11 @@ CONNECT_TIMEOUT = "30s"  # for a scheduler to answer; a busy one takes seconds, 
 # No cache (the stage's artifact is what is cached) and no retries (scoring is
 # deterministic: a retry repeats a failure); the result travels back through dask.
 @task(name="piece", cache_policy=NO_CACHE, persist_result=False)
-def run_piece(piece: Piece) -> Any:
+def run_piece(piece: Piece, threads: int | None = None) -> Any:
+    if threads is not None:  # dask's worker starts torch on one thread (OMP_NUM_THREADS=1)
+        import torch
+
+        torch.set_num_threads(threads)
     return piece.fn(**piece.kwargs)
 
 
@@ -58,7 +62,9 @@ class DaskFanOut:
 
         results: list[Any] = [None] * len(pieces)
         with DaskTaskRunner(**self._cluster()) as runner:
-            futures = [runner.submit(run_piece.with_options(task_run_name=p.name), {"piece": p}) for p in pieces]
+            threads = self.runner.threads_per_worker if self.runner.address is None else None
+            futures = [runner.submit(run_piece.with_options(task_run_name=p.name), {"piece": p, "threads": threads})
+                       for p in pieces]
             index = {future.task_run_id: i for i, future in enumerate(futures)}
             for future in as_completed(futures):
                 i = index[future.task_run_id]
@@ -74,9 +80,10 @@ class DaskFanOut:
     def _cluster(self) -> dict[str, Any]:
         if self.runner.address is not None:
             return {"address": self.runner.address}
-        # Processes, not threads: torch scoring holds the GIL for much of a forward pass.
+        # Processes, one piece at a time each: torch scoring holds the GIL for much of a forward
+        # pass, and each piece loads its own model. threads_per_worker is torch's, set per piece.
         return {"cluster_kwargs": {"n_workers": self.runner.local_workers, "processes": True,
-                                   "threads_per_worker": self.runner.threads_per_worker}}
+                                   "threads_per_worker": 1}}
 
 
 def fan_out(runner: RunnerConfig) -> DaskFanOut | None:

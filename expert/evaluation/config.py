@@ -41,7 +41,8 @@ class RunnerConfig(StageConfig):
     workers: int | None = Field(
         None, ge=1, description="dask without address: LocalCluster worker processes (None: 2).")
     threads_per_worker: int = Field(
-        1, ge=1, description="dask without address: torch threads per LocalCluster worker.")
+        1, ge=1, description="dask without address: torch threads of each LocalCluster worker process "
+        "(each scores one piece at a time).")
     pieces: int | None = Field(
         None, ge=1,
         description="dask: pieces per benchmark evaluation (None: one per worker). Selection always "

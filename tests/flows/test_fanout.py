@@ -9,6 +9,7 @@ import pytest
 from prefect import flow
 
 from expert.evaluation import EvalConfig, evaluate
+from expert.evaluation.config import RunnerConfig
 from expert.fanout import Piece, PieceFailed
 from expert.select import score_checkpoints
 from tasks.fanout import DaskFanOut
@@ -92,7 +93,6 @@ def test_an_unreachable_scheduler_names_the_setting_and_the_fixes(monkeypatch):
     import socket
 
     from expert.errors import ExpertError
-    from expert.evaluation.config import RunnerConfig
     from tasks import fanout
 
     with socket.socket() as sock:  # a port nobody listens on once this closes
@@ -111,6 +111,14 @@ def test_a_failed_piece_fails_with_its_name(prefect_harness, cluster):
     with pytest.raises(PieceFailed, match="piece 'pubmedqa shard 2/2' failed on the dask cluster: JSONDecodeError"):
         flow(lambda: fan_out(pieces), name="failing-piece")()
     assert fan_out([pieces[0]]) == [[1]]  # outside a flow too
+
+
+def test_a_local_cluster_runs_one_piece_per_process_on_the_threads_asked_for(prefect_harness):
+    import torch
+
+    fan_out = DaskFanOut(RunnerConfig(kind="dask", workers=1, threads_per_worker=2))
+    assert fan_out._cluster()["cluster_kwargs"]["threads_per_worker"] == 1  # dask's slots, not torch's threads
+    assert fan_out([Piece("threads", torch.get_num_threads, {})]) == [2]
 
 
 def test_evaluate_flow_with_the_dask_runner_and_the_same_cache_keys(prefect_harness, cluster, llama_dir, tmp_path):
