@@ -72,3 +72,28 @@ def test_mmlu_heading_without_recorded_shots_claims_none(tmp_path):  # metrics.j
 
 def test_mmlu_heading_names_each_runs_shots_when_they_differ(tmp_path):
     assert "## MMLU (base: shot count not recorded, expert: 5-shot): what" in mmlu_report(tmp_path, None, 5)
+
+
+def test_a_dev_split_run_is_named_so_and_not_ranked_among_published_test_results(tmp_path):
+    pubmedqa = {"accuracy": 0.5, "macro_f1": 0.4, "n": 50}
+    upstream = {"pubmedqa/expert": artifact(tmp_path, "pubmedqa/expert", {"metrics.json": pubmedqa})}
+    for split in ("test", "dev"):
+        out = tmp_path / split
+        out.mkdir()
+        write_pipeline_report(upstream, {"name": "t", "eval": {"pubmedqa_split": split}}, out)
+        report = (out / "report.md").read_text()
+        assert f"## PubMedQA (reasoning-required, {split} split)" in report
+        assert ("GPT-4" in report) == (split == "test"), report
+
+
+def test_mmlu_change_is_computed_before_rounding(tmp_path):
+    mmlu = {"average": 0.4684, "subject_mean": 0.4686, "n": 114, "categories": {"STEM": 0.25}}
+    upstream = {"mmlu/base": artifact(tmp_path, "mmlu/base", {"metrics.json": mmlu}),
+                "mmlu/expert": artifact(tmp_path, "mmlu/expert", {"metrics.json": {
+                    **mmlu, "average": 0.4696, "subject_mean": 0.4694}})}
+    out = tmp_path / "out"
+    out.mkdir()
+    write_pipeline_report(upstream, {"name": "t"}, out)
+    report = (out / "report.md").read_text()
+    assert "| average (question-weighted) | 46.8 | 47.0 | 0.1 |" in report  # not 0.2
+    assert "| mean over subjects | 46.9 | 46.9 | 0.1 |" in report  # not 0.0
