@@ -77,6 +77,7 @@ TRAIN_CASES = [
     ("8b-nf4-r16-all (8B preset)", "llama3-8b", (16, 32, ALL_LINEAR), 8, 48),
 ]
 MEMORY_LIMIT_GIB = 24.0  # the original job's card
+SHARED_EXAMPLES = 4  # both sides' loss on these before training: the same objective, or the ratio means nothing
 ORIGINAL_JOB_EXAMPLES = 500 * 10
 MMLU_QUESTIONS = 14042
 
@@ -90,7 +91,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
     lengths = json.loads(Path(args.lengths).read_text())
-    result = {"device": _device_name(device), "versions": _versions(), "date": datetime.date.today().isoformat(),
+    result = {"device": _device_name(device), "machine": _device_name(device), "versions": _versions(),
+              "date": datetime.date.today().isoformat(),
               "command": _command(), "train": [], "eval": None}
     started = time.perf_counter()
     cases = set(args.cases.split(","))
@@ -119,6 +121,7 @@ def main() -> None:
         result["gptq"] = _guarded(lambda: _gptq_case(args, device, out))
         print(json.dumps(result["gptq"]), flush=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["results"] = _summary(result)
     _write(out, result)
     _print_table(result)
 
@@ -270,6 +273,9 @@ def _peer_train(args, model, examples, lora, micro, effective, device) -> dict:
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets,
                                              bias="none", task_type="CAUSAL_LM"))
     model.train()
+    with torch.no_grad(), _autocast(device):  # LoRA's B starts at zero: the base model's loss, as ours'
+        ids, mask, labels = _padded(examples[:SHARED_EXAMPLES])
+        initial = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rng = random.Random(1)
@@ -303,12 +309,20 @@ def _peer_train(args, model, examples, lora, micro, effective, device) -> dict:
         new_useful, _, new_seconds = window(fresh)
         extra["fresh_tokens_per_s"] = round(new_useful / new_seconds, 1)
     return {**extra, "micro_batch": micro, "gradient_checkpointing": True, "tokens_per_s": round(useful / seconds, 1),
+            "initial_loss": round(float(initial), 4), "timed_examples": sum(len(b) for b in batches),
+            "timed_mean_tokens": round(statistics.mean(len(e.input_ids) for b in batches for e in b), 1),
             "cold_tokens_per_s": round(useful / cold, 1),
             "padding_fraction": round(1 - useful / padded, 3), "seconds": round(seconds, 2)}
 
 
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
+
+
+def _spread(batches: list[list[int]], lengths: list[int], count: int) -> list[list[int]]:
+    """`count` of `batches`, evenly spaced over them sorted by width (the longest example)."""
+    ordered = sorted(batches, key=lambda b: max(lengths[i] for i in b))
+    return [ordered[(2 * k + 1) * len(ordered) // (2 * count)] for k in range(count)]
 
 
 def _padded(batch):
@@ -346,6 +360,10 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
     torch.manual_seed(0)
     model = attach_lora(model, config)
     model.train()
+    with torch.no_grad(), _autocast(device):  # LoRA's B starts at zero: the base model's loss, as the peer's
+        shared = step_module.collate(examples[:SHARED_EXAMPLES], 0)
+        labelled = int((shared["labels"] != -100).sum())
+        initial = step_module.answer_loss_sum(model, shared, device) / labelled
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
     memory = plan_memory(model, config, max(lengths), device)
@@ -357,12 +375,16 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
                     EncodedSplit(examples, 0, []), pad_id=0, max_grad_norm=1.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    # Windows of whole micro-batches from the run's own order; each ends with an optimizer step.
+    # Windows of whole micro-batches of the run's own (length-bucketed) batches; each ends with an
+    # optimizer step. Few big micro-batches taken in run order could be all short or all long ones,
+    # so they are taken evenly over the widths of an epoch: the timed examples have the data's
+    # length mix, as the peer's random draws do (both report `timed_mean_tokens`).
     per_window = max(1, min(accum, -(-args.ours_examples // memory.micro_batch_size)))
-    stream = [plan._batch(i) for i in range(per_window * 4)]
-    windows = [stream[:per_window], stream[per_window:2 * per_window]]
-    fresh = [stream[2 * per_window:3 * per_window], stream[3 * per_window:]]
-    padded = sum(_round_up(max(lengths[i] for i in b), pad_multiple) * len(b) for b in stream[:2 * per_window])
+    stream = _spread([plan._batch(i) for i in range(max(plan.per_epoch, 4 * per_window))], lengths, 4 * per_window)
+    seen, unseen = stream[0::2], stream[1::2]  # alternate: both sets spread over the widths
+    windows = [seen[:per_window], seen[per_window:]]
+    fresh = [unseen[:per_window], unseen[per_window:]]
+    padded = sum(_round_up(max(lengths[i] for i in b), pad_multiple) * len(b) for b in seen)
     real_collate = step_module.collate
 
     def collate(examples, pad_id):  # right padding to a multiple: more pad positions, no labels on them
@@ -391,6 +413,8 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
             extra["profile"] = _profile(lambda: runner.step(windows[0]), device)
     return {**extra, "micro_batch": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
+            "initial_loss": round(float(initial), 4), "timed_examples": sum(len(b) for b in seen),
+            "timed_mean_tokens": round(statistics.mean(lengths[i] for b in seen for i in b), 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
             "padding_fraction": round(1 - tokens / padded, 3), "seconds": round(passes[1], 2)}
 
@@ -532,6 +556,8 @@ def _profile(run, device, top: int = 15) -> dict:
     wall = time.perf_counter() - start
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    if device.type == "cuda":  # an aten op carries its kernels' device time too: count the kernels only
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) / 1e6
     rows = [{"name": e.key[:90], "ms": round(getattr(e, key) / 1e3, 1), "calls": e.count,
@@ -608,8 +634,14 @@ def _gptq_case(args, device, out: Path) -> dict:
     row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random bf16 weights" if not args.smoke
            else "tiny", "layers": layers, **{side: sides[side] for side in sides}}
     if all("seconds" in sides[s] for s in ("ours", "peer")):
-        row["ratio"] = round(sides["peer"]["seconds"] / sides["ours"]["seconds"], 2)
         row["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
+        # Only when the cold run finished: it pays gptqmodel's one-off extension build, which
+        # otherwise falls into the peer's timed run.
+        if "seconds" in sides["ours-cold"]:
+            row["ratio"] = round(sides["peer"]["seconds"] / sides["ours"]["seconds"], 2)
+        else:
+            row["ratio"] = None
+            row["ratio_note"] = "ours-cold did not finish: the peer may have paid gptqmodel's extension build"
     shutil.rmtree(work, ignore_errors=True)
     return row
 
@@ -793,6 +825,37 @@ def _command() -> str:
     return " ".join(words)
 
 
+def _summary(result: dict) -> list[dict]:
+    """Each case in the bench result format (metric, unit, peer, ours, ratio, quality)."""
+    rows = []
+    for case in dict.fromkeys(r["case"] for r in result["train"]):
+        sides = {r["side"]: r for r in result["train"] if r["case"] == case and "error" not in r}
+        if not {"peer", "ours"} <= set(sides):
+            continue
+        peer, ours = sides["peer"], sides["ours"]
+        losses = {"peer": peer["initial_loss"], "ours": ours["initial_loss"]}
+        rows.append({"metric": f"LoRA training, useful (non-padding) tokens/s, {case}", "unit": "tokens/s",
+                     "peer": {"name": f"HF transformers + PEFT + bitsandbytes, micro-batch {peer['micro_batch']}",
+                              "value": peer["tokens_per_s"]},
+                     "ours": {"value": ours["tokens_per_s"]}, "ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2),
+                     "quality": {"initial_loss": losses,
+                                 "same_objective": abs(losses["peer"] - losses["ours"]) <= 0.01 * abs(losses["peer"])}})
+    ev = result.get("eval") or {}
+    if "ratio" in ev:
+        rows.append({"metric": "MMLU-shaped 5-shot scoring, questions/s", "unit": "questions/s",
+                     "peer": {"name": "lm-eval's log-likelihood path re-implemented (full logits, one forward per "
+                              "context)", "value": ev["peer_questions_per_s"]},
+                     "ours": {"value": ev["ours_questions_per_s"]}, "ratio": ev["ratio"],
+                     "quality": {"same_prediction": ev["same_prediction"], "max_loglik_diff": ev["max_loglik_diff"]}})
+    gptq = result.get("gptq") or {}
+    if gptq.get("ratio"):
+        rows.append({"metric": "GPTQ 4-bit quantization wall time", "unit": "s (ratio = peer / ours)",
+                     "peer": {"name": "gptqmodel with its defaults", "value": gptq["peer"]["seconds"]},
+                     "ours": {"value": gptq["ours"]["seconds"]}, "ratio": gptq["ratio"],
+                     "quality": {"identical_tensors": gptq["identical_tensors"]}})
+    return rows
+
+
 def _write(out: Path, result: dict) -> None:
     (out / "gpu.json").write_text(json.dumps(result, indent=1) + "\n")
 
@@ -814,6 +877,10 @@ def _print_table(result: dict) -> None:
     for case, sides in by_case.items():
         if all("tokens_per_s" in sides.get(s, {}) for s in ("peer", "ours")):
             print(f"ratio ours/peer {case}: {sides['ours']['tokens_per_s'] / sides['peer']['tokens_per_s']:.2f}")
+        if all("initial_loss" in sides.get(s, {}) for s in ("peer", "ours")):
+            print(f"  same batch before training: loss peer {sides['peer']['initial_loss']}, ours "
+                  f"{sides['ours']['initial_loss']}; timed examples' mean tokens: peer "
+                  f"{sides['peer']['timed_mean_tokens']}, ours {sides['ours']['timed_mean_tokens']}")
         if all("fresh_tokens_per_s" in sides.get(s, {}) for s in ("peer", "ours")):
             print(f"ratio ours/peer {case}, batches not seen before: "
                   f"{sides['ours']['fresh_tokens_per_s'] / sides['peer']['fresh_tokens_per_s']:.2f}")

@@ -29,6 +29,14 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     # Widths rounded up to 64: the same useful tokens in more padding (tiny examples are ~40 tokens).
     assert train[3]["padding_fraction"] > train[1]["padding_fraction"] + 0.2, train
 
+    # Both sides trained the same objective: the same loss on the same batch before training (LoRA's B is 0).
+    assert abs(train[0]["initial_loss"] - train[1]["initial_loss"]) < 1e-2 * train[0]["initial_loss"], train
+    assert all(row["timed_examples"] > 0 < row["timed_mean_tokens"] for row in train), train
+    summary = {row["metric"].split(",")[0]: row for row in result["results"]}
+    assert set(summary) == {"LoRA training", "MMLU-shaped 5-shot scoring", "GPTQ 4-bit quantization wall time"}
+    assert summary["LoRA training"]["quality"]["same_objective"] is True
+    assert all({"metric", "unit", "peer", "ours", "ratio", "quality"} <= set(row) for row in summary.values())
+
     ev = result["eval"]
     assert "error" not in ev, ev
     assert ev["same_prediction"] == f"{ev['peer_questions']}/{ev['peer_questions']}"
