@@ -105,10 +105,21 @@ def content_id(ref: dict[str, str]) -> str:
     """
     if ref.get("stage") == EXTERNAL:
         return ref["key"]  # a folder made outside the store is keyed by its content already
-    # A ref may name a folder inside its artifact (select's adapter): "artifact" is the artifact's.
-    manifest = json.loads((Path(ref.get("artifact", ref["path"])) / MANIFEST).read_text())
+    manifest = _manifest_of(Path(ref["path"]), ref["key"])
     files = {rel: desc["sha256"] for rel, desc in manifest["files"].items()}
     return f"{ref['key']}@{hashlib.sha256(canonical_json(files).encode()).hexdigest()[:KEY_LENGTH]}"
+
+
+def _manifest_of(folder: Path, key: str) -> dict[str, Any]:
+    """The manifest of artifact `key` at `folder` or above it: a ref may name a folder inside its
+    artifact (select's adapter/)."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / MANIFEST).is_file():
+            manifest = json.loads((candidate / MANIFEST).read_text())
+            if manifest.get("key") == key:
+                return manifest
+    raise ExpertError(f"{folder} is not (inside) the artifact {key}: no manifest.json of that key there or "
+                      "above it. Give the artifact's folder, or a folder made outside the store by its path")
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -41,4 +41,4 @@ def select(config: SelectConfig, eval_config: EvalConfig, workspace: str, model:
 
 def adapter_of(selection: dict) -> dict:
     """The selected adapter inside the select artifact, as an upstream ref."""
-    return {**selection, "path": selection["path"] + "/adapter", "artifact": selection["path"]}
+    return {**selection, "path": selection["path"] + "/adapter"}

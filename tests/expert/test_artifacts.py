@@ -149,6 +149,7 @@ def test_downstream_keys_name_the_upstream_files_not_only_its_key(tmp_path):
     """A forced rebuild keeps the upstream's key; if its files change, what reads it gets a new key
     (a run stopped right after that rebuild must not leave the old downstream artifacts cached)."""
     from expert.artifacts import content_id
+    from expert.errors import ExpertError
     from expert.stages.base import Stage
 
     class Reader(Stage):
@@ -164,9 +165,10 @@ def test_downstream_keys_name_the_upstream_files_not_only_its_key(tmp_path):
     assert new.key == up.key and Reader().request(config, {"model": new.ref()}, {}).key != before
     # A folder inside the artifact (select's adapter) is named by its artifact's files.
     (new.path / "adapter").mkdir(exist_ok=True)
-    inner = {**new.ref(), "path": str(new.path / "adapter"), "artifact": str(new.path)}
-    assert content_id(inner) == content_id(new.ref())
+    assert content_id({**new.ref(), "path": str(new.path / "adapter")}) == content_id(new.ref())
     assert content_id({"stage": "external", "key": "abc", "path": str(tmp_path)}) == "abc"
+    with pytest.raises(ExpertError, match="is not \\(inside\\) the artifact other"):
+        content_id({**new.ref(), "key": "other"})
 
 
 def test_work_dir_is_removed_under_the_keys_lock(tmp_path, monkeypatch):
