@@ -29,13 +29,14 @@ def test_model_key_follows_dtype_and_content():
     assert base.key != stage.request(ModelConfig(source="gguf:a.gguf", dtype="bfloat16"), {}, {"source": src("x")}).key
 
 
-def _data_ref(tmp_path, digest, names=("test.parquet", "dev.parquet"), stage="format"):
+def _data_ref(tmp_path, digest, names=("test.parquet", "dev.parquet"), stage="format", key=None):
     """A ref to an artifact folder whose manifest lists `names`, each with content `digest`."""
-    folder = tmp_path / digest
+    key = key or f"k-{digest}"
+    folder = tmp_path / key
     folder.mkdir()
     files = {n: {"size": 1, "sha256": digest} for n in names}
-    (folder / "manifest.json").write_text(__import__("json").dumps({"files": files}))
-    return {"stage": stage, "key": f"k-{digest}", "path": str(folder)}
+    (folder / "manifest.json").write_text(__import__("json").dumps({"key": key, "files": files}))
+    return {"stage": stage, "key": key, "path": str(folder)}
 
 
 def _model_ref(tmp_path, digest="m1"):
@@ -56,7 +57,7 @@ def test_evaluation_key_ignores_the_other_benchmarks_settings(tmp_path):
 def test_evaluation_key_follows_the_split_content_not_the_data_key(tmp_path):
     model = _model_ref(tmp_path)
     same = _data_ref(tmp_path, "d1")
-    other_key_same_content = {**same, "key": "another-fold"}
+    other_key_same_content = _data_ref(tmp_path, "d1", key="another-fold")
     stage = Evaluate("pubmedqa")
     assert stage.request(EvalConfig(), {"model": model, "data": same}, {}).key == \
         stage.request(EvalConfig(), {"model": model, "data": other_key_same_content}, {}).key
