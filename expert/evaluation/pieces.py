@@ -123,11 +123,24 @@ def score_in_pieces(config: EvalConfig, benchmark: str, model_dir: Path, data_di
     # Wall time of the whole fan-out, model loads included (one process times scoring only).
     seconds = time.perf_counter() - started
     scores, mode = merge_pieces(frame, pieces, results)
+    _same_precision(pieces, results)
     timing = {"scoring_s": round(seconds, 3), "questions_per_s": round(len(frame) / seconds, 3),
               "device": results[0]["device"], "dtype": results[0]["dtype"],
               "pieces": [{"name": p.name, "questions": len(r["ids"]), "load_s": r["load_s"],
                           "scoring_s": r["scoring_s"], "host": r["host"]} for p, r in zip(pieces, results)]}
     return scores, mode, timing
+
+
+def _same_precision(pieces: list[Piece], results: list[dict]) -> None:
+    """One evaluation, one device kind and dtype: with `device: auto` on a cluster of GPU and CPU
+    workers, pieces would be scored in bfloat16 and float32 and cached as one result."""
+    seen: dict[tuple[str, str], str] = {}
+    for piece, r in zip(pieces, results):
+        seen.setdefault((r["device"].split(":")[0], r["dtype"]), piece.name)
+    if len(seen) > 1:
+        ran = "; ".join(f"'{name}' on {device} in {dtype}" for (device, dtype), name in seen.items())
+        raise ExpertError(f"the pieces of one evaluation ran on different devices or dtypes ({ran}): set "
+                          "eval.device and eval.dtype (not auto), or give the dask cluster workers of one kind")
 
 
 def _piece_size(piece: Piece, frame: pd.DataFrame) -> int:

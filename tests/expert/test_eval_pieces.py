@@ -69,6 +69,17 @@ def test_in_process_pieces_equal_one_process(benchmark, width, llama_dir, mmlu_d
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=0)
 
 
+def test_pieces_scored_on_different_devices_or_dtypes_are_refused():
+    from expert.evaluation.pieces import _same_precision
+
+    pieces = [Piece("mmlu 1/2", print), Piece("mmlu 2/2", print)]
+    gpu = {"device": "cuda:0", "dtype": "bfloat16"}
+    _same_precision(pieces, [gpu, {**gpu, "device": "cuda:1"}])  # two GPUs of one kind: one result
+    with pytest.raises(ExpertError, match="'mmlu 1/2' on cuda in bfloat16; 'mmlu 2/2' on cpu in float32\\): "
+                                          "set eval.device and eval.dtype"):
+        _same_precision(pieces, [gpu, {"device": "cpu", "dtype": "float32"}])
+
+
 def test_a_failed_piece_is_named():
     pieces = [Piece("good", json.loads, {"s": "[1]"}), Piece("mmlu 2/2 (bad)", json.loads, {"s": "{"})]
     with pytest.raises(PieceFailed, match="piece 'mmlu 2/2 \\(bad\\)' failed: JSONDecodeError"):
