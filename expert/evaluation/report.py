@@ -41,7 +41,8 @@ def shots_label(num_shots: int | None) -> str:
 
 def benchmark_title(metrics: dict) -> str:
     if metrics["benchmark"] == "pubmedqa":
-        return "PubMedQA (zero-shot)"
+        split = metrics.get("split", "test")
+        return "PubMedQA (zero-shot)" if split == "test" else f"PubMedQA (zero-shot, {split} split)"
     return f"MMLU ({shots_label(metrics.get('num_shots'))})"
 
 
@@ -67,7 +68,8 @@ def comparison_rows(metrics: dict, run_name: str = "this run") -> list[dict]:
                 "macro_f1": _pct(metrics["macro_f1"])}
     else:
         ours = {"model": f"**{run_name}**", "accuracy": _pct(metrics["average"])}
-    references = [dict(r) for r in REFERENCES[benchmark]]
+    # The published PubMedQA results are test-split numbers: a dev-split run is not ranked among them.
+    references = [dict(r) for r in REFERENCES[benchmark]] if metrics.get("split", "test") == "test" else []
     if mmlu_caveat(metrics):
         # The table is also published on its own (a Prefect table artifact), without the
         # report's caveat, so each row says its shots.

@@ -61,6 +61,8 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
     metrics = _metrics(benchmark, frame, predictions)
     if benchmark == "mmlu":
         metrics["num_shots"] = mmlu_num_shots(Path(data_dir))
+    else:
+        metrics["split"] = config.pubmedqa_split
     metrics["scoring"] = mode
     metrics["timing"] = timing
     run_name = run_name or Path(model_dir).name + (" + LoRA" if adapter_dir else "")

@@ -22,6 +22,13 @@ def test_pubmedqa_row_is_ranked_among_references():
     assert comparison_rows(pubmedqa(1), "ours")[-1]["model"] == "**ours**"
 
 
+def test_a_dev_split_pubmedqa_run_says_so_and_is_not_ranked_among_test_results():
+    metrics = {**pubmedqa(19), "split": "dev"}
+    assert [r["model"] for r in comparison_rows(metrics, "ours")] == ["**ours**"]
+    text = render_report(metrics, "ours")
+    assert text.startswith("# PubMedQA (zero-shot, dev split): ours") and "Galactica" not in text
+
+
 def test_report_markdown_holds_the_row_in_order():
     text = render_report(pubmedqa(19), "ours", {"model": "tiny"})
     lines = [line for line in text.splitlines() if line.startswith("| ")]
