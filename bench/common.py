@@ -41,6 +41,21 @@ def write_result(path: str | Path, result: dict) -> None:
     print(json.dumps(result, indent=2))
 
 
+def command_line(script: str, args, parser, placeholders: dict[str, str] | None = None, prefix: str = "",
+                 skip: tuple[str, ...] = ()) -> str:
+    """`python bench/SCRIPT` and the flags that differ from the parser's defaults, for a result's
+    `command`. Folder flags show the placeholder that stands for them (`placeholders`: dest -> name)
+    and --out none: where this machine keeps its files is no part of a result."""
+    placeholders = placeholders or {}
+    cmd = f"{prefix}python bench/{script}"
+    for key, value in vars(args).items():
+        if key == "out" or key in skip or value == parser.get_default(key):
+            continue
+        flag = f" --{key.replace('_', '-')}"
+        cmd += flag + ("" if value is True else f" {placeholders.get(key, value)}")
+    return cmd
+
+
 # A benchmark side that must not share a process with the other (peak memory, imports, a fresh
 # allocator) runs as a child of its own script, which prints one tagged line with its result.
 _TAG = "RESULT "

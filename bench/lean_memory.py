@@ -26,7 +26,7 @@ import platform
 import sys
 from pathlib import Path
 
-from common import describe_machine, write_result  # bench/ is on sys.path when a script runs
+from common import command_line, describe_machine, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -145,17 +145,9 @@ def main() -> None:
         "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
-        "command": _command(args),
+        "command": command_line("lean_memory.py", args, p),
         "date": datetime.date.today().isoformat(),
     })
-
-
-def _command(args) -> str:
-    """The command line without --out: where this machine wrote the result is no part of it."""
-    cmd = "python bench/lean_memory.py"
-    for flag, value, default in (("--shapes", args.shapes, ",".join(SHAPES)), ("--tokens", args.tokens, 256)):
-        cmd += f" {flag} {value}" if value != default else ""
-    return cmd
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import describe_machine, newest_artifact, print_child_result, run_child, write_result  # bench/ is on sys.path when a script runs
+from common import command_line, describe_machine, newest_artifact, print_child_result, run_child, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -153,14 +153,8 @@ def _growth(rows: list[dict], unit: str) -> dict:
 
 def _command(args) -> str:
     threads = os.environ.get("OMP_NUM_THREADS")
-    cmd = f"OMP_NUM_THREADS={threads} " if threads else ""
-    cmd += "python bench/scale.py --model QUANTIZED_MODEL_DIR --data PUBMEDQA_FORMATTED_DIR"
-    for flag, value, default in (("--train-sizes", args.train_sizes, "8,16,32"),
-                                 ("--eval-sizes", args.eval_sizes, "20,40,80"),
-                                 ("--max-length", args.max_length, 128)):
-        cmd += f" {flag} {value}" if value != default else ""
-    return cmd
-
+    return command_line("scale.py", args, _parser(), {"model": "QUANTIZED_MODEL_DIR", "data": "PUBMEDQA_FORMATTED_DIR"},
+                        prefix=f"OMP_NUM_THREADS={threads} " if threads else "")
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import describe_machine, newest_artifact, write_result  # bench/ is on sys.path when a script runs
+from common import command_line, describe_machine, newest_artifact, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -250,16 +250,9 @@ def _result(args, runs: dict[str, list[dict]]) -> dict:
 
 
 def _command(args) -> str:
-    """The command line with this machine's paths replaced by what they stand for."""
-    cmd = f"OMP_NUM_THREADS={args.threads} python bench/train_vs_trainer.py"
-    cmd += " --model SMOLLM2_135M_INSTRUCT_DIR" if args.model else ""
-    cmd += " --data PUBMEDQA_FORMATTED_DIR" if args.data else ""
-    defaults = vars(_parser().parse_args([]))
-    for key, value in vars(args).items():
-        if key not in ("model", "data", "out", "threads") and value != defaults[key]:
-            cmd += f" --{key.replace('_', '-')}" + ("" if value is True else f" {value}")
-    return cmd
-
+    return command_line("train_vs_trainer.py", args, _parser(),
+                        {"model": "SMOLLM2_135M_INSTRUCT_DIR", "data": "PUBMEDQA_FORMATTED_DIR"},
+                        prefix=f"OMP_NUM_THREADS={args.threads} ", skip=("threads",))
 
 if __name__ == "__main__":
     main()
