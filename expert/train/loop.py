@@ -25,7 +25,7 @@ from expert.errors import DataError, ExpertError
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_marker,
                                      read_state, save_checkpoint)
 from expert.train.config import TrainConfig
-from expert.train.data import BatchPlan, EncodedSplit, encode_split, read_split, unbucketed_padding_fraction
+from expert.train.data import IGNORE, BatchPlan, EncodedSplit, encode_split, read_split, unbucketed_padding_fraction
 from expert.train.distributed import Ranks, shard_base
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
@@ -67,7 +67,8 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     ranks.seed_dropout(config.seed)
     if ranks.strategy == "fsdp":
         shard_base(model, ranks, device)
-    memory = _memory_plan(work_dir, config, model, max(train_set.lengths), ranks)
+    answers = max(sum(label != IGNORE for label in e.labels) for e in train_set.examples)
+    memory = _memory_plan(work_dir, config, model, max(train_set.lengths), answers, ranks)
     micro = memory.micro_batch_size
     plan = BatchPlan(train_set.lengths, micro, config.effective_batch_size // micro, config.epochs, config.seed,
                      config.max_steps)
@@ -144,7 +145,8 @@ def _encode(tokenizer, rows: dict[str, list[str]], max_length: int, ranks: Ranks
     return split
 
 
-def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int, ranks: Ranks) -> MemoryPlan:
+def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int, answers: int,
+                 ranks: Ranks) -> MemoryPlan:
     """The resumed run's own choice (the data order depends on it), else a fresh one."""
     found = complete_checkpoints(work_dir / "checkpoints")
     if found and read_marker(found[-1][1]).get("config") == config.canonical():
@@ -154,7 +156,7 @@ def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int, ranks
             set_checkpointing(model, plan.gradient_checkpointing)
             return plan
     device = next(p for p in model.parameters() if p.requires_grad).device
-    return plan_memory(model, config, longest, device, ranks)
+    return plan_memory(model, config, longest, device, ranks, answer_tokens=answers)
 
 
 def _dev_rows(path: Path) -> dict[str, list[str]]:

@@ -1,6 +1,6 @@
 """How a run spends memory: the micro-batch size and gradient checkpointing, given or found.
 
-    plan = plan_memory(model, config, longest=max(lengths), device=device)
+    plan = plan_memory(model, config, longest=max(lengths), device=device, answer_tokens=max(answers))
 
 `micro_batch_size: auto` takes the largest divisor of `effective_batch_size` (so the optimizer
 sees the same batches whatever the card) whose forward + backward on the longest training
@@ -10,8 +10,9 @@ then leaves checkpointing off when that micro-batch fits without it: recomputing
 forward costs a third of a step's compute, paid only when memory is short. When it does not fit,
 the largest micro-batch that fits without checkpointing is timed against it, and the faster wins.
 
-On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length
-(peak `torch.cuda.max_memory_allocated`, plus the optimizer's two moments), kept under 90% of
+On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length,
+each with as many labelled tokens as the most any example has (the vocabulary projection is
+built for those; peak `torch.cuda.max_memory_allocated`, plus the optimizer's two moments), kept under 90% of
 `memory_limit_gib` (default: all memory free at start, plus what the model already holds). On the
 CPU it is an estimate of the saved activations against half of the available RAM, and 'auto'
 micro-batches are capped at 8 (a CPU gains little from bigger ones).
@@ -62,8 +63,9 @@ class MemoryPlan:
 
 
 def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
-                ranks: Ranks = Ranks()) -> MemoryPlan:
-    """Resolve the 'auto' memory settings of `config` for `model` (LoRA attached) on `device`."""
+                ranks: Ranks = Ranks(), answer_tokens: int = 3) -> MemoryPlan:
+    """Resolve the 'auto' memory settings of `config` for `model` (LoRA attached) on `device`;
+    `longest`: the longest example's tokens, `answer_tokens`: the most labelled tokens of one."""
     micros = _micro_candidates(config, device)
     checkpointing = [config.gradient_checkpointing] if isinstance(config.gradient_checkpointing, bool) \
         else [True] if ranks.lockstep else [False, True]
@@ -72,7 +74,7 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
         limit = _limit_bytes(config, device) if device.type == "cuda" else None
         return MemoryPlan(micros[0], checkpointing[0], limit and round(limit / 2**30, 2))
     if device.type == "cuda":
-        fits, limit = _probe_fits(model, device, config), _limit_bytes(config, device)
+        fits, limit = _probe_fits(model, device, config, answer_tokens), _limit_bytes(config, device)
     else:
         fits, limit = _estimate_fits(model), None
     # The largest micro-batch that fits with the most frugal allowed setting ...
@@ -138,7 +140,7 @@ def _checkpointing(model) -> bool:
     return bool(getattr(model, name, False))
 
 
-def _probe_fits(model, device: torch.device, config: TrainConfig):
+def _probe_fits(model, device: torch.device, config: TrainConfig, answer_tokens: int = 3):
     """fits(micro, length, checkpointing, limit): run one forward + backward and read the peak."""
     from expert.train.step import answer_loss_sum, autocast_dtype
 
@@ -151,14 +153,16 @@ def _probe_fits(model, device: torch.device, config: TrainConfig):
         key = (micro, length, checkpointing)
         if key not in peaks:
             with _capped(device, limit):
-                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, checkpointing, amp=amp)
+                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, checkpointing, amp=amp,
+                                    answer_tokens=answer_tokens)
         peak = peaks[key]
         return peak is not None and peak + moments <= HEADROOM * limit
 
     def speed(micro: int, length: int, checkpointing: bool, limit: int) -> float:
         """Tokens/s of a forward + backward, timed after a warm-up pass."""
         with _capped(device, limit):
-            peak = _probe(model, answer_loss_sum, device, micro, length, checkpointing, repeats=2, amp=amp)
+            peak = _probe(model, answer_loss_sum, device, micro, length, checkpointing, repeats=2, amp=amp,
+                          answer_tokens=answer_tokens)
         return 0.0 if peak is None else micro * length / _probe.seconds
 
     fits.peaks, fits.speed = peaks, speed
@@ -182,7 +186,7 @@ def _capped(device: torch.device, limit: int):
 
 
 def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool, repeats: int = 1,
-           amp: torch.dtype | None = torch.bfloat16) -> int | None:
+           amp: torch.dtype | None = torch.bfloat16, answer_tokens: int = 3) -> int | None:
     """Peak bytes of forward + backward on a (micro, length) batch; None when it ran out of memory.
 
     With repeats > 1 the last pass is timed (the earlier ones warm the allocator and kernels)
@@ -195,7 +199,7 @@ def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool,
     try:
         ids = torch.zeros((micro, length), dtype=torch.long)
         labels = torch.full((micro, length), IGNORE, dtype=torch.long)
-        labels[:, -3:] = 0
+        labels[:, -max(1, min(answer_tokens, length - 1)):] = 0  # the first token is always prompt
         for _ in range(repeats):
             torch.cuda.synchronize(device)
             start = time.perf_counter()

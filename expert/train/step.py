@@ -124,20 +124,54 @@ class Runner:
 def answer_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Summed cross-entropy over the labelled (answer + EOS) tokens of a right-padded batch.
 
-    Only the last positions of the batch carry labels, so the model is asked for logits
-    from the first labelled position on (`logits_to_keep`): the vocabulary projection of
-    the prompt, the biggest tensor of a small model's step, is never built.
+    Only the labelled tokens need logits, a few per example, so the vocabulary projection is
+    given just their hidden states (`_HeadInput` gathers them at the output head's input): the
+    [batch, positions, vocabulary] logits of the prompt are never built. Asking the model for the
+    logits from the batch's first labelled position on (`logits_to_keep`) was not enough: in a
+    batch of 48 examples padded to 512, a short example's answer sits early, and the 8B preset
+    (128k vocabulary) then built ~15 GiB of logits that the memory probe, whose examples all end
+    at the batch's width, never saw (H100, bench/results/gpu_h100_2026-11-27b.json: 29.5 GiB
+    peak under a 24 GiB limit).
     """
     labels = batch["labels"]
-    width = labels.shape[1]
-    first = int((labels != IGNORE).int().argmax(dim=1).min())  # >= 1: every example keeps a prompt token
-    keep = width - first + 1
+    # position p predicts token p + 1; found on the host (the batch is built there): no device sync
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    target = labels[:, 1:][rows, cols].to(device)
+    rows, cols = rows.to(device), cols.to(device)
     # No attention mask: padding is on the right, so causal attention never lets a real token
     # see a pad, and pad positions carry no label. Without a mask SDPA takes its plain causal
     # (flash) path; with one, on an H100 it took cuDNN attention, which builds a graph for
     # every new batch shape (a third of a step's CPU time on SmolLM2-135M).
-    out = model(input_ids=batch["input_ids"].to(device), logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, :-1].float()  # position p predicts token p + 1
-    target = labels[:, width - keep + 1:].to(device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    with _HeadInput(model, rows, cols) as head:
+        out = model(input_ids=batch["input_ids"].to(device), use_cache=False)
+    logits = out.logits[0] if head.gathered else out.logits[rows, cols]
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+
+
+class _HeadInput:
+    """While active, the model's output head (lm_head) sees only the hidden states at (rows, cols),
+    as one [1, N, hidden] sequence: logits for N tokens instead of batch x width. Whatever the
+    model does to the head's output (a scale, a soft cap) is elementwise and still applies. A
+    model that computes its logits without calling that module leaves `gathered` False, and the
+    caller picks the positions from the full logits."""
+
+    def __init__(self, model, rows: torch.Tensor, cols: torch.Tensor):
+        self.rows, self.cols, self.gathered, self.handle = rows, cols, False, None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+
+    def _gather(self, module, args):
+        hidden = args[0]
+        if hidden.dim() != 3:  # not the [batch, width, hidden] this was written for: leave it
+            return None
+        self.gathered = True
+        return (hidden[self.rows, self.cols].unsqueeze(0),) + tuple(args[1:])
+
+    def __enter__(self):
+        if self.head is not None:
+            self.handle = self.head.register_forward_pre_hook(self._gather)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()

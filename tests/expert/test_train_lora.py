@@ -69,6 +69,32 @@ def test_answer_loss_matches_the_models_own_loss(llama_dir, batch):
     assert float(ours) == pytest.approx(float(theirs) * n_targets, rel=1e-5)
 
 
+def test_answer_loss_projects_only_the_labelled_tokens(llama_dir, batch):
+    # The vocabulary projection must see one row per labelled token, however far a short
+    # example's answer sits from the batch's end (the 8B preset built ~15 GiB of logits when
+    # it was asked for every position from the batch's first answer on).
+    model, _ = plain_load(llama_dir)
+    labels = batch["labels"]
+    first = (labels != IGNORE).int().argmax(dim=1)
+    assert int(first.max() - first.min()) > 3  # answers at different depths: the case that mattered
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        answer_loss_sum(model, batch, torch.device("cpu"))
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([1, int((labels[:, 1:] != IGNORE).sum()), model.config.hidden_size])]
+
+
+def test_answer_loss_without_a_head_module_picks_from_the_full_logits(llama_dir, batch, monkeypatch):
+    # A model that computes its logits without calling get_output_embeddings() (so the gather
+    # never runs) must still get the same loss, from the full logits.
+    model, _ = plain_load(llama_dir)
+    expected = answer_loss_sum(model, batch, torch.device("cpu"))
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: torch.nn.Identity())
+    assert float(answer_loss_sum(model, batch, torch.device("cpu"))) == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_missing_target_module_lists_the_existing_ones(llama_dir):
     model, _ = plain_load(llama_dir)
     with pytest.raises(ConfigError) as info:

@@ -8,6 +8,7 @@ import torch
 from expert.errors import ExpertError
 from expert.train import TrainConfig, train
 from expert.train import memory
+from expert.train.data import IGNORE
 from expert.train.lora import attach_lora
 from expert.train.memory import MemoryPlan, _checkpointing, plan_memory, set_checkpointing
 from expert.train.step import Runner
@@ -28,7 +29,9 @@ def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30, speeds=None):
     speeds[(micro, checkpointing)] -> tokens/s (the timing only a GPU probe offers)."""
     calls = []
 
-    def probe_fits(model, device, config):
+    def probe_fits(model, device, config, answer_tokens=3):
+        calls.append(("answer_tokens", answer_tokens))
+
         def fits(micro, length, checkpointing, limit):
             calls.append((micro, checkpointing))
             return fits_table.get((micro, checkpointing), False)
@@ -163,3 +166,27 @@ def test_the_plan_is_recorded_and_a_resume_keeps_it(llama_dir, tmp_path, monkeyp
     longer = TrainConfig(**{**RUN, "micro_batch_size": "auto", "effective_batch_size": 4})
     train(longer, llama_dir, data, tmp_path / "out2", tmp_path / "work", device="cpu")
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["memory"] == summary["memory"]
+
+
+def test_the_probe_labels_as_many_tokens_as_the_longest_answer(llama_dir, monkeypatch):
+    # The vocabulary projection is built for every labelled token, so a task with long answers
+    # needs more memory per example than PubMedQA's 2-3: the probe must label as many.
+    calls = fake_gpu(monkeypatch, {(4, True): True})
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=4, gradient_checkpointing=True)
+    plan_memory(lora_model(llama_dir), config, longest=500, device=torch.device("cuda"), answer_tokens=40)
+    assert ("answer_tokens", 40) in calls
+
+    seen = []
+
+    def loss_fn(model, batch, device):
+        seen.append(batch["labels"])
+        return model(input_ids=batch["input_ids"][:, :4]).logits.float().sum()
+
+    for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
+    model, _ = plain_load(llama_dir)
+    assert memory._probe(model, loss_fn, torch.device("cpu"), 2, 64, False, amp=None, answer_tokens=40) == 123
+    assert (seen[0] != IGNORE).sum(dim=1).tolist() == [40, 40]
+    assert memory._probe(model, loss_fn, torch.device("cpu"), 2, 8, False, amp=None, answer_tokens=40) == 123
+    assert (seen[1] != IGNORE).sum(dim=1).tolist() == [7, 7]  # the first token stays prompt
