@@ -858,7 +858,9 @@ def _summary(result: dict) -> list[dict]:
                                  "timed_mean_tokens": {"peer": peer["timed_mean_tokens"],
                                                        "ours": ours["timed_mean_tokens"]},
                                  # measured on a bigger card: the plan must keep the run under the limit
-                                 "ours_within_memory_limit": (ours.get("peak_gib") or 0) <= MEMORY_LIMIT_GIB}})
+                                 # (None: no peak measured, the CPU smoke run)
+                                 "ours_within_memory_limit": None if ours.get("peak_gib") is None
+                                 else ours["peak_gib"] <= MEMORY_LIMIT_GIB}})
     ev = result.get("eval") or {}
     if "ratio" in ev:
         rows.append({"metric": "MMLU-shaped 5-shot scoring, questions/s", "unit": "questions/s",

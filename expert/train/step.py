@@ -142,8 +142,9 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device)
     # see a pad, and pad positions carry no label. Without a mask SDPA takes its plain causal
     # (flash) path; with one, on an H100 it took cuDNN attention, which builds a graph for
     # every new batch shape (a third of a step's CPU time on SmolLM2-135M).
-    with _HeadInput(model, rows, cols) as head:
-        out = model(input_ids=batch["input_ids"].to(device), use_cache=False)
+    ids = batch["input_ids"].to(device)
+    with _HeadInput(model, rows, cols, ids.shape) as head:
+        out = model(input_ids=ids, logits_to_keep=0, use_cache=False)  # 0: every position reaches the head
     logits = out.logits[0] if head.gathered else out.logits[rows, cols]
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
 
@@ -155,14 +156,14 @@ class _HeadInput:
     model that computes its logits without calling that module leaves `gathered` False, and the
     caller picks the positions from the full logits."""
 
-    def __init__(self, model, rows: torch.Tensor, cols: torch.Tensor):
-        self.rows, self.cols, self.gathered, self.handle = rows, cols, False, None
+    def __init__(self, model, rows: torch.Tensor, cols: torch.Tensor, shape: torch.Size):
+        self.rows, self.cols, self.shape, self.gathered, self.handle = rows, cols, tuple(shape), False, None
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
 
     def _gather(self, module, args):
         hidden = args[0]
-        if hidden.dim() != 3:  # not the [batch, width, hidden] this was written for: leave it
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.shape:  # not the batch's positions: leave it
             return None
         self.gathered = True
         return (hidden[self.rows, self.cols].unsqueeze(0),) + tuple(args[1:])

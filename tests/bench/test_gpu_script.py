@@ -25,6 +25,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     train = result["train"]
     assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64"], train
     assert all("error" not in row and row["tokens_per_s"] > 0 < row["fresh_tokens_per_s"] for row in train), train
+    assert all(row["fresh_mean_tokens"] > 0 for row in train), train
     assert train[1]["profile"]["top"] and all("profile" not in row for row in train[2:])  # ours only
     # Widths rounded up to 64: the same useful tokens in more padding (tiny examples are ~40 tokens).
     assert train[3]["padding_fraction"] > train[1]["padding_fraction"] + 0.2, train
@@ -35,6 +36,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     summary = {row["metric"].split(",")[0]: row for row in result["results"]}
     assert set(summary) == {"LoRA training", "MMLU-shaped 5-shot scoring", "GPTQ 4-bit quantization wall time"}
     assert summary["LoRA training"]["quality"]["same_objective"] is True
+    assert summary["LoRA training"]["quality"]["ours_within_memory_limit"] is None  # no GPU peak on the CPU
     assert all({"metric", "unit", "peer", "ours", "ratio", "quality"} <= set(row) for row in summary.values())
 
     ev = result["eval"]
@@ -51,3 +53,29 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     same = gptq["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log"}
+
+
+def test_timed_and_fresh_batches_have_the_same_spread(monkeypatch):
+    # The two sets of timed batches must both span the widths: alternating over a width-sorted
+    # list gave one set every pair's shorter batch (a real H100 run: 275.7 tokens against 337).
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    for n in (4, 8, 12, 16):
+        seen, unseen = gpu._two_sets(list(range(n)))
+        assert sorted(seen + unseen) == list(range(n)) and len(seen) == len(unseen)
+        assert sum(seen) == sum(unseen), (n, seen, unseen)
+
+
+def test_a_peak_over_the_memory_limit_is_flagged(monkeypatch):
+    # The 8B run of 2026-11-27 peaked at 29.5 GiB under a 24 GiB plan: the result must say so.
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    def row(side, peak):
+        return {"case": "8b", "side": side, "micro_batch": 8, "tokens_per_s": 100.0, "initial_loss": 11.76,
+                "timed_mean_tokens": 337.0, "peak_gib": peak}
+
+    for peak, within in ((29.51, False), (19.1, True)):
+        summary = gpu._summary({"train": [row("peer", 12.9), row("ours", peak)]})
+        assert summary[0]["quality"]["ours_within_memory_limit"] is within
