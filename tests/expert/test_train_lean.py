@@ -10,18 +10,18 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from expert.train import lean as lean_module
-from expert.train.lean import _dropped, _LoraDelta, counting_kept_bytes, make_lean
+from expert.train.lean import _dropped, _exact_scale, _LoraDelta, counting_kept_bytes, make_lean
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny_lora(dropout: float, dtype=torch.float32, layers: int = 2, hidden: int = 64, inter: int = 160,
-              **lora) -> torch.nn.Module:
+              alpha: int = 8, **lora) -> torch.nn.Module:
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2,
                          num_hidden_layers=layers, vocab_size=96, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=ALL_LINEAR,
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=alpha, lora_dropout=dropout, target_modules=ALL_LINEAR,
                                              **lora))
     with torch.no_grad():  # lora_B starts at zero; a non-zero B gives A and the input real gradients
         for name, p in model.named_parameters():
@@ -60,9 +60,11 @@ def test_every_llama_block_part_is_switched():
     assert make_lean(model) == {"lora": 0, "rmsnorm": 0, "mlp": 0}  # a second call changes nothing
 
 
+# alpha / r = 2 scales B instead of the output (exact for a power of two); 1.5 scales the output
+@pytest.mark.parametrize("alpha", [8, 6], ids=["scale-2", "scale-1.5"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_same_loss_and_gradients_as_peft_without_dropout(autocast):
-    plain = tiny_lora(0.0)
+def test_same_loss_and_gradients_as_peft_without_dropout(autocast, alpha):
+    plain = tiny_lora(0.0, alpha=alpha)
     lean = copy.deepcopy(plain)
     make_lean(lean)
     batch = ids()
@@ -245,3 +247,34 @@ def test_the_mask_drops_at_rate_p_and_depends_on_the_seed_only():
         assert abs(rate - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5, (p, rate)  # within 4 sigma
     assert torch.equal(_mask(x, 0.1, 11), _mask(x, 0.1, 11)) and not torch.equal(_mask(x, 0.1, 11), _mask(x, 0.1, 12))
     assert _mask(torch.empty(3, 5, 7), 0.1, 1).shape == (3, 5, 7)
+
+
+def test_only_powers_of_two_scale_b_instead_of_the_output():
+    assert [_exact_scale(s) for s in (2.0, 1.0, 0.5, 4.0, 0.25)] == [True] * 5
+    assert [_exact_scale(s) for s in (1.5, 3.0, 16 / 12 ** 0.5, 0.0, -2.0)] == [False] * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaling_b_gives_bitwise_the_scaled_output_and_gradients(dtype, monkeypatch):
+    # What the fold relies on: for a power of two, h @ (B * s) is (h @ B) * s to the bit, and so
+    # are the gradients it gives, in float32 and in bf16.
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 32, dtype=dtype, requires_grad=True)
+    a = torch.randn(4, 32, dtype=dtype, requires_grad=True)
+    b = torch.randn(48, 4, dtype=dtype, requires_grad=True)
+    result = torch.randn(3, 7, 48, dtype=dtype)
+    upstream = torch.randn(3, 7, 48, dtype=dtype)
+
+    def run(scaling):
+        out = _LoraDelta.apply(result, x, a, b, scaling, 0.0, 0)
+        out.backward(upstream)
+        grads = [t.grad.clone() for t in (x, a, b)]
+        for t in (x, a, b):
+            t.grad = None
+        return out.detach(), grads
+
+    folded, folded_grads = run(2.0)
+    monkeypatch.setattr(lean_module, "_exact_scale", lambda s: False)
+    plain, plain_grads = run(2.0)
+    assert torch.equal(folded, plain)
+    assert all(torch.equal(f, p) for f, p in zip(folded_grads, plain_grads))
