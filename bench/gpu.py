@@ -158,7 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-timeout", type=int, default=240, help="seconds each GPTQ side may take")
     p.add_argument("--gptq-site", help="folder with gptqmodel and its helpers, on the path of the GPTQ processes "
                                        "only (beside peft, an importable gptqmodel makes peft demand optimum)")
+    p.add_argument("--gptq-gpu-pack", action="store_true",
+                   help="also run ours with gptqmodel's CUDA packing (pack_impl='gpu', side ours-gpupack), first, "
+                        "before any side has built gptqmodel's CPU packing extension")
     p.add_argument("--gptq-child", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--gptq-pack-impl", help=argparse.SUPPRESS)
     p.add_argument("--gptq-model", help=argparse.SUPPRESS)
     return p
 
@@ -629,10 +633,12 @@ def _gptq_case(args, device, out: Path) -> dict:
     _save_gptq_base(model_dir, "tiny" if args.smoke else "llama3-8b", layers, device)
     sides = {}
     # Ours runs first and again last: a first process pays one-off costs (kernel compilation
-    # caches on disk) that a second does not; the warm run is compared with the peer.
-    for side in ("ours-cold", "peer", "ours"):
+    # caches on disk) that a second does not; the warm run is compared with the peer. Ours with
+    # CUDA packing goes before them all: whether it spares a machine's first run that build.
+    for side in ("ours-gpupack",) * args.gptq_gpu_pack + ("ours-cold", "peer", "ours"):
         cmd = [sys.executable, __file__, "--out", str(work / side), "--gptq-child", side.split("-")[0],
-               "--gptq-model", str(model_dir), "--lengths", args.lengths] + (["--smoke"] if args.smoke else [])
+               "--gptq-model", str(model_dir), "--lengths", args.lengths] + (["--smoke"] if args.smoke else []) \
+            + (["--gptq-pack-impl", "gpu"] if side == "ours-gpupack" else [])
         env = dict(os.environ)
         env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails on fewer CPU workers (see bench/quantize.py)
         if args.gptq_site:
@@ -657,6 +663,9 @@ def _gptq_case(args, device, out: Path) -> dict:
         else:
             row["ratio"] = None
             row["ratio_note"] = "ours-cold did not finish: the peer may have paid gptqmodel's extension build"
+    if all("seconds" in sides.get(s, {}) for s in ("ours-gpupack", "peer")):
+        row["gpupack_identical_tensors"] = _identical_tensors(work / "ours-gpupack", work / "peer")
+        row["gpupack_ratio"] = round(sides["peer"]["seconds"] / sides["ours-gpupack"]["seconds"], 2)
     shutil.rmtree(work, ignore_errors=True)
     return row
 
@@ -711,8 +720,21 @@ def _gptq_child(args) -> dict:
         from expert.quantize.config import QuantizeConfig
         from expert.quantize.gptq import run_gptq
 
-        run_gptq(QuantizeConfig(group_size=128, num_samples=len(samples), max_length=512, perplexity_samples=0),
-                 model_dir, samples, tok, out)
+        import contextlib
+        from unittest import mock
+
+        from expert.quantize import gptq as gptq_module
+
+        def with_pack_impl(*a, **k):
+            config = real_config(*a, **k)
+            config.pack_impl = args.gptq_pack_impl
+            return config
+
+        real_config = gptq_module.gptqmodel_config
+        with mock.patch.object(gptq_module, "gptqmodel_config", with_pack_impl) if args.gptq_pack_impl \
+                else contextlib.nullcontext():
+            run_gptq(QuantizeConfig(group_size=128, num_samples=len(samples), max_length=512, perplexity_samples=0),
+                     model_dir, samples, tok, out)
     else:
         from gptqmodel import GPTQModel, QuantizeConfig as PeerConfig
 

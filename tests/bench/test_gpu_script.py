@@ -17,7 +17,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path),
            "--cases", "eval,llama3-8b,gptq", "--ours-plain", "--train-profile", "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
-           "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1"]
+           "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
@@ -49,10 +49,17 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert work["attention_pairs"] > work["tokens"] and 0 < work["attention_share"] < 1, work
 
     gptq = result["gptq"]
-    assert all("seconds" in gptq[side] for side in ("ours-cold", "peer", "ours")), gptq
+    assert all("seconds" in gptq[side] for side in ("ours-gpupack", "ours-cold", "peer", "ours")), gptq
+    # On the CPU gptqmodel falls back from CUDA packing to its plain packing: the same tensors.
+    assert gptq["gpupack_identical_tensors"]["identical"] == same_count(gptq) and gptq["gpupack_ratio"] > 0, gptq
+    assert "GPU packing requested" in (tmp_path / "gptq_ours-gpupack.log").read_text()  # the setting got there
     same = gptq["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log"}
+
+
+def same_count(gptq: dict) -> int:
+    return gptq["identical_tensors"]["peer"]
 
 
 def test_timed_and_fresh_batches_have_the_same_spread(monkeypatch):
