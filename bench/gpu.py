@@ -463,10 +463,13 @@ def _eval_case(args, device, lengths) -> dict:
     score_questions(model, questions[:len(groups[0])], max_length=max_length, batch_size=32, groups=groups[:1])
     _sync(device)
     model.reset()
+    if device.type == "cuda":  # ours' own peak: what a card needs beyond the weights to score this way
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     ours = score_questions(model, questions, max_length=max_length, batch_size=32, groups=groups)
     _sync(device)
     ours_s = time.perf_counter() - start
+    ours_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     work = model.summary(cfg, ours_s)
     from expert.evaluation.scoring import pack_tokens
 
@@ -504,6 +507,7 @@ def _eval_case(args, device, lengths) -> dict:
             "peer_full_mmlu_s": round(MMLU_QUESTIONS / peer_qps, 1),
             "ours_work": work,
             "same_prediction": f"{agree}/{len(sample)}", "max_loglik_diff": round(diff, 4),
+            "ours_peak_gib": ours_peak,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
             **extra}
 
@@ -939,7 +943,8 @@ def _print_table(result: dict) -> None:
               f"peer {e['peer_questions_per_s']} q/s (full {e['peer_full_mmlu_s']} s), ratio {e['ratio']}, "
               f"same prediction {e['same_prediction']}, max log-lik diff {e['max_loglik_diff']}")
         w = e["ours_work"]
-        print(f"  ours computed {w['tflop']} TFLOP ({w['attention_share']:.0%} attention) at {w['tflop_per_s']} TFLOP/s")
+        print(f"  ours computed {w['tflop']} TFLOP ({w['attention_share']:.0%} attention) at {w['tflop_per_s']} TFLOP/s"
+              + (f"; ours' peak {e['ours_peak_gib']} GiB" if e.get("ours_peak_gib") else ""))
 
 
 if __name__ == "__main__":
