@@ -98,9 +98,9 @@ def test_dropout_masks_are_the_forwards_in_the_backward(mask_mode):
     for t in (result, x, a, b):
         t.grad = None
 
-    _, keep = _dropped(x.detach(), torch.float32, 0.3, 1234)
-    assert keep.dtype == torch.bool and 0.2 < (~keep).float().mean() < 0.4  # 240 draws of p=0.3
-    want_out = result + ((x * keep / 0.7) @ a.t() @ b.t()) * 2.0
+    _, dropped = _dropped(x.detach(), torch.float32, 0.3, 1234)
+    assert dropped.dtype == torch.bool and 0.2 < dropped.float().mean() < 0.4  # 240 draws of p=0.3
+    want_out = result + ((x * ~dropped / 0.7) @ a.t() @ b.t()) * 2.0
     torch.testing.assert_close(out, want_out)
     want_out.backward(upstream)
     for g, t in zip(got, (result, x, a, b)):
@@ -202,8 +202,8 @@ def test_bf16_dropout_scales_kept_values_like_torch():
     """Kept values are x / (1 - p) rounded once, as torch's dropout gives them (a bf16 mask holding
     1 / 0.95 would be 1.0547 and inflate every kept value by 0.2%)."""
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    xd, keep = _dropped(x, torch.bfloat16, 0.05, 7)
-    kept = keep
+    xd, dropped = _dropped(x, torch.bfloat16, 0.05, 7)
+    kept = ~dropped
     assert 0.93 < kept.float().mean() < 0.97  # 4096 draws of p=0.05
     assert torch.equal(xd[kept], (x.float() * (1 / 0.95)).to(torch.bfloat16)[kept])
     assert torch.all(xd[~kept] == 0)
@@ -243,7 +243,7 @@ def test_the_mask_drops_at_rate_p_and_depends_on_the_seed_only():
 
     x = torch.empty(200_003)
     for p in (0.05, 0.1, 0.5):
-        rate = (~_mask(x, p, 11)).float().mean().item()
+        rate = _mask(x, p, 11).float().mean().item()
         assert abs(rate - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5, (p, rate)  # within 4 sigma
     assert torch.equal(_mask(x, 0.1, 11), _mask(x, 0.1, 11)) and not torch.equal(_mask(x, 0.1, 11), _mask(x, 0.1, 12))
     assert _mask(torch.empty(3, 5, 7), 0.1, 1).shape == (3, 5, 7)
