@@ -104,7 +104,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example of this batch; pad positions get no loss.
 
     No attention mask: with padding on the right, causal attention keeps real tokens from
-    ever seeing a pad (see `loop.answer_loss_sum`).
+    ever seeing a pad (see `step.answer_loss_sum`).
     """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
