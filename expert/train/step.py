@@ -145,7 +145,14 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device)
     ids = batch["input_ids"].to(device)
     with _HeadInput(model, rows, cols, ids.shape) as head:
         out = model(input_ids=ids, logits_to_keep=0, use_cache=False)  # 0: every position reaches the head
-    logits = out.logits[0] if head.gathered else out.logits[rows, cols]
+    if head.gathered:
+        logits = out.logits[0]
+    else:  # aligned on the right, as a model that puts positions of its own first returns them
+        offset = out.logits.shape[1] - ids.shape[1]
+        if offset < 0 or out.logits.shape[0] != ids.shape[0]:
+            raise ValueError(f"the model returned logits of shape {tuple(out.logits.shape)} for input ids "
+                             f"{tuple(ids.shape)}: the training loss needs one row of logits per position")
+        logits = out.logits[rows, cols + offset]
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
 
 
@@ -162,6 +169,8 @@ class _HeadInput:
         self.head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
 
     def _gather(self, module, args):
+        if not args:  # called with keyword arguments only: leave it, the caller picks from the full logits
+            return None
         hidden = args[0]
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != self.shape:  # not the batch's positions: leave it
             return None

@@ -95,6 +95,32 @@ def test_answer_loss_without_a_head_module_picks_from_the_full_logits(llama_dir,
     assert float(answer_loss_sum(model, batch, torch.device("cpu"))) == pytest.approx(float(expected), rel=1e-6)
 
 
+def test_answer_loss_picks_right_aligned_logits_when_the_model_adds_positions(llama_dir, batch, monkeypatch):
+    # A model that puts positions of its own before the input (and so never shows the head the
+    # batch's [batch, width] positions) gets its logits picked aligned on the right.
+    model, _ = plain_load(llama_dir)
+    expected = answer_loss_sum(model, batch, torch.device("cpu"))
+    real_forward = model.forward
+
+    def with_two_extra_positions(**kwargs):
+        out = real_forward(**kwargs)
+        out.logits = torch.cat([torch.zeros_like(out.logits[:, :2]), out.logits], dim=1)
+        return out
+
+    monkeypatch.setattr(model, "forward", with_two_extra_positions)
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: torch.nn.Identity())
+    assert float(answer_loss_sum(model, batch, torch.device("cpu"))) == pytest.approx(float(expected), rel=1e-6)
+
+    def too_short(**kwargs):
+        out = real_forward(**kwargs)
+        out.logits = out.logits[:, 1:]
+        return out
+
+    monkeypatch.setattr(model, "forward", too_short)
+    with pytest.raises(ValueError, match="one row of logits per position"):
+        answer_loss_sum(model, batch, torch.device("cpu"))
+
+
 def test_missing_target_module_lists_the_existing_ones(llama_dir):
     model, _ = plain_load(llama_dir)
     with pytest.raises(ConfigError) as info:
