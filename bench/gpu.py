@@ -91,7 +91,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
     lengths = json.loads(Path(args.lengths).read_text())
-    result = {"device": _device_name(device), "machine": _device_name(device), "versions": _versions(),
+    result = {"machine": _device_name(device), "versions": _versions(),
               "date": datetime.date.today().isoformat(),
               "command": _command(), "train": [], "eval": None}
     started = time.perf_counter()
@@ -375,7 +375,7 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
     model.train()
     with torch.no_grad(), _autocast(device):  # LoRA's B starts at zero: the base model's loss, as the peer's
         shared = step_module.collate(examples[:SHARED_EXAMPLES], 0)
-        labelled = int((shared["labels"] != -100).sum())
+        labelled = int((shared["labels"] != IGNORE).sum())
         initial = step_module.answer_loss_sum(model, shared, device) / labelled
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
@@ -408,7 +408,7 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
     def collate(examples, pad_id):  # right padding to a multiple: more pad positions, no labels on them
         batch = real_collate(examples, pad_id)
         extra_width = _round_up(batch["input_ids"].shape[1], pad_multiple) - batch["input_ids"].shape[1]
-        pad = {"input_ids": pad_id, "labels": -100}
+        pad = {"input_ids": pad_id, "labels": IGNORE}
         return {k: torch.nn.functional.pad(v, (0, extra_width), value=pad[k]) for k, v in batch.items()}
 
     def timed(runs) -> tuple[float, float]:
@@ -908,7 +908,7 @@ def _write(out: Path, result: dict) -> None:
 
 
 def _print_table(result: dict) -> None:
-    print(f"\n{result['device']}  ({result['seconds']} s)")
+    print(f"\n{result['machine']}  ({result['seconds']} s)")
     print(f"{'case':32} {'side':15} {'micro':>5} {'ckpt':>5} {'useful tok/s':>12} {'TFLOP/s':>8} {'pad':>6} "
           f"{'peak GiB':>8} {'job min':>8}")
     for r in result["train"]:

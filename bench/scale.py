@@ -156,5 +156,6 @@ def _command(args) -> str:
     return command_line("scale.py", args, _parser(), {"model": "QUANTIZED_MODEL_DIR", "data": "PUBMEDQA_FORMATTED_DIR"},
                         prefix=f"OMP_NUM_THREADS={threads} " if threads else "")
 
+
 if __name__ == "__main__":
     main()

@@ -254,5 +254,6 @@ def _command(args) -> str:
                         {"model": "SMOLLM2_135M_INSTRUCT_DIR", "data": "PUBMEDQA_FORMATTED_DIR"},
                         prefix=f"OMP_NUM_THREADS={args.threads} ", skip=("threads",))
 
+
 if __name__ == "__main__":
     main()
