@@ -15,7 +15,10 @@ and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effecti
 - ours: expert.train's own pieces on the same model: `attach_lora` (with lean activations,
   expert/train/lean.py), `plan_memory` (micro-batch and checkpointing 'auto' under a 24 GiB limit),
   `BatchPlan` (length-bucketed batches) and `Runner.step` (loss on answer tokens only, one host sync
-  per optimizer step); `--ours-plain` adds ours without the lean activations (side "ours-plain").
+  per optimizer step); `--ours-plain` adds ours without the lean activations (side "ours-plain"),
+  `--ours-divisor` ours at the largest micro-batch that divides the effective batch and is at most
+  ours' own (side "ours-divisor": what 'auto' chose before uneven micro-batches; skipped when ours'
+  micro-batch divides it anyway).
 `--train-fresh` also times each side on batches it has not seen (new widths: attention kernels that
 plan per shape pay again), `--ours-pad-multiple N` adds ours with widths rounded up to N (side "ours-padN").
 Reported: useful (non-padding) tokens/s, model TFLOP/s at 6N FLOPs per useful token (N = matmul
@@ -106,11 +109,16 @@ def main() -> None:
         size = "tiny" if args.smoke else size
         ours_micro = None
         sides = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) \
-            + ((f"ours-pad{args.ours_pad_multiple}",) if args.ours_pad_multiple else ()) + ("peer@ours-micro",)
+            + ((f"ours-pad{args.ours_pad_multiple}",) if args.ours_pad_multiple else ()) \
+            + (("ours-divisor",) if args.ours_divisor else ()) + ("peer@ours-micro",)
         for side in sides:
             micro = peer_micro if side == "peer" else ours_micro
             if side == "peer@ours-micro" and (not ours_micro or ours_micro == peer_micro or ours_micro > 16):
                 continue  # the peer at our micro-batch: how much of the gain is the micro-batch alone
+            if side == "ours-divisor":
+                micro = max((m for m in range(1, (ours_micro or 0) + 1) if effective % m == 0), default=None)
+                if micro is None or micro == ours_micro:
+                    continue
             row = _guarded(lambda: _train_case(args, device, size, lora, micro, effective, lengths, side))
             row.update(case=name, side=side)
             ours_micro = row.get("micro_batch") if side == "ours" else ours_micro
@@ -148,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                         "batch widths, and attention kernels that plan per shape pay for each")
     p.add_argument("--ours-pad-multiple", type=int, default=0,
                    help="also run ours with batch widths rounded up to this multiple (side ours-padN): fewer shapes")
+    p.add_argument("--ours-divisor", action="store_true",
+                   help="also run ours at the largest micro-batch dividing the effective batch (side ours-divisor)")
     p.add_argument("--ours-plain", action="store_true",
                    help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--eval-subject-stride", type=int, default=6, help="ours scores every N-th MMLU subject")
@@ -252,8 +262,9 @@ def _train_case(args, device, size, lora, peer_micro, effective, lengths, side) 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if side.startswith("ours"):
-        row = _ours_train(args, model, examples, lora, peer_micro, effective, device, lean=side != "ours-plain",
-                          pad_multiple=args.ours_pad_multiple if side.startswith("ours-pad") else 1)
+        row = _ours_train(args, model, examples, lora, effective, device, lean=side != "ours-plain",
+                          pad_multiple=args.ours_pad_multiple if side.startswith("ours-pad") else 1,
+                          micro=peer_micro if side == "ours-divisor" else "auto")
     else:
         row = _peer_train(args, model, examples, lora, peer_micro, effective, device)
     flops = 6 * matmul_params(cfg)
@@ -350,23 +361,23 @@ def _padded(batch):
     return ids, mask, labels
 
 
-def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean: bool = True,
-                pad_multiple: int = 1) -> dict:
+def _ours_train(args, model, examples, lora, effective, device, lean: bool = True,
+                pad_multiple: int = 1, micro: int | str = "auto") -> dict:
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
     without the lean activations, to see what they add; pad_multiple > 1: batch widths rounded up
-    to it, to see what fewer shapes buy)."""
+    to it, to see what fewer shapes buy; micro: a micro-batch size instead of 'auto')."""
     import contextlib
     from unittest import mock
 
     from expert.train import step as step_module
     from expert.train import TrainConfig
-    from expert.train.data import IGNORE, BatchPlan, EncodedSplit
+    from expert.train.data import IGNORE, BatchPlan, EncodedSplit, step_sizes
     from expert.train.lora import attach_lora, make_optimizer, make_scheduler
     from expert.train.memory import plan_memory
     from expert.train.step import Runner
 
     r, alpha, targets = lora
-    config = TrainConfig(lora_r=r, lora_alpha=alpha, target_modules=targets, micro_batch_size="auto",
+    config = TrainConfig(lora_r=r, lora_alpha=alpha, target_modules=targets, micro_batch_size=micro,
                          effective_batch_size=effective, gradient_checkpointing="auto",
                          memory_limit_gib=MEMORY_LIMIT_GIB, max_length=512, warmup_steps=0,
                          lean_activations=lean)
@@ -382,8 +393,8 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
     memory = plan_memory(model, config, max(lengths), device,
                          answer_tokens=max(sum(t != IGNORE for t in e.labels) for e in examples))
     plan_seconds = time.perf_counter() - planned
-    accum = effective // memory.micro_batch_size
-    plan = BatchPlan(lengths, memory.micro_batch_size, accum, epochs=10, seed=0)
+    plan = BatchPlan(lengths, step_sizes(effective, memory.micro_batch_size), epochs=10, seed=0)
+    accum = plan.accum
     optimizer = make_optimizer(config, model)
     runner = Runner(model, optimizer, make_scheduler(config, optimizer, plan.total_steps),
                     EncodedSplit(examples, 0, []), pad_id=0, max_grad_norm=1.0)
@@ -430,7 +441,8 @@ def _ours_train(args, model, examples, lora, peer_micro, effective, device, lean
             extra["fresh_mean_tokens"] = round(statistics.mean(lengths[i] for b in unseen for i in b), 1)
         if args.train_profile and lean and pad_multiple == 1:
             extra["profile"] = _profile(lambda: runner.step(windows[0]), device)
-    return {**extra, "micro_batch": memory.micro_batch_size, "gradient_checkpointing": memory.gradient_checkpointing,
+    return {**extra, "micro_batch": memory.micro_batch_size, "step_micro_batches": plan.sizes,
+            "gradient_checkpointing": memory.gradient_checkpointing,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
             "initial_loss": round(float(initial), 4), "timed_examples": sum(len(b) for b in seen),
             "timed_mean_tokens": round(statistics.mean(lengths[i] for b in seen for i in b), 1),
@@ -887,6 +899,12 @@ def _summary(result: dict) -> list[dict]:
                                  # (None: no peak measured, the CPU smoke run)
                                  "ours_within_memory_limit": None if ours.get("peak_gib") is None
                                  else ours["peak_gib"] <= MEMORY_LIMIT_GIB}})
+        if "ours-divisor" in sides:  # what the micro-batch that need not divide the step buys
+            divisor = sides["ours-divisor"]
+            rows[-1]["uneven_micro_batches"] = {
+                "ours": {"micro_batch": ours["micro_batch"], "tokens_per_s": ours["tokens_per_s"]},
+                "divisor": {"micro_batch": divisor["micro_batch"], "tokens_per_s": divisor["tokens_per_s"]},
+                "ratio": round(ours["tokens_per_s"] / divisor["tokens_per_s"], 2)}
     ev = result.get("eval") or {}
     if "ratio" in ev:
         rows.append({"metric": "MMLU-shaped 5-shot scoring, questions/s", "unit": "questions/s",

@@ -37,8 +37,9 @@ class TrainConfig(StageConfig):
     epochs: float = Field(10, gt=0, description="passes over train.parquet (fractions allowed)")
     learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
     micro_batch_size: int | Literal["auto"] = Field(
-        2, description="examples per forward pass, or 'auto': the largest divisor of effective_batch_size "
-                       "whose step fits memory_limit_gib (see expert/train/memory.py)"
+        2, description="examples per forward pass, or 'auto': the largest that fits memory_limit_gib, a step's "
+                       "effective_batch_size examples then split into near-equal micro-batches of at most that "
+                       "many (see expert/train/memory.py)"
     )
     # Scale-out: declared before effective_batch_size, whose check reads them.
     processes: int = Field(

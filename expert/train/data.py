@@ -10,6 +10,11 @@ Batches are length-bucketed: each epoch shuffles the examples (seeded by seed an
 cuts them into buckets of `BUCKET_BATCHES` micro-batches, sorts each bucket by length, splits
 it into micro-batches and shuffles the micro-batches. A batch is padded on the right only to
 its own longest example, so similar lengths meet and little compute is spent on padding.
+
+An optimizer step's micro-batches need not be the same size (`step_sizes`): 50 examples, at
+most 8 at a time, are 8+7+7+7+7+7+7, where equal sizes would allow only 5 or 10. The
+loss is divided by the whole step's answer tokens (`expert.train.step`), so the split changes
+the gradient only by the order of float additions.
 """
 
 from __future__ import annotations
@@ -115,41 +120,90 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+def step_sizes(examples: int, most: int, processes: int = 1) -> list[int]:
+    """Micro-batch sizes of one optimizer step: `examples` in as few near-equal parts of at most
+    `most` as there can be, their count a multiple of `processes` (each rank then runs as many
+    forwards), larger parts first. A `most` that divides `examples` gives equal parts."""
+    parts = -(-examples // most)
+    parts = -(-parts // processes) * processes
+    size, larger = divmod(examples, parts)
+    return [size + 1] * larger + [size] * (parts - larger)
+
+
+def _epoch_sizes(examples: int, sizes: list[int]) -> list[int]:
+    """Micro-batch sizes of one epoch: whole steps, then the rest cut as a step's first sizes."""
+    steps, rest = divmod(examples, sum(sizes))
+    cuts = sizes * steps
+    for size in sizes:
+        if rest <= 0:
+            break
+        cuts.append(min(size, rest))
+        rest -= size
+    return cuts
+
+
+def epoch_batches(lengths: list[int], sizes: int | list[int], seed: int, epoch: int,
                   bucket_batches: int = BUCKET_BATCHES) -> list[list[int]]:
-    """One epoch's micro-batches (lists of example indices), length-bucketed, seeded by (seed, epoch)."""
+    """One epoch's micro-batches (lists of example indices), length-bucketed, seeded by (seed, epoch).
+
+    `sizes`: the micro-batch size, or one optimizer step's sizes (`step_sizes`). Uneven sizes
+    are kept in the step's pattern: a micro-batch is shuffled only among those of its size, so
+    each whole step of the epoch has exactly the sizes asked for.
+    """
+    pattern = [sizes] if isinstance(sizes, int) else list(sizes)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)).tolist()
-    bucket = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(order), bucket):
-        chunk = sorted(order[start:start + bucket], key=lambda i: lengths[i])  # stable: ties keep shuffled order
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    cuts = _epoch_sizes(len(order), pattern)
+    batches, start = [], 0
+    for first in range(0, len(cuts), bucket_batches):
+        group = cuts[first:first + bucket_batches]
+        chunk = sorted(order[start:start + sum(group)], key=lambda i: lengths[i])  # stable: ties keep shuffled order
+        start += sum(group)
+        for size in group:
+            batches.append(chunk[:size])
+            chunk = chunk[size:]
+    if len(set(pattern)) == 1:  # equal sizes: one shuffle of all (the data order of runs before uneven sizes)
+        return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    pools: dict[int, list[list[int]]] = {}
+    for batch in batches:
+        pools.setdefault(len(batch), []).append(batch)
+    shuffled = {size: iter([pool[i] for i in rng.permutation(len(pool)).tolist()])
+                for size, pool in sorted(pools.items())}
+    return [next(shuffled[size]) for size in cuts]
 
 
 class BatchPlan:
     """The whole run's data order: optimizer step -> its micro-batches, a pure function of the seed.
 
-    Epochs follow each other as one stream of micro-batches; step s takes micro-batches
-    s*accum .. (s+1)*accum-1 of it, so a resumed run needs only its step counter.
+    `sizes` are one step's micro-batch sizes (`step_sizes`). Epochs follow each other as one
+    stream of micro-batches; step s takes micro-batches s*len(sizes) .. (s+1)*len(sizes)-1 of it,
+    so a resumed run needs only its step counter. Where the data is not a whole number of steps,
+    a step that spans two epochs may hold a few examples more or fewer than sum(sizes), never a
+    micro-batch above max(sizes).
     """
 
-    def __init__(self, lengths: list[int], micro_batch_size: int, accumulation: int, epochs: float,
-                 seed: int, max_steps: int | None = None):
-        self.lengths, self.micro, self.accum, self.seed = lengths, micro_batch_size, accumulation, seed
-        self.per_epoch = math.ceil(len(lengths) / micro_batch_size)
+    def __init__(self, lengths: list[int], sizes: list[int], epochs: float, seed: int,
+                 max_steps: int | None = None):
+        self.lengths, self.sizes, self.seed = lengths, list(sizes), seed
+        self.micro, self.accum = max(self.sizes), len(self.sizes)
+        self.per_epoch = len(_epoch_sizes(len(lengths), self.sizes))
         # Exact arithmetic on the epochs as written: 1.1 * 50 is 55.00000000000001 in floats,
         # and ceil would add a step.
-        self.total_steps = max(1, math.ceil(Fraction(str(epochs)) * self.per_epoch / accumulation))
+        self.total_steps = max(1, math.ceil(Fraction(str(epochs)) * self.per_epoch / self.accum))
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
         self._epochs: dict[int, list[list[int]]] = {}
 
+    @property
+    def micro_text(self) -> str:
+        """The micro-batch size for the log: '5', or '7-8' for uneven ones."""
+        low = min(self.sizes)
+        return str(self.micro) if low == self.micro else f"{low}-{self.micro}"
+
     def _batch(self, index: int) -> list[int]:
         epoch, pos = divmod(index, self.per_epoch)
         if epoch not in self._epochs:
-            self._epochs = {epoch: epoch_batches(self.lengths, self.micro, self.seed, epoch)}
+            self._epochs = {epoch: epoch_batches(self.lengths, self.sizes, self.seed, epoch)}
         return self._epochs[epoch][pos]
 
     def step(self, step: int) -> list[list[int]]:

@@ -25,7 +25,8 @@ from expert.errors import DataError, ExpertError
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_marker,
                                      read_state, save_checkpoint)
 from expert.train.config import TrainConfig
-from expert.train.data import IGNORE, BatchPlan, EncodedSplit, encode_split, read_split, unbucketed_padding_fraction
+from expert.train.data import (IGNORE, BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
+                                unbucketed_padding_fraction)
 from expert.train.distributed import Ranks, shard_base
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
@@ -70,12 +71,12 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     answers = max(sum(label != IGNORE for label in e.labels) for e in train_set.examples)
     memory = _memory_plan(work_dir, config, model, max(train_set.lengths), answers, ranks)
     micro = memory.micro_batch_size
-    plan = BatchPlan(train_set.lengths, micro, config.effective_batch_size // micro, config.epochs, config.seed,
-                     config.max_steps)
+    plan = BatchPlan(train_set.lengths, step_sizes(config.effective_batch_size, micro, config.processes),
+                     config.epochs, config.seed, config.max_steps)
     if ranks.main:
-        log.info("%d training examples, %d optimizer steps of %d micro-batches of %d (gradient checkpointing "
-                 "%s%s); padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum, plan.micro,
-                 "on" if memory.gradient_checkpointing else "off",
+        log.info("%d training examples, %d optimizer steps of %d micro-batches of %s (gradient checkpointing "
+                 "%s%s); padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum,
+                 plan.micro_text, "on" if memory.gradient_checkpointing else "off",
                  f"; {ranks.world} processes, {ranks.strategy}" if ranks.many else "", plan.padding_fraction())
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, plan.total_steps)
@@ -279,6 +280,7 @@ def _summary(config, state, plan, train_set, dev_set, runner, checkpoints) -> di
         "padding_fraction": plan.padding_fraction(),
         "padding_fraction_unbucketed": unbucketed_padding_fraction(train_set.lengths, plan.micro, config.seed),
         "micro_batch_size": plan.micro,
+        "step_micro_batches": plan.sizes,  # one optimizer step's micro-batch sizes (uneven under 'auto')
         "memory": state.get("memory"),
         "final_loss": state["last_loss"],
         "dev_loss": dev_losses,

@@ -2,13 +2,18 @@
 
     plan = plan_memory(model, config, longest=max(lengths), device=device, answer_tokens=max(answers))
 
-`micro_batch_size: auto` takes the largest divisor of `effective_batch_size` (so the optimizer
-sees the same batches whatever the card) whose forward + backward on the longest training
-example fits the memory limit; bigger micro-batches keep a GPU busier, which matters most for a
-4-bit base whose weights are dequantized once per micro-batch. `gradient_checkpointing: auto`
-then leaves checkpointing off when that micro-batch fits without it: recomputing every layer's
-forward costs a third of a step's compute, paid only when memory is short. When it does not fit,
-the largest micro-batch that fits without checkpointing is timed against it, and the faster wins.
+`micro_batch_size: auto` takes the largest micro-batch whose forward + backward on the longest
+training example fits the memory limit; a step of `effective_batch_size` examples (the same
+whatever the card) is then split into as few near-equal micro-batches as that allows
+(`expert.train.data.step_sizes`: 50 examples, at most 8 at a time, are 8+7+7+7+7+7+7). Bigger
+micro-batches keep a GPU busier, which matters most for a 4-bit base whose weights are
+dequantized once per micro-batch: on the H100 the 33B job at micro-batch 5 kept the GPU busy
+two thirds of the time (bench/README.md), and 10, the next divisor of 50, did not fit 24 GiB.
+Memory grows with the micro-batch, so the largest that fits is found by bisection.
+`gradient_checkpointing: auto` then leaves checkpointing off when that micro-batch fits
+without it: recomputing every layer's forward costs a third of a step's compute, paid only when
+memory is short. When it does not fit, the largest micro-batch that fits without checkpointing
+is timed against it, and the faster wins.
 
 On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length,
 each with as many labelled tokens as the most any example has (the vocabulary projection is
@@ -19,7 +24,7 @@ micro-batches are capped at 8 (a CPU gains little from bigger ones).
 
 On several processes (ddp) every rank probes its own card and a setting is taken only if it
 fits on all of them (`Ranks.agree` after each probe), so all ranks choose alike without a
-broadcast; candidates divide effective_batch_size / processes. Under fsdp a probe's forward
+broadcast; a step's micro-batch count is a multiple of processes. Under fsdp a probe's forward
 would need every rank in step, and one rank's out-of-memory mid-forward would leave the others
 waiting for it, so there is no probe: micro_batch_size must be a number (the config says so)
 and gradient_checkpointing 'auto' means on.
@@ -36,7 +41,7 @@ import torch
 
 from expert.errors import ExpertError
 from expert.train.config import TrainConfig
-from expert.train.data import IGNORE
+from expert.train.data import IGNORE, step_sizes
 from expert.train.distributed import Ranks
 
 HEADROOM = 0.9  # share of the limit a probe may reach: the allocator fragments, batches vary
@@ -79,7 +84,7 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
         fits, limit = _estimate_fits(model), None
     # The largest micro-batch that fits with the most frugal allowed setting ...
     frugal = checkpointing[-1]
-    chosen = next((m for m in micros if ranks.agree(fits(m, longest, frugal, limit))), None)
+    chosen = _largest(micros, lambda m: ranks.agree(fits(m, longest, frugal, limit)))
     if chosen is None:
         raise out_of_memory_error(config, limit, f"even {micros[-1]} example(s) of {longest} tokens did not fit")
     # ... then the cheaper compute, if that micro-batch fits without checkpointing too ...
@@ -90,7 +95,7 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
         # ... else the largest smaller micro-batch without checkpointing, if it is faster. Which
         # wins depends on the card and model: no recompute saves a third of the compute, a
         # smaller micro-batch dequantizes a 4-bit base's weights for fewer tokens. Measured.
-        plain = next((m for m in micros if m < chosen and ranks.agree(fits(m, longest, False, limit))), None)
+        plain = _largest([m for m in micros if m < chosen], lambda m: ranks.agree(fits(m, longest, False, limit)))
         if plain is not None:
             measured = {f"{chosen} with checkpointing": fits.speed(chosen, longest, True, limit),
                         f"{plain} without": fits.speed(plain, longest, False, limit)}
@@ -104,11 +109,25 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
 
 
 def _micro_candidates(config: TrainConfig, device: torch.device) -> list[int]:
+    """Micro-batch sizes to try, largest first: the largest micro-batch of each way to split a step."""
     if config.micro_batch_size != "auto":
         return [config.micro_batch_size]
     cap = MAX_AUTO_MICRO if device.type == "cuda" else CPU_AUTO_MICRO
-    n = config.effective_batch_size // config.processes  # each rank's share of a step
-    return [m for m in range(min(n, cap), 0, -1) if n % m == 0]
+    n, processes = config.effective_batch_size, config.processes
+    return sorted({max(step_sizes(n, m, processes)) for m in range(1, min(n // processes, cap) + 1)}, reverse=True)
+
+
+def _largest(candidates: list[int], ok) -> int | None:
+    """The largest of `candidates` (largest first) for which ok(m) holds, by bisection: ok must hold
+    for every candidate below one it holds for (what fits in memory does)."""
+    low, high = 0, len(candidates)
+    while low < high:
+        middle = (low + high) // 2
+        if ok(candidates[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return candidates[low] if low < len(candidates) else None
 
 
 def _limit_bytes(config: TrainConfig, device: torch.device) -> int:

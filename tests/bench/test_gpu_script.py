@@ -15,14 +15,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_script_smoke_runs_every_case(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--cases", "eval,llama3-8b,gptq", "--ours-plain", "--train-profile", "--train-fresh",
+           "--cases", "eval,llama-33b,llama3-8b,gptq", "--ours-plain", "--ours-divisor", "--train-profile",
+           "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
 
-    train = result["train"]
+    # The 33B case's step of 50 on the CPU (auto allows up to 8 there): ours in micro-batches of 8 and 7,
+    # then at 5, the largest divisor, and the peer at 8.
+    big = [row for row in result["train"] if row["case"].startswith("33b")]
+    assert [row["side"] for row in big] == ["peer", "ours", "ours-plain", "ours-pad64", "ours-divisor",
+                                            "peer@ours-micro"], big
+    assert (big[1]["micro_batch"], big[1]["step_micro_batches"]) == (8, [8, 7, 7, 7, 7, 7, 7]), big[1]
+    assert (big[4]["micro_batch"], big[4]["step_micro_batches"], big[5]["micro_batch"]) == (5, [5] * 10, 8), big
+    assert all("error" not in row for row in big), big
+    uneven = next(r for r in result["results"] if r["metric"].endswith("(original job)"))["uneven_micro_batches"]
+    assert uneven["divisor"]["micro_batch"] == 5 and uneven["ratio"] > 0, uneven
+
+    # The 8B preset's 48 divides by 8: no ours-divisor side, no peer at ours' micro-batch (the peer's own).
+    train = [row for row in result["train"] if row["case"].startswith("8b")]
     assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64"], train
     assert all("error" not in row and row["tokens_per_s"] > 0 < row["fresh_tokens_per_s"] for row in train), train
     assert all(row["fresh_mean_tokens"] > 0 for row in train), train
@@ -33,7 +46,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     # Both sides trained the same objective: the same loss on the same batch before training (LoRA's B is 0).
     assert abs(train[0]["initial_loss"] - train[1]["initial_loss"]) < 1e-2 * train[0]["initial_loss"], train
     assert all(row["timed_examples"] > 0 < row["timed_mean_tokens"] for row in train), train
-    summary = {row["metric"].split(",")[0]: row for row in result["results"]}
+    summary = {row["metric"].split(",")[0]: row for row in result["results"] if "original job" not in row["metric"]}
     assert set(summary) == {"LoRA training", "MMLU-shaped 5-shot scoring", "GPTQ 4-bit quantization wall time"}
     assert summary["LoRA training"]["quality"]["same_objective"] is True
     assert summary["LoRA training"]["quality"]["ours_within_memory_limit"] is None  # no GPU peak on the CPU

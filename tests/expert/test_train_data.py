@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from expert.errors import DataError
-from expert.train.data import (IGNORE, BatchPlan, collate, encode_split, epoch_batches, read_split,
+from expert.train.data import (IGNORE, BatchPlan, collate, encode_split, epoch_batches, read_split, step_sizes,
                                unbucketed_padding_fraction)
 from tests.expert.train_fixtures import toy_rows, write_toy_data
 from tests.fixtures.models import tiny_tokenizer
@@ -85,19 +85,69 @@ def test_epoch_batches_cover_everything_once_and_depend_on_seed_and_epoch():
 
 def test_bucketing_cuts_padding():
     lengths = [10 + (i * 37) % 200 for i in range(400)]
-    plan = BatchPlan(lengths, micro_batch_size=4, accumulation=2, epochs=1, seed=0)
+    plan = BatchPlan(lengths, [4, 4], epochs=1, seed=0)
     bucketed, plain = plan.padding_fraction(), unbucketed_padding_fraction(lengths, 4, seed=0)
     assert bucketed < plain / 3, (bucketed, plain)
 
 
 def test_plan_steps_run_through_epochs_in_order():
     lengths = list(range(10, 30))  # 20 examples, micro 2 -> 10 micro-batches per epoch
-    plan = BatchPlan(lengths, micro_batch_size=2, accumulation=4, epochs=2.5, seed=3)
+    plan = BatchPlan(lengths, [2] * 4, epochs=2.5, seed=3)
     assert plan.total_steps == 7  # ceil(25 / 4)
     stream = [b for s in range(plan.total_steps) for b in plan.step(s)]
     assert stream[:10] == epoch_batches(lengths, 2, 3, 0) and stream[10:20] == epoch_batches(lengths, 2, 3, 1)
-    assert BatchPlan(lengths, 2, 4, epochs=2.5, seed=3, max_steps=2).total_steps == 2
+    assert BatchPlan(lengths, [2] * 4, epochs=2.5, seed=3, max_steps=2).total_steps == 2
     assert plan.epoch_after(5) == 2.0
+
+
+def test_equal_micro_batches_keep_the_data_order_of_earlier_versions():
+    # A run resumed from a checkpoint written before uneven micro-batches existed must see the same
+    # batches an uninterrupted run would have: these are what that code produced.
+    lengths = [(i * 37) % 101 for i in range(11)]
+    assert epoch_batches(lengths, 2, 5, 1, bucket_batches=2) == [[1], [7, 2], [3, 9], [5, 8], [0, 6], [4, 10]]
+    plan = BatchPlan(lengths, [2, 2], epochs=2, seed=5)
+    assert [plan.step(s) for s in range(plan.total_steps)] == [
+        [[8], [7, 10]], [[0, 3], [6, 9]], [[2, 5], [1, 4]], [[8], [0, 3]], [[2, 5], [6, 9]], [[1, 4], [7, 10]]]
+
+
+@pytest.mark.parametrize("examples, most, processes, sizes", [
+    (50, 8, 1, [8, 7, 7, 7, 7, 7, 7]),
+    (50, 9, 1, [9, 9, 8, 8, 8, 8]),
+    (50, 5, 1, [5] * 10),  # a divisor: equal parts
+    (50, 64, 1, [50]),
+    (50, 8, 2, [7, 7, 6, 6, 6, 6, 6, 6]),  # 8 parts, 4 per process
+    (48, 8, 2, [8] * 6),
+    (7, 1, 1, [1] * 7),
+])
+def test_a_step_is_split_into_as_few_near_equal_micro_batches_as_fit(examples, most, processes, sizes):
+    assert step_sizes(examples, most, processes) == sizes
+
+
+def test_uneven_micro_batches_give_every_step_its_sizes_and_every_example_once_an_epoch():
+    lengths = [10 + (i * 37) % 200 for i in range(100)]  # 2 steps of 50 an epoch
+    sizes = step_sizes(50, 8)
+    plan = BatchPlan(lengths, sizes, epochs=3, seed=1)
+    assert (plan.micro, plan.accum, plan.total_steps, plan.micro_text) == (8, 7, 6, "7-8")
+    for epoch in range(3):
+        steps = [plan.step(s) for s in range(2 * epoch, 2 * epoch + 2)]
+        assert all([len(b) for b in step] == sizes for step in steps)
+        assert sorted(i for step in steps for b in step for i in b) == list(range(100))
+    assert plan.step(0) != plan.step(2)  # each epoch its own order
+    assert BatchPlan(lengths, sizes, epochs=3, seed=1).step(5) == plan.step(5)  # a resume needs only the step
+    unbucketed = unbucketed_padding_fraction(lengths, 8, seed=1)
+    assert plan.padding_fraction() < unbucketed / 3, (plan.padding_fraction(), unbucketed)
+
+
+def test_a_step_across_an_epoch_end_never_exceeds_the_largest_micro_batch():
+    lengths = [10 + i for i in range(45)]  # 45 = one step of 26 + 19: steps run across epochs
+    sizes = step_sizes(26, 9)  # [9, 9, 8]
+    plan = BatchPlan(lengths, sizes, epochs=4, seed=0)
+    stream = [b for s in range(plan.total_steps) for b in plan.step(s)]
+    assert all(len(b) <= 9 for b in stream)
+    per_epoch = plan.per_epoch
+    assert [len(b) for b in stream[:per_epoch]] == [9, 9, 8, 9, 9, 1]  # the rest cut as a step's first sizes
+    for epoch in range(4):
+        assert sorted(i for b in stream[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b) == list(range(45))
 
 
 @pytest.mark.parametrize("examples, micro, accumulation, epochs, steps", [
@@ -110,7 +160,7 @@ def test_plan_steps_run_through_epochs_in_order():
 ])
 def test_plan_takes_the_steps_the_epochs_say_with_no_extra_step_from_float_noise(examples, micro, accumulation,
                                                                                  epochs, steps):
-    assert BatchPlan([5] * examples, micro, accumulation, epochs, seed=0).total_steps == steps
+    assert BatchPlan([5] * examples, [micro] * accumulation, epochs, seed=0).total_steps == steps
 
 
 @pytest.mark.parametrize("prompt, answer, blank", [

@@ -121,6 +121,40 @@ def test_answer_loss_picks_right_aligned_logits_when_the_model_adds_positions(ll
         answer_loss_sum(model, batch, torch.device("cpu"))
 
 
+def test_uneven_micro_batches_give_the_gradient_of_one_batch(llama_dir, tmp_path):
+    # The loss of a step is divided by the whole step's answer tokens, so 9 examples as 5 + 4 (what
+    # 'auto' does when 5 fits and the step is 9) or 3 + 3 + 3 give one batch's gradient.
+    from expert.train.step import Runner
+
+    _, tok = plain_load(llama_dir)
+    rows = read_split(write_toy_data(tmp_path) / "train.parquet")
+    split = encode_split(tok, rows, 512)
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            self.grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+
+    def gradients(batches):
+        model = lora_model(llama_dir, lora_dropout=0.0)
+        model.train()
+        with torch.no_grad():  # lora_B starts at 0, so lora_A would get no gradient
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(std=0.02)
+        optimizer = Recording([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        runner = Runner(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), split,
+                        tok.pad_token_id, max_grad_norm=None, precision="float32")
+        loss = runner.step(batches)[0]
+        return loss, optimizer.grads
+
+    one_loss, one = gradients([list(range(9))])
+    for batches in ([[0, 1, 2, 3, 4], [5, 6, 7, 8]], [[6, 2, 0], [1, 8, 4], [3, 5, 7]]):
+        loss, grads = gradients(batches)
+        assert loss == pytest.approx(one_loss, rel=1e-6)
+        assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-7) for g, h in zip(grads, one))
+    assert any(g.abs().sum() > 0 for g in one)
+
+
 def test_missing_target_module_lists_the_existing_ones(llama_dir):
     model, _ = plain_load(llama_dir)
     with pytest.raises(ConfigError) as info:

@@ -8,7 +8,7 @@ import torch
 from expert.errors import ExpertError
 from expert.train import TrainConfig, train
 from expert.train import memory
-from expert.train.data import IGNORE
+from expert.train.data import IGNORE, step_sizes
 from expert.train.lora import attach_lora
 from expert.train.memory import MemoryPlan, _checkpointing, plan_memory, set_checkpointing
 from expert.train.step import Runner
@@ -24,9 +24,10 @@ def lora_model(llama_dir, **overrides):
     return attach_lora(model, TrainConfig(**overrides))
 
 
-def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30, speeds=None):
-    """Pretend the probe measured: fits_table[(micro, checkpointing)] -> fits or not, and
-    speeds[(micro, checkpointing)] -> tokens/s (the timing only a GPU probe offers)."""
+def fake_gpu(monkeypatch, most, limit=24 * 2**30, speeds=None):
+    """Pretend the probe measured: a micro-batch fits when it is at most most[checkpointing]
+    (absent: nothing fits), and speeds[(micro, checkpointing)] -> tokens/s (the timing only a
+    GPU probe offers)."""
     calls = []
 
     def probe_fits(model, device, config, answer_tokens=3):
@@ -34,7 +35,7 @@ def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30, speeds=None):
 
         def fits(micro, length, checkpointing, limit):
             calls.append((micro, checkpointing))
-            return fits_table.get((micro, checkpointing), False)
+            return micro <= most.get(checkpointing, 0)
         if speeds is not None:
             fits.speed = lambda micro, length, checkpointing, limit: (
                 calls.append(("timed", micro, checkpointing)) or speeds[(micro, checkpointing)])
@@ -45,24 +46,27 @@ def fake_gpu(monkeypatch, fits_table, limit=24 * 2**30, speeds=None):
     return calls
 
 
-# micro 'auto' on a GPU: the largest divisor of effective_batch_size that fits, then
-# checkpointing off if that micro-batch also fits without it.
+# micro 'auto' on a GPU: the largest micro-batch that fits (a divisor of effective_batch_size or
+# not), then checkpointing off if that micro-batch also fits without it.
 GPU_CASES = {
-    "largest-divisor-fitting-with-checkpointing": (
+    "largest-fitting-with-checkpointing": (
         dict(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto"),
-        {(10, True): True, (5, True): True, (10, False): False}, (10, True)),
+        {True: 10}, (10, True)),
+    "largest-fitting-need-not-divide-the-step": (
+        dict(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto"),
+        {True: 9, False: 3}, (9, True)),
     "checkpointing-off-when-it-fits-anyway": (
         dict(micro_batch_size="auto", effective_batch_size=12, gradient_checkpointing="auto"),
-        {(6, True): True, (6, False): True}, (6, False)),
+        {True: 6, False: 6}, (6, False)),
     "fixed-micro-auto-checkpointing": (
         dict(micro_batch_size=4, effective_batch_size=8, gradient_checkpointing="auto"),
-        {(4, True): True, (4, False): False}, (4, True)),
+        {True: 4, False: 3}, (4, True)),
     "explicit-checkpointing-is-kept": (
         dict(micro_batch_size="auto", effective_batch_size=8, gradient_checkpointing=True),
-        {(8, True): True, (8, False): True}, (8, True)),
+        {True: 8, False: 8}, (8, True)),
     "explicit-no-checkpointing": (
         dict(micro_batch_size="auto", effective_batch_size=8, gradient_checkpointing=False),
-        {(2, False): True, (4, True): True}, (2, False)),
+        {False: 2, True: 4}, (2, False)),
 }
 
 
@@ -76,12 +80,34 @@ def test_gpu_plan_picks_the_largest_fitting_micro_batch(llama_dir, monkeypatch, 
     assert _checkpointing(model.get_base_model()) == expected[1]
 
 
+@pytest.mark.parametrize("device, processes, candidates", [
+    ("cuda", 1, [50, 25, 17, 13, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1]),
+    ("cpu", 1, [8, 7, 6, 5, 4, 3, 2, 1]),  # capped on a CPU
+    ("cuda", 2, [25, 13, 9, 7, 5, 4, 3, 2, 1]),
+])
+def test_auto_tries_the_largest_micro_batch_of_every_way_to_split_a_step(device, processes, candidates):
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, processes=processes,
+                         strategy="single" if processes == 1 else "ddp")
+    assert memory._micro_candidates(config, torch.device(device)) == candidates
+    for micro in candidates:  # the run splits each step with at most that many, the same number per process
+        sizes = step_sizes(50, micro, processes)
+        assert max(sizes) == micro and sum(sizes) == 50 and len(sizes) % processes == 0
+
+
+def test_the_largest_fitting_micro_batch_is_found_by_bisection(llama_dir, monkeypatch):
+    calls = fake_gpu(monkeypatch, {True: 9})
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing=True)
+    plan = plan_memory(lora_model(llama_dir), config, longest=500, device=torch.device("cuda"))
+    probed = [c[0] for c in calls if c[0] != "answer_tokens"]
+    assert plan.micro_batch_size == 9 and {9, 10} <= set(probed) and len(probed) <= 4, probed
+
+
 @pytest.mark.parametrize("speeds, expected", [({(12, True): 2000.0, (4, False): 3000.0}, (4, False)),
                                                ({(12, True): 3000.0, (4, False): 2000.0}, (12, True))])
 def test_a_smaller_micro_batch_without_checkpointing_wins_when_it_is_faster(llama_dir, monkeypatch, speeds,
                                                                            expected):
     # 12 fits only with checkpointing; 4 is the largest that fits without: both are timed.
-    calls = fake_gpu(monkeypatch, {(12, True): True, (6, False): False, (4, False): True}, speeds=speeds)
+    calls = fake_gpu(monkeypatch, {True: 12, False: 4}, speeds=speeds)
     config = TrainConfig(micro_batch_size="auto", effective_batch_size=12, gradient_checkpointing="auto")
     model = lora_model(llama_dir)
     plan = plan_memory(model, config, longest=500, device=torch.device("cuda"))
@@ -168,10 +194,22 @@ def test_the_plan_is_recorded_and_a_resume_keeps_it(llama_dir, tmp_path, monkeyp
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["memory"] == summary["memory"]
 
 
+def test_an_auto_micro_batch_that_does_not_divide_the_step_trains_in_uneven_micro_batches(llama_dir, tmp_path,
+                                                                                          caplog):
+    # On the CPU 'auto' allows up to 8: a step of 9 is then 5 + 4, not 3 + 3 + 3.
+    data = write_toy_data(tmp_path / "data")
+    config = TrainConfig(**{**RUN, "micro_batch_size": "auto", "effective_batch_size": 9})
+    with caplog.at_level("INFO", logger="expert"):
+        train(config, llama_dir, data, tmp_path / "out", tmp_path / "work", device="cpu")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["micro_batch_size"], summary["step_micro_batches"], summary["steps"]) == (5, [5, 4], 2)
+    assert "2 optimizer steps of 2 micro-batches of 4-5" in caplog.text
+
+
 def test_the_probe_labels_as_many_tokens_as_the_longest_answer(llama_dir, monkeypatch):
     # The vocabulary projection is built for every labelled token, so a task with long answers
     # needs more memory per example than PubMedQA's 2-3: the probe must label as many.
-    calls = fake_gpu(monkeypatch, {(4, True): True})
+    calls = fake_gpu(monkeypatch, {True: 4})
     config = TrainConfig(micro_batch_size="auto", effective_batch_size=4, gradient_checkpointing=True)
     plan_memory(lora_model(llama_dir), config, longest=500, device=torch.device("cuda"), answer_tokens=40)
     assert ("answer_tokens", 40) in calls
