@@ -129,6 +129,27 @@ def test_a_rank_killed_mid_run_is_named_and_the_rerun_resumes_to_the_same_adapte
         [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_mb")} for r in records(reference)]
 
 
+def test_auto_splits_each_step_into_uneven_micro_batches_shared_evenly_and_gives_the_one_process_run(
+        llama_dir, data_dir, tmp_path, monkeypatch):
+    # A step of 18 with 'auto' on 2 processes (at most 8 each on a CPU): 4 micro-batches of 5, 5, 4, 4,
+    # two per rank. One process given the same micro-batch (5) splits its steps alike, so with
+    # dropout off both must train the same adapter.
+    config = dict(RUN, micro_batch_size="auto", effective_batch_size=18)
+    out, _, lines = run(dict(config, processes=2, strategy="ddp"), llama_dir, data_dir, tmp_path / "ddp")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["micro_batch_size"], summary["step_micro_batches"]) == (5, [5, 5, 4, 4])
+    assert any("3 optimizer steps of 4 micro-batches of 4-5" in line for line in lines), lines[:20]
+
+    from expert.train import loop
+    from expert.train.memory import MemoryPlan
+
+    monkeypatch.setattr(loop, "plan_memory", lambda *a, **k: MemoryPlan(5, False, None))
+    alone = run(config, llama_dir, data_dir, tmp_path / "single")[0]
+    assert json.loads((alone / "summary.json").read_text())["step_micro_batches"] == [5, 5, 4, 4]
+    assert_same_losses(records(out), records(alone))
+    assert_close_adapters(adapter(out), adapter(alone))
+
+
 # ---------------------------------------------------------------- fsdp
 
 @pytest.mark.parametrize("base", ["plain", pytest.param("nf4", marks=pytest.mark.slow)])
