@@ -391,7 +391,7 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
     memory = plan_memory(model, config, max(lengths), device,
-                         answer_tokens=max(sum(t != IGNORE for t in e.labels) for e in examples))
+                         answer_tokens=max(e.answer_tokens for e in examples))
     plan_seconds = time.perf_counter() - planned
     plan = BatchPlan(lengths, step_sizes(effective, memory.micro_batch_size), epochs=10, seed=0)
     accum = plan.accum

@@ -197,7 +197,7 @@ def _dev_loss(model, tokenizer, data_dir: Path, args) -> float:
     """Mean answer-token loss on the dev sample: the same function for both adapters."""
     import torch
 
-    from expert.train.data import IGNORE, collate, eval_batches
+    from expert.train.data import collate, eval_batches
     from expert.train.step import answer_loss_sum
 
     dev = _encoded(tokenizer, data_dir, "dev", args.max_length)
@@ -207,7 +207,7 @@ def _dev_loss(model, tokenizer, data_dir: Path, args) -> float:
         for batch in eval_batches(dev.lengths, 8):
             chosen = [dev.examples[i] for i in batch]
             total += float(answer_loss_sum(model, collate(chosen, tokenizer.eos_token_id), torch.device("cpu")))
-            count += sum(label != IGNORE for e in chosen for label in e.labels)
+            count += sum(e.answer_tokens for e in chosen)
     return total / count
 
 

@@ -16,10 +16,10 @@ from pydantic import Field, field_validator, model_validator
 
 from expert.config import StageConfig
 
-# A dask scheduler address as `distributed.Client` takes it: tcp://host:8786, tls://..., host:8786,
-# and an IPv6 host in brackets (tcp://[::1]:8786), since its own colons would end a bare host.
 # The devices torch names that scoring can run on.
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+# A dask scheduler address as `distributed.Client` takes it: tcp://host:8786, tls://..., host:8786,
+# and an IPv6 host in brackets (tcp://[::1]:8786), since its own colons would end a bare host.
 _ADDRESS = re.compile(r"^([a-z]+://)?([^\s:/\[\]]+|\[[0-9a-fA-F:.]+\]):\d+$")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 
@@ -39,6 +40,11 @@ _COLUMNS = ("id", "prompt", "answer")
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE over the prompt, the token itself over answer + EOS
+
+    @cached_property
+    def answer_tokens(self) -> int:
+        """Labelled tokens (answer + EOS): what the loss sums over. Counted once, not every step."""
+        return sum(label != IGNORE for label in self.labels)
 
 
 @dataclass(frozen=True)

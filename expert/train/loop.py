@@ -25,7 +25,7 @@ from expert.errors import DataError, ExpertError
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_marker,
                                      read_state, save_checkpoint)
 from expert.train.config import TrainConfig
-from expert.train.data import (IGNORE, BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
+from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
                                 unbucketed_padding_fraction)
 from expert.train.distributed import Ranks, shard_base
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
@@ -68,7 +68,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     ranks.seed_dropout(config.seed)
     if ranks.strategy == "fsdp":
         shard_base(model, ranks, device)
-    answers = max(sum(label != IGNORE for label in e.labels) for e in train_set.examples)
+    answers = max(e.answer_tokens for e in train_set.examples)
     memory = _memory_plan(work_dir, config, model, max(train_set.lengths), answers, ranks)
     micro = memory.micro_batch_size
     plan = BatchPlan(train_set.lengths, step_sizes(config.effective_batch_size, micro, config.processes),

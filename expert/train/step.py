@@ -76,7 +76,7 @@ class Runner:
         """One optimizer step over `batches` (all ranks'); loss is the mean over the step's answer tokens."""
         start = time.perf_counter()
         chosen = [self.examples[i] for batch in batches for i in batch]
-        targets = sum(sum(label != IGNORE for label in e.labels) for e in chosen)
+        targets = sum(e.answer_tokens for e in chosen)
         tokens = sum(len(e.input_ids) for e in chosen)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in self.ranks.share(batches):
@@ -113,7 +113,7 @@ class Runner:
                 loss = answer_loss_sum(self.model, collate(chosen, self.pad_id), self.device).item()
             if i < len(mine):
                 total += loss
-                count += sum(sum(label != IGNORE for label in e.labels) for e in chosen)
+                count += sum(e.answer_tokens for e in chosen)
         self.model.train()
         if self.ranks.many:
             total, count = self.ranks.sum_(torch.tensor([total, count], dtype=torch.float64,

@@ -32,6 +32,7 @@ def test_prompt_is_masked_and_answer_plus_eos_labelled(tokenizer, rows):
         assert example.input_ids == whole + [tokenizer.eos_token_id]
         assert example.labels == [IGNORE] * n_prompt + whole[n_prompt:] + [tokenizer.eos_token_id]
         assert tokenizer.decode(whole[n_prompt:]) == " " + answer
+        assert example.answer_tokens == len(whole) - n_prompt + 1  # what the loss divides by: answer + EOS
 
 
 def test_answer_tokens_are_the_evaluators(tokenizer, rows):
