@@ -18,7 +18,9 @@ and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effecti
   per optimizer step); `--ours-plain` adds ours without the lean activations (side "ours-plain"),
   `--ours-divisor` ours at the largest micro-batch that divides the effective batch and is at most
   ours' own (side "ours-divisor": what 'auto' chose before uneven micro-batches; skipped when ours'
-  micro-batch divides it anyway).
+  micro-batch divides it anyway), `--ours-compile` ours with train.compile (each decoder layer
+  compiled, expert/train/compiling.py; side "ours-compile", its compile time in its cold pass,
+  `initial_seconds` and `plan_seconds`).
 `--train-fresh` also times each side on batches it has not seen (new widths: attention kernels that
 plan per shape pay again), `--ours-pad-multiple N` adds ours with widths rounded up to N (side "ours-padN").
 Reported: useful (non-padding) tokens/s, model TFLOP/s at 6N FLOPs per useful token (N = matmul
@@ -99,6 +101,7 @@ def main() -> None:
               "command": _command(), "train": [], "eval": None}
     started = time.perf_counter()
     cases = set(args.cases.split(","))
+    _train_sides(args)  # a bad --sides fails here, before any case has spent GPU time
     if "eval" in cases:
         result["eval"] = _guarded(lambda: _eval_case(args, device, lengths))
         print(json.dumps(result["eval"]), flush=True)
@@ -108,10 +111,7 @@ def main() -> None:
             continue
         size = "tiny" if args.smoke else size
         ours_micro = None
-        sides = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) \
-            + ((f"ours-pad{args.ours_pad_multiple}",) if args.ours_pad_multiple else ()) \
-            + (("ours-divisor",) if args.ours_divisor else ()) + ("peer@ours-micro",)
-        for side in sides:
+        for side in _train_sides(args):
             micro = peer_micro if side == "peer" else ours_micro
             if side == "peer@ours-micro" and (not ours_micro or ours_micro == peer_micro or ours_micro > 16):
                 continue  # the peer at our micro-batch: how much of the gain is the micro-batch alone
@@ -132,6 +132,21 @@ def main() -> None:
     result["results"] = _summary(result)
     _write(out, result)
     _print_table(result)
+
+
+def _train_sides(args) -> list[str]:
+    """The training sides to run, in order: what the flags ask for, cut to --sides if given."""
+    sides = ["peer", "ours"] + (["ours-plain"] if args.ours_plain else []) \
+        + ([f"ours-pad{args.ours_pad_multiple}"] if args.ours_pad_multiple else []) \
+        + (["ours-divisor"] if args.ours_divisor else []) + (["ours-compile"] if args.ours_compile else []) \
+        + ["peer@ours-micro"]
+    if not args.sides:
+        return sides
+    wanted = args.sides.split(",")
+    unknown = [side for side in wanted if side not in sides]
+    if unknown:  # a typo would otherwise run nothing and still spend the call's model builds
+        raise SystemExit(f"--sides: {', '.join(unknown)} not among the sides these flags run: {', '.join(sides)}")
+    return [side for side in sides if side in wanted]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run ours with batch widths rounded up to this multiple (side ours-padN): fewer shapes")
     p.add_argument("--ours-divisor", action="store_true",
                    help="also run ours at the largest micro-batch dividing the effective batch (side ours-divisor)")
+    p.add_argument("--sides", default="",
+                   help="run only these training sides (comma-separated, e.g. ours,ours-compile: a shorter call); "
+                        "default: every side the other flags ask for")
+    p.add_argument("--ours-compile", action="store_true",
+                   help="also run ours with train.compile: each decoder layer compiled (side ours-compile)")
     p.add_argument("--ours-plain", action="store_true",
                    help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--eval-subject-stride", type=int, default=6, help="ours scores every N-th MMLU subject")
@@ -264,7 +284,7 @@ def _train_case(args, device, size, lora, peer_micro, effective, lengths, side) 
     if side.startswith("ours"):
         row = _ours_train(args, model, examples, lora, effective, device, lean=side != "ours-plain",
                           pad_multiple=args.ours_pad_multiple if side.startswith("ours-pad") else 1,
-                          micro=peer_micro if side == "ours-divisor" else "auto")
+                          micro=peer_micro if side == "ours-divisor" else "auto", compile=side == "ours-compile")
     else:
         row = _peer_train(args, model, examples, lora, peer_micro, effective, device)
     flops = 6 * matmul_params(cfg)
@@ -362,10 +382,11 @@ def _padded(batch):
 
 
 def _ours_train(args, model, examples, lora, effective, device, lean: bool = True,
-                pad_multiple: int = 1, micro: int | str = "auto") -> dict:
+                pad_multiple: int = 1, micro: int | str = "auto", compile: bool = False) -> dict:
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
     without the lean activations, to see what they add; pad_multiple > 1: batch widths rounded up
-    to it, to see what fewer shapes buy; micro: a micro-batch size instead of 'auto')."""
+    to it, to see what fewer shapes buy; micro: a micro-batch size instead of 'auto'; compile:
+    train.compile, whose compiling falls in the first forwards: `initial_seconds`, `plan_seconds`)."""
     import contextlib
     from unittest import mock
 
@@ -380,14 +401,16 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
     config = TrainConfig(lora_r=r, lora_alpha=alpha, target_modules=targets, micro_batch_size=micro,
                          effective_batch_size=effective, gradient_checkpointing="auto",
                          memory_limit_gib=MEMORY_LIMIT_GIB, max_length=512, warmup_steps=0,
-                         lean_activations=lean)
+                         lean_activations=lean, compile=compile)
     torch.manual_seed(0)
     model = attach_lora(model, config)
     model.train()
+    started = time.perf_counter()
     with torch.no_grad(), _autocast(device):  # LoRA's B starts at zero: the base model's loss, as the peer's
         shared = step_module.collate(examples[:SHARED_EXAMPLES], 0)
         labelled = int((shared["labels"] != IGNORE).sum())
-        initial = step_module.answer_loss_sum(model, shared, device) / labelled
+        initial = float(step_module.answer_loss_sum(model, shared, device) / labelled)
+    initial_seconds = time.perf_counter() - started
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
     memory = plan_memory(model, config, max(lengths), device,
@@ -439,12 +462,12 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
             new_tokens, new_seconds = timed(fresh)
             extra["fresh_tokens_per_s"] = round(new_tokens / new_seconds, 1)
             extra["fresh_mean_tokens"] = round(statistics.mean(lengths[i] for b in unseen for i in b), 1)
-        if args.train_profile and lean and pad_multiple == 1:
+        if args.train_profile and lean and pad_multiple == 1 and not compile:
             extra["profile"] = _profile(lambda: runner.step(windows[0]), device)
     return {**extra, "micro_batch": memory.micro_batch_size, "step_micro_batches": plan.sizes,
             "gradient_checkpointing": memory.gradient_checkpointing,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
-            "initial_loss": round(float(initial), 4), "timed_examples": sum(len(b) for b in seen),
+            "initial_seconds": round(initial_seconds, 1), "initial_loss": round(initial, 4), "timed_examples": sum(len(b) for b in seen),
             "timed_mean_tokens": round(statistics.mean(lengths[i] for b in seen for i in b), 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
             "padding_fraction": round(1 - tokens / padded, 3), "seconds": round(passes[1], 2)}
@@ -883,28 +906,10 @@ def _summary(result: dict) -> list[dict]:
     rows = []
     for case in dict.fromkeys(r["case"] for r in result["train"]):
         sides = {r["side"]: r for r in result["train"] if r["case"] == case and "error" not in r}
-        if not {"peer", "ours"} <= set(sides):
-            continue
-        peer, ours = sides["peer"], sides["ours"]
-        losses = {"peer": peer["initial_loss"], "ours": ours["initial_loss"]}
-        rows.append({"metric": f"LoRA training, useful (non-padding) tokens/s, {case}", "unit": "tokens/s",
-                     "peer": {"name": f"HF transformers + PEFT + bitsandbytes, micro-batch {peer['micro_batch']}",
-                              "value": peer["tokens_per_s"]},
-                     "ours": {"value": ours["tokens_per_s"]}, "ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2),
-                     "quality": {"initial_loss": losses,
-                                 "same_objective": abs(losses["peer"] - losses["ours"]) <= 0.01 * abs(losses["peer"]),
-                                 "timed_mean_tokens": {"peer": peer["timed_mean_tokens"],
-                                                       "ours": ours["timed_mean_tokens"]},
-                                 # measured on a bigger card: the plan must keep the run under the limit
-                                 # (None: no peak measured, the CPU smoke run)
-                                 "ours_within_memory_limit": None if ours.get("peak_gib") is None
-                                 else ours["peak_gib"] <= MEMORY_LIMIT_GIB}})
-        if "ours-divisor" in sides:  # what the micro-batch that need not divide the step buys
-            divisor = sides["ours-divisor"]
-            rows[-1]["uneven_micro_batches"] = {
-                "ours": {"micro_batch": ours["micro_batch"], "tokens_per_s": ours["tokens_per_s"]},
-                "divisor": {"micro_batch": divisor["micro_batch"], "tokens_per_s": divisor["tokens_per_s"]},
-                "ratio": round(ours["tokens_per_s"] / divisor["tokens_per_s"], 2)}
+        if {"peer", "ours"} <= set(sides):
+            rows.append(_training_row(case, sides))
+        if {"ours", "ours-compile"} <= set(sides):  # a row of its own: --sides may have left the peer out
+            rows.append(_compiled_row(case, sides["ours"], sides["ours-compile"]))
     ev = result.get("eval") or {}
     if "ratio" in ev:
         rows.append({"metric": "MMLU-shaped 5-shot scoring, questions/s", "unit": "questions/s",
@@ -919,6 +924,49 @@ def _summary(result: dict) -> list[dict]:
                      "ours": {"value": gptq["ours"]["seconds"]}, "ratio": gptq["ratio"],
                      "quality": {"identical_tensors": gptq["identical_tensors"]}})
     return rows
+
+
+def _training_row(case: str, sides: dict[str, dict]) -> dict:
+    """Ours against the peer on one training case, in the bench result format."""
+    peer, ours = sides["peer"], sides["ours"]
+    losses = {"peer": peer["initial_loss"], "ours": ours["initial_loss"]}
+    row = {"metric": f"LoRA training, useful (non-padding) tokens/s, {case}", "unit": "tokens/s",
+           "peer": {"name": f"HF transformers + PEFT + bitsandbytes, micro-batch {peer['micro_batch']}",
+                    "value": peer["tokens_per_s"]},
+           "ours": {"value": ours["tokens_per_s"]}, "ratio": round(ours["tokens_per_s"] / peer["tokens_per_s"], 2),
+           "quality": {"initial_loss": losses,
+                       "same_objective": abs(losses["peer"] - losses["ours"]) <= 0.01 * abs(losses["peer"]),
+                       "timed_mean_tokens": {"peer": peer["timed_mean_tokens"], "ours": ours["timed_mean_tokens"]},
+                       # measured on a bigger card: the plan must keep the run under the limit
+                       # (None: no peak measured, the CPU smoke run)
+                       "ours_within_memory_limit": None if ours.get("peak_gib") is None
+                       else ours["peak_gib"] <= MEMORY_LIMIT_GIB}}
+    if "ours-divisor" in sides:  # what the micro-batch that need not divide the step buys
+        divisor = sides["ours-divisor"]
+        row["uneven_micro_batches"] = {
+            "ours": {"micro_batch": ours["micro_batch"], "tokens_per_s": ours["tokens_per_s"]},
+            "divisor": {"micro_batch": divisor["micro_batch"], "tokens_per_s": divisor["tokens_per_s"]},
+            "ratio": round(ours["tokens_per_s"] / divisor["tokens_per_s"], 2)}
+    return row
+
+
+def _compiled_row(case: str, eager: dict, compiled: dict) -> dict:
+    """train.compile against the same code eager, in the bench result format: what compiling the
+    decoder layers buys per step, and what it costs once (the first forward and the memory plan,
+    where the compiling happens)."""
+    losses = {"eager": eager["initial_loss"], "compiled": compiled["initial_loss"]}
+    return {"metric": f"Compiled decoder layers vs eager, LoRA training useful tokens/s, {case}", "unit": "tokens/s",
+            "peer": {"name": f"EXPERT eager (train.compile: false), micro-batch {eager['micro_batch']}",
+                     "value": eager["tokens_per_s"]},
+            "ours": {"value": compiled["tokens_per_s"], "micro_batch": compiled["micro_batch"]},
+            "ratio": round(compiled["tokens_per_s"] / eager["tokens_per_s"], 2),
+            "quality": {"initial_loss": losses,
+                        "same_objective": abs(losses["eager"] - losses["compiled"]) <= 0.01 * abs(losses["eager"]),
+                        "setup_seconds": {side: round(row["initial_seconds"] + row["plan_seconds"], 1)
+                                          for side, row in (("eager", eager), ("compiled", compiled))},
+                        "peak_gib": {"eager": eager.get("peak_gib"), "compiled": compiled.get("peak_gib")},
+                        "compiled_within_memory_limit": None if compiled.get("peak_gib") is None
+                        else compiled["peak_gib"] <= MEMORY_LIMIT_GIB}}
 
 
 def _write(out: Path, result: dict) -> None:
@@ -950,6 +998,11 @@ def _print_table(result: dict) -> None:
             print(f"ratio ours/peer {case}, batches not seen before: "
                   f"{sides['ours']['fresh_tokens_per_s'] / sides['peer']['fresh_tokens_per_s']:.2f} "
                   f"(mean tokens: peer {sides['peer']['fresh_mean_tokens']}, ours {sides['ours']['fresh_mean_tokens']})")
+        if all("tokens_per_s" in sides.get(s, {}) for s in ("ours", "ours-compile")):
+            eager, compiled = sides["ours"], sides["ours-compile"]
+            print(f"  compiled layers / eager {case}: {compiled['tokens_per_s'] / eager['tokens_per_s']:.2f} "
+                  f"(first forward + memory plan: {compiled['initial_seconds'] + compiled['plan_seconds']:.1f} s "
+                  f"compiled, {eager['initial_seconds'] + eager['plan_seconds']:.1f} s eager)")
         over = [s for s, r in sides.items() if s.startswith("ours") and (r.get("peak_gib") or 0) > MEMORY_LIMIT_GIB]
         if over:
             print(f"  PEAK OVER THE {MEMORY_LIMIT_GIB:g} GiB LIMIT the plan was made for: {', '.join(over)}")

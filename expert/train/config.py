@@ -79,6 +79,11 @@ class TrainConfig(StageConfig):
         True, description="keep less for the backward (expert/train/lean.py): the same numbers, a bigger "
                           "micro-batch without checkpointing; false: transformers + PEFT as they come"
     )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (expert/train/compiling.py): fewer, fused kernels "
+                           "and less Python per step, for tens of seconds of compiling at the start; the same "
+                           "math, but dropout draws other masks than an eager run's. Not with strategy fsdp"
+    )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="what the matmuls compute in: 'bfloat16' runs the forward under bf16 autocast "
                             "(weights and optimizer state stay as they are), 'float32' without autocast; "
@@ -137,6 +142,15 @@ class TrainConfig(StageConfig):
                              f"{value - value % unit + unit}")
         return value
 
+    @field_validator("compile")
+    @classmethod
+    def _compile_not_sharded(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("strategy") == "fsdp":
+            # FSDP gathers and frees each layer's shards around its forward and backward; a compiled
+            # layer would need the compiler to trace that too, which is untested here.
+            raise ValueError("is not supported with strategy fsdp; set compile: false, or use strategy ddp")
+        return value
+
     @field_validator("target_modules")
     @classmethod
     def _modules_named(cls, value):
@@ -151,11 +165,13 @@ class TrainConfig(StageConfig):
         return value
 
     def canonical(self) -> dict:
-        # The scale-out fields are left out at their defaults, so the cache keys and checkpoints
-        # of one-process runs made before those fields existed stay valid.
+        # The scale-out fields and compile are left out at their defaults, so the cache keys and
+        # checkpoints of runs made before those fields existed stay valid.
         canon = super().canonical()
         if self.processes == 1 and self.strategy == "single":
             del canon["processes"], canon["strategy"]
+        if not self.compile:
+            del canon["compile"]
         return canon
 
     @property

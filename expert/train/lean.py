@@ -17,8 +17,8 @@ a Llama block with LoRA on every linear layer, the standard stack (transformers 
 Forward values are bitwise those of the modules replaced (the same operations in the same
 order); gradients agree to rounding. Only the modules whose computation is verified to be the one
 reproduced are switched (a norm by comparing outputs on a probe input, an MLP by its forward's
-code, a LoRA layer per call: merged, DoRA and multi-adapter calls keep PEFT's forward), so a
-model family this does not know trains as before.
+code, a LoRA layer per call: merged, DoRA and multi-adapter calls, and calls that torch.compile
+traces (train.compile), keep PEFT's forward), so a model family this does not know trains as before.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def _plain_adapter(module, kwargs) -> str | None:
 
 def _lora_forward(self, x, *args, **kwargs):
     name = _plain_adapter(self, kwargs)
-    if name is None:
+    # While torch.compile traces (train.compile), PEFT's forward: the seed below is a host value and
+    # the mask's generator an object the compiler cannot trace, and the compiler picks what to keep.
+    if name is None or torch.compiler.is_compiling():
         return self._expert_plain_forward(x, *args, **kwargs)
     for key in ("adapter_names", "alora_offsets"):
         kwargs.pop(key, None)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from expert.errors import ConfigError
+from expert.train.compiling import compile_decoder_layers
 from expert.train.config import TrainConfig
 from expert.train.lean import make_lean
 from expert.train.logging import log
@@ -53,7 +54,7 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
 
     With train.lean_activations the LoRA layers, norms and MLPs then keep less for the backward
     (`expert.train.lean`): a bigger micro-batch fits without gradient checkpointing, for the same
-    numbers.
+    numbers. With train.compile every decoder layer is then compiled (`expert.train.compiling`).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -73,6 +74,9 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
     if config.lean_activations:
         switched = make_lean(model)
         log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)
+    if config.compile:  # after the lean switch: the compiler traces the forwards the run will use
+        compiled = compile_decoder_layers(model, next(model.parameters()).device)
+        log.info("train.compile: %d decoder layers compiled on first use (%s, ...)", len(compiled), compiled[0])
     return model
 
 

@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_script_smoke_runs_every_case(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--cases", "eval,llama-33b,llama3-8b,gptq", "--ours-plain", "--ours-divisor", "--train-profile",
+           "--cases", "eval,llama-33b,llama3-8b,gptq", "--ours-plain", "--ours-divisor", "--ours-compile", "--train-profile",
            "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack"]
@@ -27,16 +29,21 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     # then at 5, the largest divisor, and the peer at 8.
     big = [row for row in result["train"] if row["case"].startswith("33b")]
     assert [row["side"] for row in big] == ["peer", "ours", "ours-plain", "ours-pad64", "ours-divisor",
-                                            "peer@ours-micro"], big
+                                            "ours-compile", "peer@ours-micro"], big
     assert (big[1]["micro_batch"], big[1]["step_micro_batches"]) == (8, [8, 7, 7, 7, 7, 7, 7]), big[1]
-    assert (big[4]["micro_batch"], big[4]["step_micro_batches"], big[5]["micro_batch"]) == (5, [5] * 10, 8), big
+    assert (big[4]["micro_batch"], big[4]["step_micro_batches"], big[6]["micro_batch"]) == (5, [5] * 10, 8), big
     assert all("error" not in row for row in big), big
     uneven = next(r for r in result["results"] if r["metric"].endswith("(original job)"))["uneven_micro_batches"]
     assert uneven["divisor"]["micro_batch"] == 5 and uneven["ratio"] > 0, uneven
+    # train.compile: the same model's loss before training (rounding apart), its compiling timed.
+    compiled = next(r for r in result["results"] if r["metric"].startswith("Compiled") and "original job" in r["metric"])
+    assert compiled["ratio"] > 0 and compiled["quality"]["same_objective"] is True, compiled
+    setup = compiled["quality"]["setup_seconds"]
+    assert setup["compiled"] > setup["eager"], setup  # the compiling falls in the first forward and the plan
 
     # The 8B preset's 48 divides by 8: no ours-divisor side, no peer at ours' micro-batch (the peer's own).
     train = [row for row in result["train"] if row["case"].startswith("8b")]
-    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64"], train
+    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64", "ours-compile"], train
     assert all("error" not in row and row["tokens_per_s"] > 0 < row["fresh_tokens_per_s"] for row in train), train
     assert all(row["fresh_mean_tokens"] > 0 for row in train), train
     assert train[1]["profile"]["top"] and all("profile" not in row for row in train[2:])  # ours only
@@ -47,7 +54,8 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert abs(train[0]["initial_loss"] - train[1]["initial_loss"]) < 1e-2 * train[0]["initial_loss"], train
     assert all(row["timed_examples"] > 0 < row["timed_mean_tokens"] for row in train), train
     summary = {row["metric"].split(",")[0]: row for row in result["results"] if "original job" not in row["metric"]}
-    assert set(summary) == {"LoRA training", "MMLU-shaped 5-shot scoring", "GPTQ 4-bit quantization wall time"}
+    assert set(summary) == {"LoRA training", "MMLU-shaped 5-shot scoring", "GPTQ 4-bit quantization wall time",
+                            "Compiled decoder layers vs eager"}
     assert summary["LoRA training"]["quality"]["same_objective"] is True
     assert summary["LoRA training"]["quality"]["ours_within_memory_limit"] is None  # no GPU peak on the CPU
     assert all({"metric", "unit", "peer", "ours", "ratio", "quality"} <= set(row) for row in summary.values())
@@ -100,3 +108,30 @@ def test_a_peak_over_the_memory_limit_is_flagged(monkeypatch):
     for peak, within in ((29.51, False), (19.1, True)):
         summary = gpu._summary({"train": [row("peer", 12.9), row("ours", peak)]})
         assert summary[0]["quality"]["ours_within_memory_limit"] is within
+
+
+def test_sides_cut_a_call_to_the_sides_named(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    args = gpu._parser().parse_args(["--out", "x", "--ours-compile", "--ours-divisor"])
+    assert gpu._train_sides(args) == ["peer", "ours", "ours-divisor", "ours-compile", "peer@ours-micro"]
+    args.sides = "ours-compile,ours"
+    assert gpu._train_sides(args) == ["ours", "ours-compile"]  # the run's order, not the flag's
+    args.sides = "ours,ours-compiled"
+    with pytest.raises(SystemExit, match="--sides: ours-compiled not among the sides these flags run: peer, ours"):
+        gpu._train_sides(args)
+
+
+def test_the_compiled_side_is_compared_with_ours_even_without_the_peer(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    def row(side, speed, loss, peak):
+        return {"case": "33b", "side": side, "micro_batch": 8, "tokens_per_s": speed, "initial_loss": loss,
+                "timed_mean_tokens": 337.0, "peak_gib": peak, "initial_seconds": 2.0, "plan_seconds": 9.0}
+
+    (only,) = gpu._summary({"train": [row("ours", 2000.0, 10.3686, 19.1), row("ours-compile", 2600.0, 10.3690, 25.0)]})
+    assert only["ratio"] == 1.3 and only["peer"]["value"] == 2000.0 and only["ours"]["value"] == 2600.0
+    assert only["quality"]["same_objective"] is True and only["quality"]["compiled_within_memory_limit"] is False
+    assert only["quality"]["setup_seconds"] == {"eager": 11.0, "compiled": 11.0}

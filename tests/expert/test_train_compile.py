@@ -1,0 +1,164 @@
+"""train.compile (expert/train/compiling.py): each decoder layer compiled, the same training math.
+
+Compiling takes seconds per test on the CPU; the tests share shapes so the compiled code is reused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch._dynamo.utils import counters
+
+from expert.errors import ConfigError
+from expert.train import TrainConfig, train
+from expert.train.compiling import compile_decoder_layers
+from expert.train.lean import make_lean
+from expert.train.memory import set_checkpointing
+from tests.expert.test_train_lean import assert_grads_close, ids, tiny_lora
+from tests.expert.train_fixtures import llama_dir, one_thread, write_toy_data  # noqa: F401 (fixtures)
+
+CPU = torch.device("cpu")
+
+
+def loss_and_grads(model, batch, seed: int = 5):
+    torch.manual_seed(seed)
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def lean_model(dropout: float, checkpointing: bool = False):
+    model = tiny_lora(dropout)
+    make_lean(model)
+    set_checkpointing(model, checkpointing)
+    model.train()
+    return model
+
+
+def graph_breaks() -> dict:
+    return dict(counters["graph_break"])
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients():
+    counters.clear()
+    batch = ids(2, 12)
+    want = loss_and_grads(lean_model(0.0), batch)
+    model = lean_model(0.0)
+    assert compile_decoder_layers(model, CPU) == ["model.layers.0", "model.layers.1"]
+    got = loss_and_grads(model, batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+    assert_grads_close(got[1], want[1], rtol=1e-4, atol=1e-7)
+    # Another width and batch size: dynamic shapes, the same code; still the eager numbers.
+    other = ids(3, 17)
+    torch.testing.assert_close(loss_and_grads(model, other)[0], loss_and_grads(lean_model(0.0), other)[0],
+                               rtol=1e-5, atol=0)
+    assert graph_breaks() == {}  # a break would split each layer and hand its pieces back to Python
+
+
+def test_compiled_dropout_is_drawn_again_alike_in_the_checkpointed_recompute():
+    """With dropout, the masks come from the compiler's generator: not the eager run's, but seeded,
+    and the backward of a checkpointed layer (its forward recomputed) must see the same masks as
+    the forward did, or the gradient would belong to another network."""
+    counters.clear()
+    batch = ids(2, 12)
+    runs = {}
+    for checkpointing in (False, True):
+        model = lean_model(0.1, checkpointing)
+        compile_decoder_layers(model, CPU)
+        runs[checkpointing] = loss_and_grads(model, batch)
+    assert torch.equal(runs[True][0], runs[False][0])
+    for name in runs[False][1]:
+        assert torch.equal(runs[True][1][name], runs[False][1][name]), name
+    again = loss_and_grads(model, batch)
+    assert torch.equal(again[0], runs[True][0])  # seeded: a run repeats itself
+    no_dropout = lean_model(0.0, checkpointing=True)
+    compile_decoder_layers(no_dropout, CPU)
+    assert not torch.equal(loss_and_grads(no_dropout, batch)[0], runs[True][0])  # the dropout is real
+    assert graph_breaks() == {}
+
+
+def test_nf4_layers_compile_whole(tmp_path):
+    """bitsandbytes' 4-bit matmul is traced into the layer's graph (its ops are registered with
+    torch.library): the host cost this option is for is mostly NF4 layers' Python."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=96)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+
+    def build():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj"]))
+        make_lean(model)
+        return model.train()
+
+    counters.clear()
+    want = build()
+    assert type(want.get_base_model().model.layers[0].self_attn.k_proj) is bnb.nn.Linear4bit
+    batch = ids(2, 12)
+    model = build()
+    compile_decoder_layers(model, CPU)
+    got, expected = loss_and_grads(model, batch), loss_and_grads(want, batch)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=0)
+    assert_grads_close(got[1], expected[1], rtol=1e-4, atol=1e-7)
+    assert graph_breaks() == {}
+
+
+def test_a_compiled_training_run_ends_where_the_eager_one_does(llama_dir, tmp_path):  # noqa: F811
+    """The whole run, wired from the config: two micro-batches a step, dev loss (eval mode) at
+    every checkpoint. Without dropout and in float32 the two runs differ by float rounding only
+    (under bf16 autocast fused kernels round differently: 6e-4 of the first step's loss)."""
+    data = write_toy_data(tmp_path / "data")
+    run = dict(epochs=1, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3, warmup_steps=2,
+               save_every_steps=3, lora_dropout=0.0, precision="float32")
+    eager = train(TrainConfig(**run), llama_dir, data, tmp_path / "eager", tmp_path / "work-e", device="cpu")
+    counters.clear()
+    compiled = train(TrainConfig(**run, compile=True), llama_dir, data, tmp_path / "compiled", tmp_path / "work-c",
+                     device="cpu")
+    # Traced: the layers in training (the first layer's input needs no grad, the others' do) and
+    # the dev loss's no-grad forward.
+    assert counters["stats"]["unique_graphs"] >= 3 and graph_breaks() == {}
+    assert compiled["steps"] == eager["steps"] == 6
+    for key in ("final_loss", "final_dev_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
+
+
+def test_compile_keys_only_runs_that_ask_for_it():
+    # Cache keys and checkpoints of runs made before the field existed stay valid; a compiled run
+    # (other dropout masks) gets keys of its own.
+    assert "compile" not in TrainConfig().canonical()
+    assert TrainConfig(compile=True).canonical() == {**TrainConfig().canonical(), "compile": True}
+
+
+def test_compile_is_refused_where_it_cannot_work(monkeypatch):
+    with pytest.raises(ValidationError, match="compile"):
+        TrainConfig(compile=True, processes=2, strategy="fsdp", micro_batch_size=2, effective_batch_size=48)
+    assert TrainConfig(compile=True, processes=2, strategy="ddp", micro_batch_size="auto").compile
+
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ConfigError, match="train.compile .*needs a C\\+\\+ compiler .*no C\\+\\+ compiler found"):
+        compile_decoder_layers(lean_model(0.0), CPU)
+    monkeypatch.undo()
+
+    class Plain(torch.nn.Module):  # no _no_split_modules: nothing known to compile
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="found no decoder layers to compile in Plain"):
+        compile_decoder_layers(Plain(), CPU)
