@@ -133,6 +133,26 @@ def test_a_compiled_training_run_ends_where_the_eager_one_does(llama_dir, tmp_pa
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
 
 
+def test_a_compiled_run_with_dropout_resumes_bit_for_bit(llama_dir, tmp_path):  # noqa: F811
+    """The compiler draws the dropout masks from the generator the checkpoint saves, so a compiled
+    run killed mid-way and resumed ends with the uninterrupted run's adapter, as an eager one does."""
+    from safetensors.torch import load_file
+
+    from tests.expert.test_train_loop import Crash, crash_at
+
+    data = write_toy_data(tmp_path / "data")
+    config = TrainConfig(epochs=1, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3, warmup_steps=2,
+                         save_every_steps=2, lora_dropout=0.1, compile=True)
+    whole = train(config, llama_dir, data, tmp_path / "whole", tmp_path / "work-w", device="cpu")
+    with pytest.raises(Crash):
+        train(config, llama_dir, data, tmp_path / "out", tmp_path / "work", progress=crash_at(3), device="cpu")
+    resumed = train(config, llama_dir, data, tmp_path / "out", tmp_path / "work", device="cpu")
+    assert resumed["final_loss"] == whole["final_loss"]
+    got, want = (load_file(path / "final" / "adapter_model.safetensors") for path in (tmp_path / "out",
+                                                                                      tmp_path / "whole"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_compile_keys_only_runs_that_ask_for_it():
     # Cache keys and checkpoints of runs made before the field existed stay valid; a compiled run
     # (other dropout masks) gets keys of its own.
