@@ -21,6 +21,21 @@ from tests.expert.train_fixtures import llama_dir, one_thread, write_toy_data  #
 CPU = torch.device("cpu")
 
 
+def _has_cpp_compiler() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:
+        return False
+
+
+# torch.compile on the CPU generates C++: a machine without a compiler cannot run these (the
+# option's refusal there is tested below).
+needs_compiler = pytest.mark.skipif(not _has_cpp_compiler(), reason="no C++ compiler for torch.compile on the CPU")
+
+
 def loss_and_grads(model, batch, seed: int = 5):
     torch.manual_seed(seed)
     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -42,6 +57,7 @@ def graph_breaks() -> dict:
     return dict(counters["graph_break"])
 
 
+@needs_compiler
 def test_compiled_layers_give_the_eager_loss_and_gradients():
     counters.clear()
     batch = ids(2, 12)
@@ -58,6 +74,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
     assert graph_breaks() == {}  # a break would split each layer and hand its pieces back to Python
 
 
+@needs_compiler
 def test_compiled_dropout_is_drawn_again_alike_in_the_checkpointed_recompute():
     """With dropout, the masks come from the compiler's generator: not the eager run's, but seeded,
     and the backward of a checkpointed layer (its forward recomputed) must see the same masks as
@@ -80,6 +97,7 @@ def test_compiled_dropout_is_drawn_again_alike_in_the_checkpointed_recompute():
     assert graph_breaks() == {}
 
 
+@needs_compiler
 def test_nf4_layers_compile_whole(tmp_path):
     """bitsandbytes' 4-bit matmul is traced into the layer's graph (its ops are registered with
     torch.library): the host cost this option is for is mostly NF4 layers' Python."""
@@ -114,6 +132,7 @@ def test_nf4_layers_compile_whole(tmp_path):
     assert graph_breaks() == {}
 
 
+@needs_compiler
 def test_a_compiled_training_run_ends_where_the_eager_one_does(llama_dir, tmp_path):  # noqa: F811
     """The whole run, wired from the config: two micro-batches a step, dev loss (eval mode) at
     every checkpoint. Without dropout and in float32 the two runs differ by float rounding only
@@ -133,6 +152,7 @@ def test_a_compiled_training_run_ends_where_the_eager_one_does(llama_dir, tmp_pa
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
 
 
+@needs_compiler
 def test_a_compiled_run_with_dropout_resumes_bit_for_bit(llama_dir, tmp_path):  # noqa: F811
     """The compiler draws the dropout masks from the generator the checkpoint saves, so a compiled
     run killed mid-way and resumed ends with the uninterrupted run's adapter, as an eager one does."""
