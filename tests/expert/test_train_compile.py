@@ -133,6 +133,28 @@ def test_nf4_layers_compile_whole(tmp_path):
 
 
 @needs_compiler
+def test_a_gptq_base_trains_compiled(tmp_path_factory, tmp_path):
+    """The 33B preset quantizes with GPTQ: its layers compile whole for training too. gptqmodel's
+    kernel dequantizes through float16, which fused kernels round differently: the first step's
+    loss (before any update) agrees to 1e-3, not to float32 rounding."""
+    import json
+
+    from tests.expert.quantize_fixtures import tiny_setup
+
+    gptq = tiny_setup(tmp_path_factory).gptq
+    data = write_toy_data(tmp_path / "data")
+    run = dict(epochs=1, micro_batch_size=2, effective_batch_size=4, max_steps=2, lora_dropout=0.0,
+               precision="float32", dev_loss=False)
+    train(TrainConfig(**run), gptq, data, tmp_path / "eager", tmp_path / "work-e", device="cpu")
+    counters.clear()
+    train(TrainConfig(**run, compile=True), gptq, data, tmp_path / "compiled", tmp_path / "work-c", device="cpu")
+    assert counters["stats"]["unique_graphs"] >= 2 and graph_breaks() == {}
+    first = [json.loads((tmp_path / side / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+             for side in ("eager", "compiled")]
+    assert first[1] == pytest.approx(first[0], rel=1e-3), first
+
+
+@needs_compiler
 def test_a_compiled_training_run_ends_where_the_eager_one_does(llama_dir, tmp_path):  # noqa: F811
     """The whole run, wired from the config: two micro-batches a step, dev loss (eval mode) at
     every checkpoint. Without dropout and in float32 the two runs differ by float rounding only
