@@ -75,8 +75,12 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
         switched = make_lean(model)
         log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)
     if config.compile:  # after the lean switch: the compiler traces the forwards the run will use
-        compiled = compile_decoder_layers(model, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        compiled = compile_decoder_layers(model, device)
         log.info("train.compile: %d decoder layers compiled on first use (%s, ...)", len(compiled), compiled[0])
+        if device.type == "cpu":
+            log.warning("train.compile on the CPU: matmuls dominate a CPU step, and compiled SmolLM2 trained "
+                        "no faster than eager (bench/README.md), after tens of seconds of compiling")
     return model
 
 
