@@ -75,6 +75,20 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
 
 
 @needs_compiler
+def test_the_layers_share_their_compiled_code():
+    """60 layers on the 33B shape must not mean 60 compilations: the layers run the same code, so
+    two graphs serve all (the first layer, whose input needs no grad, and every other)."""
+    torch._dynamo.reset()  # count from nothing: code compiled by an earlier test would be reused
+    counters.clear()
+    model = tiny_lora(0.1, layers=4)
+    make_lean(model)
+    model.train()
+    assert len(compile_decoder_layers(model, CPU)) == 4
+    loss_and_grads(model, ids(2, 12))
+    assert counters["stats"]["unique_graphs"] == 2 and graph_breaks() == {}
+
+
+@needs_compiler
 def test_compiled_dropout_is_drawn_again_alike_in_the_checkpointed_recompute():
     """With dropout, the masks come from the compiler's generator: not the eager run's, but seeded,
     and the backward of a checkpointed layer (its forward recomputed) must see the same masks as
