@@ -55,6 +55,21 @@ def test_lora_gets_gradients_after_an_eval_forward(kind, setup, request):
     assert losses[-1] < losses[0], losses
 
 
+def test_gptq_on_the_cpu_compiles_nothing(setup):
+    """gptqmodel compiles each torch-kernel layer's dequantization by default; on the CPU that
+    bought nothing, and its eval path recompiled layer after layer (see _eager_gptq_dequant)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from torch._dynamo.utils import counters
+
+    before = TorchLinear.optimize
+    counters.clear()
+    model, tok = load_model(setup.gptq, training=True, device="cpu")
+    assert any(isinstance(m, TorchLinear) for m in model.modules())  # the kernel this is about
+    _eval_then_train(model, tok, steps=1)  # an eval forward under no_grad, then a training step
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
+    assert TorchLinear.optimize is before  # the class is as it was for any later load
+
+
 def test_gptq_trap_is_real_without_training_settings(setup):
     """Control for the test above: loaded for inference, gptqmodel's CPU kernel latches into its
     no-grad int4 path on the eval forward, and LoRA upstream of it gets no gradient."""
