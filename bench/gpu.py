@@ -467,7 +467,8 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
     return {**extra, "micro_batch": memory.micro_batch_size, "step_micro_batches": plan.sizes,
             "gradient_checkpointing": memory.gradient_checkpointing,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
-            "initial_seconds": round(initial_seconds, 1), "initial_loss": round(initial, 4), "timed_examples": sum(len(b) for b in seen),
+            "initial_seconds": round(initial_seconds, 1), "initial_loss": round(initial, 4),
+            "timed_examples": sum(len(b) for b in seen),
             "timed_mean_tokens": round(statistics.mean(lengths[i] for b in seen for i in b), 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
             "padding_fraction": round(1 - tokens / padded, 3), "seconds": round(passes[1], 2)}

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_gpu_script_smoke_runs_every_case(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--cases", "eval,llama-33b,llama3-8b,gptq", "--ours-plain", "--ours-divisor", "--ours-compile", "--train-profile",
+           "--cases", "eval,llama-33b,llama3-8b,gptq", "--ours-plain", "--ours-divisor", "--ours-compile",
+           "--train-profile",
            "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack"]
@@ -36,7 +37,8 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     uneven = next(r for r in result["results"] if r["metric"].endswith("(original job)"))["uneven_micro_batches"]
     assert uneven["divisor"]["micro_batch"] == 5 and uneven["ratio"] > 0, uneven
     # train.compile: the same model's loss before training (rounding apart), its compiling timed.
-    compiled = next(r for r in result["results"] if r["metric"].startswith("Compiled") and "original job" in r["metric"])
+    compiled = next(r for r in result["results"]
+                    if r["metric"].startswith("Compiled") and "original job" in r["metric"])
     assert compiled["ratio"] > 0 and compiled["quality"]["same_objective"] is True, compiled
     setup = compiled["quality"]["setup_seconds"]
     assert setup["compiled"] > setup["eager"], setup  # the compiling falls in the first forward and the plan
