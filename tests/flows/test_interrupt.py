@@ -33,29 +33,46 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """`expert run` of the tiny preset in a session of its own, once a stage is computing."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
+    home, log = tmp_path / "prefect", tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([EXPERT, "run", str(config)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
+                               preexec_fn=_default_sigint)
+    deadline = time.monotonic() + 240
+    while "train: building" not in log.read_text():  # mid-run: a stage is computing
+        if run.poll() is not None or time.monotonic() > deadline:
+            _stop(run)
+            pytest.fail(log.read_text()[-3000:])
+        time.sleep(0.2)
+    return run, home, log
+
+
+def _stop(run: subprocess.Popen, servers: list[int] = ()) -> None:
+    """Whatever is left when a check failed: the run's group, and the server out of it."""
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGKILL)
+    for pid in servers:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
                          ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_the_group_stops_the_run_and_prefect_records_it(sig, code, tmp_path):
     # SIGTERM to the group is what `timeout`, systemd and container stops send; Prefect records the
     # crash, then lets the signal end the process as it would have.
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
-    home = tmp_path / "prefect"
-    log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        run = subprocess.Popen([EXPERT, "run", str(config)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
-                               preexec_fn=_default_sigint)
+    run, home, log = _start(tmp_path)
+    servers = _servers_of(run)
     try:
-        deadline = time.monotonic() + 240
-        while "train: building" not in log.read_text():  # mid-run: a stage is computing
-            assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
         os.killpg(run.pid, sig)  # the whole group, as a terminal's Ctrl-C does
         returned = run.wait(timeout=60)
+        _gone(servers)  # Prefect's SIGTERM handling ends the process without its atexit stop
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+        _stop(run, servers)
     text = log.read_text()
     assert returned == code and "ConnectError" not in text, text[-3000:]
     if sig == signal.SIGINT:
@@ -63,3 +80,50 @@ def test_a_signal_to_the_group_stops_the_run_and_prefect_records_it(sig, code, t
     with sqlite3.connect(home / "prefect.db") as db:  # the run as the UI shows it
         states = db.execute("select state_type from flow_run").fetchall()
     assert states == [("CRASHED",)], states
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_server_does_not_outlive_a_killed_run(tmp_path):
+    """Out of the run's process group, the server must still end with it: a `kill -9` or a
+    closed terminal must not leave a server behind."""
+    run, _, log = _start(tmp_path)
+    servers = _servers_of(run)
+    try:
+        run.kill()  # expert alone, SIGKILL: no atexit, no Prefect clean-up
+        run.wait(timeout=30)
+        _gone(servers)
+    finally:
+        _stop(run, servers)
+
+
+def _servers_of(run: subprocess.Popen) -> list[int]:
+    """The temporary server: `expert`'s uvicorn child (Linux /proc; [] elsewhere)."""
+    if not Path("/proc").is_dir():
+        return []
+    servers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _child_server(int(pid), run.pid)]
+    assert len(servers) == 1, servers
+    return servers
+
+
+def _gone(servers: list[int], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in servers):
+        assert time.monotonic() < deadline, "the temporary server outlived the run"
+        time.sleep(0.2)
+
+
+def _child_server(pid: int, parent: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"uvicorn" in command
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's wait is missing
