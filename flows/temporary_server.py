@@ -39,7 +39,9 @@ def detach_temporary_server() -> None:
     die_with_parent = _parent_death_signal()
 
     def detached_popen(*args, **kwargs):
-        return popen(*args, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
+        kwargs.setdefault("start_new_session", True)  # a later Prefect that sets these keeps its own
+        kwargs.setdefault("preexec_fn", die_with_parent)
+        return popen(*args, **kwargs)
 
     def start_detached(self):
         # Only the server's own Popen call sees the extra arguments, for the length of that call.
