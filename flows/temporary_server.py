@@ -4,8 +4,8 @@ Without a PREFECT_API_URL, Prefect starts a temporary server (uvicorn, SQLite un
 PREFECT_HOME) as a child process of the run, in the run's process group. A terminal's Ctrl-C
 signals the whole foreground group, so the server died at the same instant as the flow. Prefect
 then could not record that the run stopped: the run stayed "Running" in the UI for good, the
-interrupted stage failed with "Connection refused", and the process spent a minute retrying
-before `expert` printed an unexpected ConnectError. Started in a session of its own, the
+interrupted stage failed with "Connection refused", and the process spent 150 s retrying
+before `expert` printed an unexpected ConnectError (the default pipeline, measured). Started in a session of its own, the
 server outlives the interrupt long enough to record the stopped run. It is stopped as before,
 by Prefect at exit.
 
