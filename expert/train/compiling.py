@@ -1,10 +1,11 @@
 """train.compile: torch.compile each decoder layer of the model being trained.
 
-On the original job's shape (33B, NF4, micro-batches of 5) an H100 waited on the host a third of
-every step (bench/results/gpu_h100_2026-11-27a.json): each of 60 layers launches dozens of small
-kernels (norms, rotary, SiLU, dropout, LoRA, NF4 dequantization) and Python, bitsandbytes' calls
-and autograd between them cost more than the kernels. Compiling a layer fuses its elementwise
-work into a few kernels and replaces that Python with generated code.
+On the original job's shape (33B, NF4, micro-batches of 5) an H100 spent about a fifth of its
+kernel time on elementwise kernels and reductions, and waited on the host about 15% of each step
+(bench/results/gpu_h100_2026-11-27a.json, read in bench/README): each of 60 layers launches dozens
+of small kernels (norms, rotary, SiLU, dropout, LoRA, NF4 dequantization), with Python,
+bitsandbytes' calls and autograd between them. Compiling a layer fuses its elementwise work into
+a few kernels and replaces that Python with generated code.
 
 The layers are compiled one by one ("regional compilation"), not the whole model: they share
 their code, so the compiler traces one layer and every other layer reuses the result, and the

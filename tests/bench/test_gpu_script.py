@@ -49,6 +49,12 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert all("error" not in row and row["tokens_per_s"] > 0 < row["fresh_tokens_per_s"] for row in train), train
     assert all(row["fresh_mean_tokens"] > 0 for row in train), train
     assert train[1]["profile"]["top"] and all("profile" not in row for row in train[2:])  # ours only
+    profile = train[1]["profile"]  # the busy fraction is against the same call unprofiled
+    assert 0 < profile["busy_fraction"] and profile["profiled_wall_s"] > 0, profile
+    assert abs(profile["busy_fraction"] * profile["wall_s"] - profile["busy_s"]) < 0.02, profile  # (rounded)
+    assert profile["useful_tokens"] > 0 < profile["micro_batches"], profile
+    assert profile["host"]["ops"] and profile["host"]["ops_self_s"] > 0, profile  # no CUDA runtime on the CPU
+    assert any(op["name"].startswith("aten::") for op in profile["host"]["ops"]), profile
     # Widths rounded up to 64: the same useful tokens in more padding (tiny examples are ~40 tokens).
     assert train[3]["padding_fraction"] > train[1]["padding_fraction"] + 0.2, train
 
