@@ -132,9 +132,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     from flows.pipeline import pipeline  # imports prefect: only now that the env is set
+    from flows.hangup import stop_on_hangup
     from flows.temporary_server import detach_temporary_server
 
     detach_temporary_server()  # a Ctrl-C then stops the run, not the server that records it
+    stop_on_hangup()  # a closed terminal stops it as SIGTERM does: recorded as crashed
     result = pipeline(config=config, force=force)
     print(json.dumps(result, indent=2))
 

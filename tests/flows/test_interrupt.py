@@ -60,11 +60,12 @@ def _stop(run: subprocess.Popen, servers: list[int] = ()) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)],
-                         ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM),
+                                       (signal.SIGHUP, -signal.SIGHUP)], ids=["ctrl-c", "sigterm", "hangup"])
 def test_a_signal_to_the_group_stops_the_run_and_prefect_records_it(sig, code, tmp_path):
-    # SIGTERM to the group is what `timeout`, systemd and container stops send; Prefect records the
-    # crash, then lets the signal end the process as it would have.
+    # SIGTERM to the group is what `timeout`, systemd and container stops send, SIGHUP what a closed
+    # terminal sends (flows/hangup.py); Prefect records the crash, then lets the signal end the
+    # process as it would have.
     run, home, log = _start(tmp_path)
     servers = _servers_of(run)
     try:
