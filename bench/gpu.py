@@ -41,6 +41,11 @@ GPTQ (`--cases gptq`): the quantize stage's GPTQ call (gptqmodel with our settin
 gptqmodel's defaults on an 8B-shaped checkpoint cut to a few layers, each side in a fresh process:
 wall time, peak GPU memory, peak host RSS, identical saved tensors. Ours runs first and last
 (gptqmodel JIT-builds a C++ extension on first use, ~30 s, cached on disk); the last is compared.
+Then ours' output goes the 33B preset's way, which the training cases (NF4) never take (skip with
+`--gptq-no-train`): loaded as the train stage loads it (gptqmodel's trainable kernel), 6 LoRA steps,
+loaded as the evaluation loads it (its inference kernel: the same loss?) and scored with and without
+prefix caches (the same predictions?), and the same steps on an NF4 base of the same checkpoint:
+`gptq_vs_nf4_tokens_per_s` says how the preset's GPTQ base trains against the NF4 figures above.
 
     python3 bench/gpu.py --out DIR --cases eval,llama3-8b,gptq     # a subset
 """
@@ -90,7 +95,7 @@ MMLU_QUESTIONS = 14042
 def main() -> None:
     args = _parser().parse_args()
     if args.gptq_child:
-        print_child_result(_gptq_child(args))
+        print_child_result(_gptq_train_child(args) if args.gptq_child == "train" else _gptq_child(args))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,8 @@ def main() -> None:
               "command": _command(), "train": [], "eval": None}
     started = time.perf_counter()
     cases = set(args.cases.split(","))
-    _train_sides(args)  # a bad --sides fails here, before any case has spent GPU time
+    _train_sides(args)  # a bad --sides or --gptq-sides fails here, before any case has spent GPU time
+    _gptq_sides(args)
     if "eval" in cases:
         result["eval"] = _guarded(lambda: _eval_case(args, device, lengths))
         print(json.dumps(result["eval"]), flush=True)
@@ -188,10 +194,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-timeout", type=int, default=240, help="seconds each GPTQ side may take")
     p.add_argument("--gptq-site", help="folder with gptqmodel and its helpers, on the path of the GPTQ processes "
                                        "only (beside peft, an importable gptqmodel makes peft demand optimum)")
+    p.add_argument("--gptq-sides", default="",
+                   help="run only these GPTQ sides (comma-separated among ours-gpupack, ours-cold, peer, ours); "
+                        "`ours` alone quantizes once and goes on to the training check: a short call")
+    p.add_argument("--gptq-no-train", action="store_true",
+                   help="skip training and scoring ours' GPTQ output (the 33B preset's path: gptqmodel's "
+                        "trainable and inference kernels, against an NF4 base of the same checkpoint)")
     p.add_argument("--gptq-gpu-pack", action="store_true",
                    help="also run ours with gptqmodel's CUDA packing (pack_impl='gpu', side ours-gpupack), first, "
                         "before any side has built gptqmodel's CPU packing extension")
-    p.add_argument("--gptq-child", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--gptq-child", choices=("ours", "peer", "train"), help=argparse.SUPPRESS)
+    p.add_argument("--gptq-base", help=argparse.SUPPRESS)
     p.add_argument("--gptq-pack-impl", help=argparse.SUPPRESS)
     p.add_argument("--gptq-model", help=argparse.SUPPRESS)
     return p
@@ -710,14 +723,14 @@ def _gptq_case(args, device, out: Path) -> dict:
     # Ours runs first and again last: a first process pays one-off costs (kernel compilation
     # caches on disk) that a second does not; the warm run is compared with the peer. Ours with
     # CUDA packing goes before them all: whether it spares a machine's first run that build.
-    for side in ("ours-gpupack",) * args.gptq_gpu_pack + ("ours-cold", "peer", "ours"):
+    env = dict(os.environ)
+    env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails on fewer CPU workers (see bench/quantize.py)
+    if args.gptq_site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.gptq_site, env.get("PYTHONPATH")]))
+    for side in _gptq_sides(args):
         cmd = [sys.executable, __file__, "--out", str(work / side), "--gptq-child", side.split("-")[0],
                "--gptq-model", str(model_dir), "--lengths", args.lengths] + (["--smoke"] if args.smoke else []) \
             + (["--gptq-pack-impl", "gpu"] if side == "ours-gpupack" else [])
-        env = dict(os.environ)
-        env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails on fewer CPU workers (see bench/quantize.py)
-        if args.gptq_site:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.gptq_site, env.get("PYTHONPATH")]))
         try:
             sides[side], proc = run_child(cmd, f"gptq {side}", timeout=args.gptq_timeout, env=env)
             (out / f"gptq_{side}.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
@@ -729,11 +742,11 @@ def _gptq_case(args, device, out: Path) -> dict:
             sides[side] = {"error": str(failed)[-600:]}
     row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random bf16 weights" if not args.smoke
            else "tiny", "layers": layers, **{side: sides[side] for side in sides}}
-    if all("seconds" in sides[s] for s in ("ours", "peer")):
+    if all("seconds" in sides.get(s, {}) for s in ("ours", "peer")):
         row["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
         # Only when the cold run finished: it pays gptqmodel's one-off extension build, which
         # otherwise falls into the peer's timed run.
-        if "seconds" in sides["ours-cold"]:
+        if "seconds" in sides.get("ours-cold", {}):
             row["ratio"] = round(sides["peer"]["seconds"] / sides["ours"]["seconds"], 2)
         else:
             row["ratio"] = None
@@ -741,8 +754,44 @@ def _gptq_case(args, device, out: Path) -> dict:
     if all("seconds" in sides.get(s, {}) for s in ("ours-gpupack", "peer")):
         row["gpupack_identical_tensors"] = _identical_tensors(work / "ours-gpupack", work / "peer")
         row["gpupack_ratio"] = round(sides["peer"]["seconds"] / sides["ours-gpupack"]["seconds"], 2)
+    if "seconds" in sides.get("ours", {}) and not args.gptq_no_train:
+        row["train"] = _gptq_train(args, work, model_dir, out, env)
     shutil.rmtree(work, ignore_errors=True)
     return row
+
+
+GPTQ_SIDES = ("ours-gpupack", "ours-cold", "peer", "ours")
+
+
+def _gptq_sides(args) -> list[str]:
+    """The GPTQ sides to run, in order: ours-cold, peer, ours (ours-gpupack first with
+    --gptq-gpu-pack), cut to --gptq-sides if given."""
+    sides = ["ours-gpupack"] * args.gptq_gpu_pack + ["ours-cold", "peer", "ours"]
+    if not args.gptq_sides:
+        return sides
+    wanted = args.gptq_sides.split(",")
+    unknown = [side for side in wanted if side not in GPTQ_SIDES]
+    if unknown:
+        raise SystemExit(f"--gptq-sides: {', '.join(unknown)} unknown; the sides are {', '.join(GPTQ_SIDES)}")
+    return [side for side in GPTQ_SIDES if side in wanted]
+
+
+def _gptq_train(args, work: Path, model_dir: Path, out: Path, env: dict) -> dict:
+    """Ours' GPTQ output trained and scored as the pipeline would (`_gptq_train_child`)."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--out", str(work / "train"), "--gptq-child", "train", "--gptq-model",
+           str(work / "ours"), "--gptq-base", str(model_dir), "--lengths", args.lengths] \
+        + (["--smoke"] if args.smoke else [])
+    try:
+        result, proc = run_child(cmd, "gptq train", timeout=args.gptq_timeout, env=env)
+        (out / "gptq_train.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
+        return result
+    except subprocess.TimeoutExpired as late:
+        (out / "gptq_train.log").write_text(_text(late.stdout)[-20000:] + "\n--- stderr\n" + _text(late.stderr)[-20000:])
+        return {"error": f"did not finish in {args.gptq_timeout} s"}
+    except SystemExit as failed:
+        return {"error": str(failed)[-600:]}
 
 
 def _text(output) -> str:
@@ -765,15 +814,20 @@ def _save_gptq_base(folder: Path, size: str, layers: int, device) -> None:
     del model
 
 
-def _gptq_child(args) -> dict:
+def _pcre_shim() -> bool:
+    """Whether gptqmodel's `pcre` is the shim here: pypcre (a PCRE2 binding gptqmodel uses to
+    match module names) has no wheel for the GPU image's Python and builds only with cmake, and
+    a shim over `re` serves those patterns."""
     try:
         import pcre  # noqa: F401
-        shim = False
+        return False
     except ImportError:
-        # pypcre (a PCRE2 binding gptqmodel uses to match module names) has no wheel for the GPU
-        # image's Python and builds only with cmake: a shim over `re` serves those patterns.
         sys.path.insert(0, str(ROOT / "bench" / "gpu_pcre"))
-        shim = True
+        return True
+
+
+def _gptq_child(args) -> dict:
+    shim = _pcre_shim()
     import gptqmodel  # noqa: F401 - imports are not timed
     from transformers import AutoTokenizer
 
@@ -823,6 +877,99 @@ def _gptq_child(args) -> dict:
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "checkpoint_gib": round(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**30, 2)}
+
+
+def _gptq_train_child(args) -> dict:
+    """The 33B preset's own path, which the training cases (NF4 bases built in place) never take:
+    a GPTQ base loaded as the train stage loads it (gptqmodel's trainable kernel), LoRA steps on
+    it, loaded again as the evaluation loads it (gptqmodel's inference kernel) and scored with and
+    without prefix caches; and the same LoRA steps on an NF4 base of the same checkpoint, for the
+    ratio of their speeds (the 33B figures above are NF4's)."""
+    shim = _pcre_shim()
+    import gptqmodel
+
+    from expert.evaluation.scoring import Question, score_questions
+    from expert.modeling import load_model
+    from expert.quantize.config import QuantizeConfig
+    from expert.quantize.nf4 import write_record
+    from expert.train import TrainConfig
+    from expert.train.data import IGNORE, EncodedSplit
+    from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+    from expert.train.step import Runner, answer_loss_sum, collate
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    quantized, base, out = Path(args.gptq_model), Path(args.gptq_base), Path(args.out)
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    limit, steps = (64, 3) if args.smoke else (512, 6)
+    examples = [e for e in _examples(json.loads(Path(args.lengths).read_text()), vocab, args.smoke)
+                if len(e.input_ids) <= limit][:8]
+    shared = collate(examples[:4], 0)
+    labelled = int((shared["labels"] != IGNORE).sum())
+    config = TrainConfig(lora_r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], micro_batch_size=4,
+                         effective_batch_size=8, gradient_checkpointing=True, warmup_steps=0, learning_rate=1e-3,
+                         max_length=limit)
+
+    def quantized_kernels(model) -> list[str]:
+        return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")
+                       or type(m).__name__ == "Linear4bit"})
+
+    def train_on(model_dir: Path) -> dict:
+        _sync(device)
+        started = time.perf_counter()
+        model, _ = load_model(model_dir, training=True, device=device.type)
+        load_s = time.perf_counter() - started
+        kernels = quantized_kernels(model)
+        torch.manual_seed(0)
+        model = attach_lora(model, config)
+        model.train()
+        with torch.no_grad(), _autocast(device):  # LoRA's B is 0: the quantized base's own loss
+            initial = float(answer_loss_sum(model, shared, device) / labelled)
+        optimizer = make_optimizer(config, model)
+        runner = Runner(model, optimizer, make_scheduler(config, optimizer, steps), EncodedSplit(examples, 0, []),
+                        pad_id=0, max_grad_norm=1.0)
+        losses, tokens, seconds = [], 0, 0.0
+        for i in range(steps):
+            loss, n, s, _, _ = runner.step([[0, 1, 2, 3], [4, 5, 6, 7]])
+            losses.append(round(loss, 4))
+            if i > 0:  # the first step pays one-off kernel compilation (Triton) and allocation
+                tokens, seconds = tokens + n, seconds + s
+        # B of the first layer starts at 0 and moves only if the gradient came back through the
+        # quantized layers above it: the kernel's backward works.
+        first = model.get_base_model().model.layers[0].self_attn.q_proj
+        moved = float(next(first.lora_B[name].weight for name in first.lora_B).abs().sum())
+        del runner, optimizer, model
+        return {"kernels": kernels, "load_seconds": round(load_s, 1), "initial_loss": round(initial, 4),
+                "losses": losses, "first_layer_lora_b_abs_sum": moved, "tokens_per_s": round(tokens / seconds, 1)}
+
+    row = {"pcre_shim": shim, "gptqmodel": gptqmodel.__version__, "train_examples": len(examples),
+           "gptq": train_on(quantized)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # The evaluation's load: gptqmodel's fastest inference kernel, no autocast (eval.dtype).
+    model, _ = load_model(quantized, device=device.type)
+    with torch.no_grad():
+        loss = float(answer_loss_sum(model, shared, device) / labelled)
+    rng = random.Random(4)
+    prefix = [rng.randrange(3, vocab) for _ in range(48 if args.smoke else 600)]
+    questions = [Question(prefix + [rng.randrange(3, vocab) for _ in range(rng.randrange(5, 40))],
+                          [[3], [4], [5], [6]]) for _ in range(8)]
+    cached = score_questions(model, questions, max_length=2048, groups=[list(range(len(questions)))])
+    plain = score_questions(model, questions, max_length=2048)
+    row["eval"] = {"kernels": quantized_kernels(model), "loss": round(loss, 4),
+                   "loss_vs_training_kernel": round(loss - row["gptq"]["initial_loss"], 4),
+                   "prefix_cache_same_predictions": sum(_argmax(a) == _argmax(b) for a, b in zip(cached, plain)),
+                   "prefix_cache_max_diff": max(abs(x - y) for a, b in zip(cached, plain) for x, y in zip(a, b)),
+                   "questions": len(questions)}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    nf4 = out / "nf4"
+    write_record(QuantizeConfig(method="nf4"), base, nf4)
+    row["nf4"] = train_on(nf4)
+    row["gptq_vs_nf4_tokens_per_s"] = round(row["gptq"]["tokens_per_s"] / row["nf4"]["tokens_per_s"], 2)
+    return row
 
 
 def _identical_tensors(a: Path, b: Path) -> dict:

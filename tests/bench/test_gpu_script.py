@@ -85,7 +85,20 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert "GPU packing requested" in (tmp_path / "gptq_ours-gpupack.log").read_text()  # the setting got there
     same = gptq["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same
-    assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log", "gptq_train.log"}
+
+    # Ours' GPTQ output trained and scored as the pipeline does, beside an NF4 base of the same weights.
+    train = gptq["train"]
+    assert "error" not in train, train
+    assert train["gptq"]["kernels"] == ["TorchLinear"] and train["nf4"]["kernels"] == ["Linear4bit"], train
+    for side in ("gptq", "nf4"):
+        row = train[side]
+        assert row["losses"][-1] < row["losses"][0] and row["tokens_per_s"] > 0, row  # it learns
+        assert row["first_layer_lora_b_abs_sum"] > 0, row  # the gradient came back through the layer above
+    assert abs(train["gptq"]["initial_loss"] - train["nf4"]["initial_loss"]) < 0.05 * train["nf4"]["initial_loss"]
+    ev = train["eval"]  # the inference kernel gives the training kernel's loss; caching changes no prediction
+    assert abs(ev["loss_vs_training_kernel"]) < 1e-2 and ev["prefix_cache_same_predictions"] == ev["questions"], ev
+    assert train["gptq_vs_nf4_tokens_per_s"] > 0
 
 
 def same_count(gptq: dict) -> int:
@@ -143,3 +156,16 @@ def test_the_compiled_side_is_compared_with_ours_even_without_the_peer(monkeypat
     assert only["ratio"] == 1.3 and only["peer"]["value"] == 2000.0 and only["ours"]["value"] == 2600.0
     assert only["quality"]["same_objective"] is True and only["quality"]["compiled_within_memory_limit"] is False
     assert only["quality"]["setup_seconds"] == {"eager": 11.0, "compiled": 11.0}
+
+
+def test_gptq_sides_cut_the_quantization_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    args = gpu._parser().parse_args(["--out", "x", "--gptq-gpu-pack"])
+    assert gpu._gptq_sides(args) == ["ours-gpupack", "ours-cold", "peer", "ours"]
+    args.gptq_sides = "ours"  # one quantization, then the training check on its output
+    assert gpu._gptq_sides(args) == ["ours"]
+    args.gptq_sides = "ours,per"
+    with pytest.raises(SystemExit, match="--gptq-sides: per unknown"):
+        gpu._gptq_sides(args)
