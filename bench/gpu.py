@@ -905,15 +905,16 @@ def _gptq_train_child(args) -> dict:
                 if len(e.input_ids) <= limit][:8]
     shared = collate(examples[:4], 0)
     labelled = int((shared["labels"] != IGNORE).sum())
+    # The 33B preset's optimizer: bitsandbytes' paged 8-bit AdamW needs CUDA; its unpaged twin on the CPU.
     config = TrainConfig(lora_r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], micro_batch_size=4,
                          effective_batch_size=8, gradient_checkpointing=True, warmup_steps=0, learning_rate=1e-3,
-                         max_length=limit)
+                         max_length=limit, optimizer="paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit")
 
     def quantized_kernels(model) -> list[str]:
         return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")
                        or type(m).__name__ == "Linear4bit"})
 
-    def train_on(model_dir: Path) -> dict:
+    def train_on(model_dir: Path, resume: bool = False) -> dict:
         _sync(device)
         started = time.perf_counter()
         model, _ = load_model(model_dir, training=True, device=device.type)
@@ -925,11 +926,12 @@ def _gptq_train_child(args) -> dict:
         with torch.no_grad(), _autocast(device):  # LoRA's B is 0: the quantized base's own loss
             initial = float(answer_loss_sum(model, shared, device) / labelled)
         optimizer = make_optimizer(config, model)
-        runner = Runner(model, optimizer, make_scheduler(config, optimizer, steps), EncodedSplit(examples, 0, []),
-                        pad_id=0, max_grad_norm=1.0)
+        scheduler = make_scheduler(config, optimizer, steps + 1)
+        runner = Runner(model, optimizer, scheduler, EncodedSplit(examples, 0, []), pad_id=0, max_grad_norm=1.0)
+        batches = [[0, 1, 2, 3], [4, 5, 6, 7]]
         losses, tokens, seconds = [], 0, 0.0
         for i in range(steps):
-            loss, n, s, _, _ = runner.step([[0, 1, 2, 3], [4, 5, 6, 7]])
+            loss, n, s, _, _ = runner.step(batches)
             losses.append(round(loss, 4))
             if i > 0:  # the first step pays one-off kernel compilation (Triton) and allocation
                 tokens, seconds = tokens + n, seconds + s
@@ -937,12 +939,16 @@ def _gptq_train_child(args) -> dict:
         # quantized layers above it: the kernel's backward works.
         first = model.get_base_model().model.layers[0].self_attn.q_proj
         moved = float(next(first.lora_B[name].weight for name in first.lora_B).abs().sum())
+        row = {"kernels": kernels, "optimizer": type(optimizer).__name__, "load_seconds": round(load_s, 1),
+               "initial_loss": round(initial, 4), "losses": losses, "first_layer_lora_b_abs_sum": moved,
+               "tokens_per_s": round(tokens / seconds, 1)}
+        if resume:
+            row["resume"] = _resume_check(runner, model, optimizer, scheduler, out / "checkpoints", steps, batches)
         del runner, optimizer, model
-        return {"kernels": kernels, "load_seconds": round(load_s, 1), "initial_loss": round(initial, 4),
-                "losses": losses, "first_layer_lora_b_abs_sum": moved, "tokens_per_s": round(tokens / seconds, 1)}
+        return row
 
     row = {"pcre_shim": shim, "gptqmodel": gptqmodel.__version__, "train_examples": len(examples),
-           "gptq": train_on(quantized)}
+           "gptq": train_on(quantized, resume=True)}
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -970,6 +976,29 @@ def _gptq_train_child(args) -> dict:
     row["nf4"] = train_on(nf4)
     row["gptq_vs_nf4_tokens_per_s"] = round(row["gptq"]["tokens_per_s"] / row["nf4"]["tokens_per_s"], 2)
     return row
+
+
+def _resume_check(runner, model, optimizer, scheduler, root: Path, step: int, batches) -> dict:
+    """The train stage's checkpoint of this run (adapter, optimizer state, scheduler, RNG) written,
+    a step taken, the checkpoint loaded back: every adapter and optimizer tensor as it was saved,
+    and the step taken again gives the loss it gave the first time (to float noise on a GPU)."""
+    from peft import get_peft_model_state_dict
+
+    from expert.train.checkpoint import _split_optimizer, load_checkpoint, save_checkpoint
+
+    def snapshot() -> dict:
+        tensors = {f"adapter/{k}": v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return {**tensors, **{f"optimizer/{k}": v for k, v in _split_optimizer(optimizer.state_dict())[0].items()}}
+
+    saved = snapshot()
+    folder = save_checkpoint(root, step, model, optimizer, scheduler, {"step": step}, {"bench": "gptq"})
+    first, *_ = runner.step(batches)
+    load_checkpoint(folder, model, optimizer, scheduler)
+    restored = snapshot()
+    same = sum(1 for k in saved if k in restored and torch.equal(saved[k], restored[k]))
+    again, *_ = runner.step(batches)
+    return {"tensors_restored": f"{same}/{len(saved)}", "loss_after_save": round(first, 6),
+            "loss_after_resume": round(again, 6)}
 
 
 def _identical_tensors(a: Path, b: Path) -> dict:

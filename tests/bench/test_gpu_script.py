@@ -96,6 +96,10 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
         assert row["losses"][-1] < row["losses"][0] and row["tokens_per_s"] > 0, row  # it learns
         assert row["first_layer_lora_b_abs_sum"] > 0, row  # the gradient came back through the layer above
     assert abs(train["gptq"]["initial_loss"] - train["nf4"]["initial_loss"]) < 0.05 * train["nf4"]["initial_loss"]
+    resume = train["gptq"]["resume"]  # the checkpoint gives back what was saved, and the same next step
+    done, total = map(int, resume["tensors_restored"].split("/"))
+    assert done == total > 0 and resume["loss_after_resume"] == resume["loss_after_save"], resume
+    assert train["gptq"]["optimizer"] == "AdamW8bit", train  # the preset's paged one needs CUDA
     ev = train["eval"]  # the inference kernel gives the training kernel's loss; caching changes no prediction
     assert abs(ev["loss_vs_training_kernel"]) < 1e-2 and ev["prefix_cache_same_predictions"] == ev["questions"], ev
     assert train["gptq_vs_nf4_tokens_per_s"] > 0
