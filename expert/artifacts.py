@@ -19,6 +19,7 @@ dies, kill -9 included); the second waits, then finds the first one's artifact a
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from expert.errors import ExpertError
 from expert.locks import exclusive
@@ -106,7 +107,9 @@ def content_id(ref: dict[str, str]) -> str:
     if ref.get("stage") == EXTERNAL:
         return ref["key"]  # a folder made outside the store is keyed by its content already
     manifest = _manifest_of(Path(ref["path"]), ref["key"])
-    files = {rel: desc["sha256"] for rel, desc in manifest["files"].items()}
+    # Reports (timings, logs: see ArtifactStore.build) say how the build went, not what it made:
+    # a rebuild that makes the same files leaves the stages after it cached.
+    files = {rel: desc["sha256"] for rel, desc in manifest["files"].items() if not desc.get("report")}
     return f"{ref['key']}@{hashlib.sha256(canonical_json(files).encode()).hexdigest()[:KEY_LENGTH]}"
 
 
@@ -192,6 +195,7 @@ class ArtifactStore:
         request: StageRequest,
         producer: Callable[[Path], dict[str, Any] | None],
         replace: bool = False,
+        reports: Sequence[str] = (),
     ) -> Artifact:
         """Run `producer(tmp_dir)` and publish its files atomically under the request key.
 
@@ -200,6 +204,9 @@ class ArtifactStore:
         A complete artifact under the key is returned as it is, unless `replace` (a forced
         rerun, e.g. after a code fix that did not change the key): then the work is done again
         and the new folder takes the old one's place once it is complete.
+        `reports`: patterns (fnmatch, relative paths) of files that record how the build went
+        (timings, logs) and that no later stage computes from. They are verified like every file
+        but marked `"report": true` in the manifest, and `content_id` leaves them out.
         """
         target = self.path(request.stage, request.key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +220,7 @@ class ArtifactStore:
                     shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
             if replace:  # a forced rebuild starts over: not from checkpoints the code before a fix wrote
                 shutil.rmtree(self.work_dir(request), ignore_errors=True)
-            self._write(request, producer, target, replace)
+            self._write(request, producer, target, replace, reports)
             # Under the lock: a forced build of the same key waiting for it writes its own
             # checkpoints there next, and they must not be deleted under it.
             shutil.rmtree(self.work_dir(request), ignore_errors=True)
@@ -223,7 +230,7 @@ class ArtifactStore:
         return artifact
 
     def _write(self, request: StageRequest, producer: Callable[[Path], dict[str, Any] | None],
-               target: Path, replace: bool = False) -> None:
+               target: Path, replace: bool = False, reports: Sequence[str] = ()) -> None:
         tmp = target.parent / f".tmp-{request.key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         started = time.time()
@@ -237,7 +244,7 @@ class ArtifactStore:
                 "upstream": request.upstream,
                 "inputs": request.inputs,
                 "info": info,
-                "files": _describe_files(tmp),
+                "files": _describe_files(tmp, reports),
                 "versions": package_versions(),
                 "timings": {"started": started, "finished": time.time(),
                             "seconds": round(time.time() - started, 3)},
@@ -303,14 +310,17 @@ def _is_key(name: str) -> bool:
     return len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
-def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+def _describe_files(folder: Path, reports: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     out = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         size = f.stat().st_size
+        rel = f.relative_to(folder).as_posix()
         desc: dict[str, Any] = {"size": size, "sha256": file_digest(f)}
         if size > QUICK_DIGEST_LIMIT:
             desc["sampled_sha256"] = sampled_digest(f, size)
-        out[f.relative_to(folder).as_posix()] = desc
+        if any(fnmatch.fnmatchcase(rel, pattern) for pattern in reports):
+            desc["report"] = True
+        out[rel] = desc
     return out
 
 

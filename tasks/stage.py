@@ -54,7 +54,7 @@ def build_stage(stage: Stage, config: StageConfig, upstream: dict[str, dict], in
     progress = _ProgressArtifact(f"{stage.name} [{request.key}]")
     work_dir = store.work_dir(request)
     artifact = store.build(request, lambda out: stage.produce(config, paths, inputs, out, progress, work_dir),
-                           replace=forced)
+                           replace=forced, reports=stage.report_files)
     logger.info("%s: done in %.1f s -> %s", stage.name, artifact.manifest["timings"]["seconds"], artifact.path)
     return artifact.ref()
 

@@ -18,6 +18,10 @@ class Stage:
     # Config fields whose content is covered by an input fingerprint, so a moved file or a
     # new spelling of the same hub id does not change the key.
     fingerprinted_fields: ClassVar[tuple[str, ...]] = ()
+    # Files that record how a build went (timings, logs), which no later stage computes from:
+    # left out of the content digest later keys name (expert.artifacts.content_id), so a rebuild
+    # that makes the same model or scores leaves what follows cached. fnmatch patterns.
+    report_files: ClassVar[tuple[str, ...]] = ()
 
     def fetch(self, config: StageConfig, workspace: Workspace) -> dict[str, Any]:
         """External inputs (role -> object with `.path` and `.fingerprint`); network I/O lives here."""

@@ -23,6 +23,7 @@ class Evaluate(Stage):
     fan_out: Any = field(default=None, compare=False, repr=False)
     name: ClassVar[str] = "evaluate"
     version: ClassVar[int] = 1
+    report_files: ClassVar[tuple[str, ...]] = ("metrics.json", "report.md")  # the scores, and their timing
 
     def key_config(self, config):
         # Only the settings that matter for this benchmark: a new MMLU subset must not

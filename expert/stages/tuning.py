@@ -15,6 +15,7 @@ SCORING_FIELDS = ("batch_size", "max_length", "device", "dtype")
 class Quantize(Stage):
     name: ClassVar[str] = "quantize"
     version: ClassVar[int] = 2  # 2: gptqmodel's own API (group-aware reordering, bfloat16 forwards)
+    report_files: ClassVar[tuple[str, ...]] = ("quant_log.csv", "quantization_report.*")  # hold timings
 
     def fetch(self, config, workspace):
         if config.method != "gptq" or config.calibration == "task":
@@ -41,6 +42,9 @@ class Quantize(Stage):
 class Train(Stage):
     name: ClassVar[str] = "train"
     version: ClassVar[int] = 3  # 2: memory plan (auto micro-batch, checkpointing); 3: lean activations, precision
+    # Speeds, memory and wall clock, and TensorBoard's file named by time, host and process.
+    report_files: ClassVar[tuple[str, ...]] = ("summary.json", "train_log.jsonl", "loss.png", "tensorboard/*",
+                                               "checkpoints/*/trainer_state.json")
 
     def produce(self, config, upstream, inputs, out, progress=None, work_dir=None):
         from expert.train import train

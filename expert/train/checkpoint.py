@@ -55,6 +55,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
+    _sort_set_fields(tmp / ADAPTER_FILES[1], model)
     tensors, opt_json = _split_optimizer(optimizer.state_dict())
     save_file(tensors, tmp / OPTIMIZER)
     save_file(rng if rng is not None else _rng_tensors(), tmp / RNG)
@@ -65,6 +66,22 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def _sort_set_fields(config_file: Path, model) -> None:
+    """Write the set-valued fields of the adapter's config (target_modules) sorted.
+
+    PEFT writes a set as `list(value)`, in an order that string hashing changes from process to
+    process: the same adapter got another adapter_config.json, and so another content digest,
+    on every run, and a rebuilt train stage looked changed to every stage after it."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or not config_file.is_file():
+        return
+    data = json.loads(config_file.read_text())
+    fields = [key for key, value in vars(config).items() if isinstance(value, set) and isinstance(data.get(key), list)]
+    if fields:
+        data.update({key: sorted(data[key]) for key in fields})
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True))  # PEFT's own layout
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:

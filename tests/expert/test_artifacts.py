@@ -171,6 +171,43 @@ def test_downstream_keys_name_the_upstream_files_not_only_its_key(tmp_path):
         content_id({**new.ref(), "key": "other"})
 
 
+def test_reports_are_verified_but_left_out_of_the_content_digest(tmp_path):
+    """A rebuild that makes the same model with other timings (a report) leaves the stages after it
+    cached; a changed model does not; an old manifest without report marks keeps its digest."""
+    import hashlib
+
+    from expert.artifacts import canonical_json, content_id
+
+    store = ArtifactStore(tmp_path)
+
+    def produce(weights: bytes, seconds: str):
+        def write(out):
+            (out / "w.bin").write_bytes(weights)
+            (out / "logs").mkdir()
+            (out / "logs" / "timing.json").write_text(seconds)
+        return write
+
+    first = store.build(request(), produce(b"w", "1.0"), reports=("logs/*",))
+    assert first.manifest["files"]["logs/timing.json"]["report"] is True
+    assert "report" not in first.manifest["files"]["w.bin"]
+    named = content_id(first.ref())  # (a ref names the folder: read each build's id before the next)
+    again = store.build(request(), produce(b"w", "2.5"), replace=True, reports=("logs/*",))
+    assert again.manifest["files"]["logs/timing.json"]["sha256"] != first.manifest["files"]["logs/timing.json"]["sha256"]
+    assert content_id(again.ref()) == named
+    changed = store.build(request(), produce(b"v", "2.5"), replace=True, reports=("logs/*",))
+    assert content_id(changed.ref()) != named
+    # A report is still checked against its digest: damage there is damage.
+    (changed.path / "logs" / "timing.json").write_text("9.9")
+    assert "timing.json: content differs" in verify(changed.path)
+
+    # Without marks (manifests written before reports existed) every file counts, as it always did,
+    # so upgrading changes no key.
+    old = store.build(request(stage="old"), produce(b"w", "1.0"))
+    files = {rel: desc["sha256"] for rel, desc in old.manifest["files"].items()}
+    digest = hashlib.sha256(canonical_json(files).encode()).hexdigest()[:len(old.key)]
+    assert content_id(old.ref()) == f"{old.key}@{digest}"
+
+
 def test_work_dir_is_removed_under_the_keys_lock(tmp_path, monkeypatch):
     """A forced build of the same key waits for the lock and then writes its own checkpoints into the
     work folder: the finished build must have removed its work folder before letting go of the lock."""

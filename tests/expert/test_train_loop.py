@@ -241,3 +241,40 @@ def test_a_run_computes_in_its_precision_and_says_so(llama_dir, data_dir, tmp_pa
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert written["precision"] == ("float32" if precision == "float32" else "bfloat16 autocast")
     assert summary["final_dev_loss"] < written["dev_loss"]["2"]  # it learns
+
+
+_SAVE_ADAPTER = """
+import sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from expert.train import TrainConfig
+from expert.train.checkpoint import save_checkpoint
+from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=4))
+config = TrainConfig(lora_r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+model = attach_lora(model, config)
+optimizer = make_optimizer(config, model)
+save_checkpoint(Path(sys.argv[1]), 1, model, optimizer, make_scheduler(config, optimizer, 2), {}, {})
+"""
+
+
+def test_the_same_adapter_is_saved_byte_for_byte_whatever_the_hash_seed(tmp_path):
+    # PEFT writes target_modules, a set, in an order that string hashing changes between
+    # processes: the same adapter then got another content digest on every run, and a rebuilt
+    # train stage made every stage after it rerun.
+    import os
+    import subprocess
+    import sys
+
+    configs = set()
+    for seed in range(4):
+        out = tmp_path / str(seed)
+        subprocess.run([sys.executable, "-c", _SAVE_ADAPTER, str(out)], check=True, timeout=300,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)})
+        saved = out / "step-000001"
+        configs.add(((saved / "adapter_config.json").read_text(), (saved / "adapter_model.safetensors").read_bytes()))
+    assert len(configs) == 1
+    assert json.loads(configs.pop()[0])["target_modules"] == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
