@@ -1,12 +1,11 @@
 """A closed terminal (SIGHUP) stops `expert run` the way SIGTERM does: Prefect records the crash.
 
 Prefect turns SIGTERM into a crash it records while a flow runs, but installs nothing for
-SIGHUP, whose default action ends the process on the spot: a run whose terminal closed (an
-SSH session dropped, a laptop lid shut) stayed "Running" in the UI for good, and its task runs
+SIGHUP, whose default action ends the process on the spot: a run whose terminal went away (an
+SSH session dropped, a terminal window closed) stayed "Running" in the UI for good, and its task runs
 with it. Here SIGHUP goes to whatever handles SIGTERM at that moment (during a flow run,
 Prefect's handler, which records the crash and then ends the process with the signal it got),
-and outside one it keeps its default. A run started with SIGHUP ignored (`nohup`, a terminal
-multiplexer's detach) keeps ignoring it.
+and outside one it keeps its default. A run started with SIGHUP ignored (`nohup`) keeps ignoring it.
 """
 
 from __future__ import annotations
