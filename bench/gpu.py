@@ -194,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-timeout", type=int, default=240, help="seconds each GPTQ side may take")
     p.add_argument("--gptq-site", help="folder with gptqmodel and its helpers, on the path of the GPTQ processes "
                                        "only (beside peft, an importable gptqmodel makes peft demand optimum)")
+    p.add_argument("--gptq-dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="dtype of the checkpoint quantized and trained on: float16 as configs/gpu-33b.yaml's "
+                        "LLaMA (trained under bf16 autocast, as the pipeline does), bfloat16 as gpu-8b.yaml's")
     p.add_argument("--gptq-sides", default="",
                    help="run only these GPTQ sides (comma-separated among ours-gpupack, ours-cold, peer, ours); "
                         "`ours` alone quantizes once and goes on to the training check: a short call")
@@ -706,8 +709,9 @@ def _gptq_case(args, device, out: Path) -> dict:
     """The quantize stage's GPTQ (gptqmodel with our settings) vs gptqmodel's own defaults.
 
     An 8B-shaped Llama cut to --gptq-layers decoder layers (GPTQ works one layer at a time, so
-    time and memory per layer carry over to 32 layers), random bf16 weights saved as a
-    checkpoint, 128 calibration samples of random tokens with PubMedQA's lengths (cut to 512).
+    time and memory per layer carry over to 32 layers), random weights saved as a checkpoint in
+    --gptq-dtype (float16 by default, as the 33B preset's LLaMA), 128 calibration samples of
+    random tokens with PubMedQA's lengths (cut to 512).
     Each side quantizes in a fresh process: wall time (load + GPTQ + save), peak GPU memory,
     peak host RSS, and whether the saved tensors are bit-identical.
     """
@@ -718,7 +722,7 @@ def _gptq_case(args, device, out: Path) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gptq-"))
     model_dir = work / "base"
     layers = 2 if args.smoke else args.gptq_layers
-    _save_gptq_base(model_dir, "tiny" if args.smoke else "llama3-8b", layers, device)
+    _save_gptq_base(model_dir, "tiny" if args.smoke else "llama3-8b", layers, device, getattr(torch, args.gptq_dtype))
     sides = {}
     # Ours runs first and again last: a first process pays one-off costs (kernel compilation
     # caches on disk) that a second does not; the warm run is compared with the peer. Ours with
@@ -740,8 +744,8 @@ def _gptq_case(args, device, out: Path) -> dict:
                                                   + _text(late.stderr)[-20000:])
         except SystemExit as failed:
             sides[side] = {"error": str(failed)[-600:]}
-    row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random bf16 weights" if not args.smoke
-           else "tiny", "layers": layers, **{side: sides[side] for side in sides}}
+    row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random {args.gptq_dtype} weights" if not args.smoke
+           else "tiny", "layers": layers, "base_dtype": args.gptq_dtype, **{side: sides[side] for side in sides}}
     if all("seconds" in sides.get(s, {}) for s in ("ours", "peer")):
         row["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
         # Only when the cold run finished: it pays gptqmodel's one-off extension build, which
@@ -798,13 +802,14 @@ def _text(output) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
-def _save_gptq_base(folder: Path, size: str, layers: int, device) -> None:
-    """A random-weight checkpoint with a word-level tokenizer over the model's vocabulary
+def _save_gptq_base(folder: Path, size: str, layers: int, device, dtype: torch.dtype) -> None:
+    """A random-weight checkpoint in `dtype` with a word-level tokenizer over the model's vocabulary
     (gptqmodel wants a tokenizer; its calibration here is token ids already)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     model, cfg = build(size, "none", device, layers=layers)
+    model = model.to(dtype)
     model.config.use_cache = True
     model.save_pretrained(folder, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(cfg.vocab_size)}

@@ -88,6 +88,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log", "gptq_train.log"}
 
     # Ours' GPTQ output trained and scored as the pipeline does, beside an NF4 base of the same weights.
+    assert gptq["base_dtype"] == "float16"  # the 33B preset's LLaMA checkpoint
     train = gptq["train"]
     assert "error" not in train, train
     assert train["gptq"]["kernels"] == ["TorchLinear"] and train["nf4"]["kernels"] == ["Linear4bit"], train
