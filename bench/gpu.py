@@ -42,10 +42,12 @@ gptqmodel's defaults on an 8B-shaped checkpoint cut to a few layers, each side i
 wall time, peak GPU memory, peak host RSS, identical saved tensors. Ours runs first and last
 (gptqmodel JIT-builds a C++ extension on first use, ~30 s, cached on disk); the last is compared.
 Then ours' output goes the 33B preset's way, which the training cases (NF4) never take (skip with
-`--gptq-no-train`): loaded as the train stage loads it (gptqmodel's trainable kernel), 6 LoRA steps,
-loaded as the evaluation loads it (its inference kernel: the same loss?) and scored with and without
-prefix caches (the same predictions?), and the same steps on an NF4 base of the same checkpoint:
-`gptq_vs_nf4_tokens_per_s` says how the preset's GPTQ base trains against the NF4 figures above.
+`--gptq-no-train`): loaded as the train stage loads it (gptqmodel's trainable kernel), 6 LoRA steps
+with the preset's optimizer, a checkpoint written and resumed, loaded as the evaluation loads it
+(its inference kernel: the same loss?), scored with and without prefix caches (the same
+predictions?) and with the checkpoint's adapter (the trained loss?), and the same steps on an NF4
+base of the same checkpoint: `gptq_vs_nf4_tokens_per_s` says how the preset's GPTQ base trains
+against the NF4 figures above.
 
     python3 bench/gpu.py --out DIR --cases eval,llama3-8b,gptq     # a subset
 """
@@ -887,9 +889,10 @@ def _gptq_child(args) -> dict:
 def _gptq_train_child(args) -> dict:
     """The 33B preset's own path, which the training cases (NF4 bases built in place) never take:
     a GPTQ base loaded as the train stage loads it (gptqmodel's trainable kernel), LoRA steps on
-    it, loaded again as the evaluation loads it (gptqmodel's inference kernel) and scored with and
-    without prefix caches; and the same LoRA steps on an NF4 base of the same checkpoint, for the
-    ratio of their speeds (the 33B figures above are NF4's)."""
+    it, a checkpoint written and resumed, the base loaded again as the evaluation loads it
+    (gptqmodel's inference kernel) and scored with and without prefix caches, then with the
+    checkpoint's adapter (the expert's evaluation); and the same LoRA steps on an NF4 base of the
+    same checkpoint, for the ratio of their speeds (the 33B figures above are NF4's)."""
     shim = _pcre_shim()
     import gptqmodel
 
@@ -912,7 +915,7 @@ def _gptq_train_child(args) -> dict:
     labelled = int((shared["labels"] != IGNORE).sum())
     # The 33B preset's optimizer: bitsandbytes' paged 8-bit AdamW needs CUDA; its unpaged twin on the CPU.
     config = TrainConfig(lora_r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], micro_batch_size=4,
-                         effective_batch_size=8, gradient_checkpointing=True, warmup_steps=0, learning_rate=1e-3,
+                         effective_batch_size=8, gradient_checkpointing=True, warmup_steps=0, learning_rate=1e-2,
                          max_length=limit, optimizer="paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit")
 
     def quantized_kernels(model) -> list[str]:
@@ -948,7 +951,8 @@ def _gptq_train_child(args) -> dict:
                "initial_loss": round(initial, 4), "losses": losses, "first_layer_lora_b_abs_sum": moved,
                "tokens_per_s": round(tokens / seconds, 1)}
         if resume:
-            row["resume"] = _resume_check(runner, model, optimizer, scheduler, out / "checkpoints", steps, batches)
+            row["resume"] = _resume_check(runner, model, optimizer, scheduler, out / "checkpoints", steps, batches,
+                                          shared, labelled)
         del runner, optimizer, model
         return row
 
@@ -973,6 +977,17 @@ def _gptq_train_child(args) -> dict:
                    "prefix_cache_max_diff": max(abs(x - y) for a, b in zip(cached, plain) for x, y in zip(a, b)),
                    "questions": len(questions)}
     del model
+    # The expert's evaluation: the checkpoint's adapter on the inference kernel (PEFT wraps
+    # gptqmodel's layer), which must give the loss the trained model gave, not the base's.
+    checkpoint = Path(row["gptq"]["resume"].pop("checkpoint"))  # (a temporary folder: not for the result)
+    model, _ = load_model(quantized, adapter_dir=checkpoint, device=device.type)
+    with torch.no_grad():
+        adapted = float(answer_loss_sum(model, shared, device) / labelled)
+    row["eval"]["adapter"] = {"loss": round(adapted, 4), "lora_layers": sum(1 for m in model.modules()
+                                                                            if hasattr(m, "lora_A")),
+                              "scores": len(score_questions(model, questions, max_length=2048,
+                                                            groups=[list(range(len(questions)))]))}
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -983,13 +998,14 @@ def _gptq_train_child(args) -> dict:
     return row
 
 
-def _resume_check(runner, model, optimizer, scheduler, root: Path, step: int, batches) -> dict:
+def _resume_check(runner, model, optimizer, scheduler, root: Path, step: int, batches, shared, labelled) -> dict:
     """The train stage's checkpoint of this run (adapter, optimizer state, scheduler, RNG) written,
     a step taken, the checkpoint loaded back: every adapter and optimizer tensor as it was saved,
     and the step taken again gives the loss it gave the first time (to float noise on a GPU)."""
     from peft import get_peft_model_state_dict
 
     from expert.train.checkpoint import _split_optimizer, load_checkpoint, save_checkpoint
+    from expert.train.step import answer_loss_sum
 
     def snapshot() -> dict:
         tensors = {f"adapter/{k}": v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -1001,9 +1017,13 @@ def _resume_check(runner, model, optimizer, scheduler, root: Path, step: int, ba
     load_checkpoint(folder, model, optimizer, scheduler)
     restored = snapshot()
     same = sum(1 for k in saved if k in restored and torch.equal(saved[k], restored[k]))
+    model.eval()  # the checkpoint's own loss without dropout, for the evaluation's load to match
+    with torch.no_grad(), runner.autocast():
+        eval_loss = float(answer_loss_sum(model, shared, runner.device) / labelled)
+    model.train()
     again, *_ = runner.step(batches)
     return {"tensors_restored": f"{same}/{len(saved)}", "loss_after_save": round(first, 6),
-            "loss_after_resume": round(again, 6)}
+            "loss_after_resume": round(again, 6), "checkpoint": str(folder), "checkpoint_eval_loss": round(eval_loss, 4)}
 
 
 def _identical_tensors(a: Path, b: Path) -> dict:

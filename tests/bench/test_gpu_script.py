@@ -103,6 +103,11 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert train["gptq"]["optimizer"] == "AdamW8bit", train  # the preset's paged one needs CUDA
     ev = train["eval"]  # the inference kernel gives the training kernel's loss; caching changes no prediction
     assert abs(ev["loss_vs_training_kernel"]) < 1e-2 and ev["prefix_cache_same_predictions"] == ev["questions"], ev
+    # The expert's evaluation: the saved adapter on the inference kernel gives the trained model's
+    # loss, not the base's.
+    adapter, trained = ev["adapter"], resume["checkpoint_eval_loss"]
+    assert adapter["lora_layers"] > 0 and adapter["scores"] == ev["questions"], adapter
+    assert abs(adapter["loss"] - trained) < 0.25 * abs(ev["loss"] - trained), (adapter, trained, ev["loss"])
     assert train["gptq_vs_nf4_tokens_per_s"] > 0
 
 
