@@ -205,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-no-train", action="store_true",
                    help="skip training and scoring ours' GPTQ output (the 33B preset's path: gptqmodel's "
                         "trainable and inference kernels, against an NF4 base of the same checkpoint)")
+    p.add_argument("--gptq-train-compile", action="store_true",
+                   help="the GPTQ training check also with train.compile (row gptq_compiled: gptqmodel's "
+                        "trainable kernel inside compiled decoder layers; its compiling in first_step_seconds)")
     p.add_argument("--gptq-gpu-pack", action="store_true",
                    help="also run ours with gptqmodel's CUDA packing (pack_impl='gpu', side ours-gpupack), first, "
                         "before any side has built gptqmodel's CPU packing extension")
@@ -788,7 +791,7 @@ def _gptq_train(args, work: Path, model_dir: Path, out: Path, env: dict) -> dict
 
     cmd = [sys.executable, __file__, "--out", str(work / "train"), "--gptq-child", "train", "--gptq-model",
            str(work / "ours"), "--gptq-base", str(model_dir), "--lengths", args.lengths] \
-        + (["--smoke"] if args.smoke else [])
+        + (["--smoke"] if args.smoke else []) + (["--gptq-train-compile"] if args.gptq_train_compile else [])
     try:
         result, proc = run_child(cmd, "gptq train", timeout=args.gptq_timeout, env=env)
         (out / "gptq_train.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
@@ -922,14 +925,14 @@ def _gptq_train_child(args) -> dict:
         return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")
                        or type(m).__name__ == "Linear4bit"})
 
-    def train_on(model_dir: Path, resume: bool = False) -> dict:
+    def train_on(model_dir: Path, resume: bool = False, compile: bool = False) -> dict:
         _sync(device)
         started = time.perf_counter()
         model, _ = load_model(model_dir, training=True, device=device.type)
         load_s = time.perf_counter() - started
         kernels = quantized_kernels(model)
         torch.manual_seed(0)
-        model = attach_lora(model, config)
+        model = attach_lora(model, config.model_copy(update={"compile": compile}))
         model.train()
         with torch.no_grad(), _autocast(device):  # LoRA's B is 0: the quantized base's own loss
             initial = float(answer_loss_sum(model, shared, device) / labelled)
@@ -937,19 +940,21 @@ def _gptq_train_child(args) -> dict:
         scheduler = make_scheduler(config, optimizer, steps + 1)
         runner = Runner(model, optimizer, scheduler, EncodedSplit(examples, 0, []), pad_id=0, max_grad_norm=1.0)
         batches = [[0, 1, 2, 3], [4, 5, 6, 7]]
-        losses, tokens, seconds = [], 0, 0.0
+        losses, tokens, seconds, first_s = [], 0, 0.0, 0.0
         for i in range(steps):
             loss, n, s, _, _ = runner.step(batches)
             losses.append(round(loss, 4))
-            if i > 0:  # the first step pays one-off kernel compilation (Triton) and allocation
+            if i > 0:  # the first step pays one-off kernel compilation (Triton, train.compile) and allocation
                 tokens, seconds = tokens + n, seconds + s
+            else:
+                first_s = s
         # B of the first layer starts at 0 and moves only if the gradient came back through the
         # quantized layers above it: the kernel's backward works.
         first = model.get_base_model().model.layers[0].self_attn.q_proj
         moved = float(next(first.lora_B[name].weight for name in first.lora_B).abs().sum())
         row = {"kernels": kernels, "optimizer": type(optimizer).__name__, "load_seconds": round(load_s, 1),
                "initial_loss": round(initial, 4), "losses": losses, "first_layer_lora_b_abs_sum": moved,
-               "tokens_per_s": round(tokens / seconds, 1)}
+               "first_step_seconds": round(first_s, 2), "tokens_per_s": round(tokens / seconds, 1)}
         if resume:
             row["resume"] = _resume_check(runner, model, optimizer, scheduler, out / "checkpoints", steps, batches,
                                           shared, labelled)
@@ -990,6 +995,13 @@ def _gptq_train_child(args) -> dict:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+    if args.gptq_train_compile:  # train.compile on the GPTQ base: gptqmodel's kernels inside compiled layers
+        row["gptq_compiled"] = train_on(quantized, compile=True)
+        row["gptq_compiled_vs_eager_tokens_per_s"] = round(row["gptq_compiled"]["tokens_per_s"]
+                                                           / row["gptq"]["tokens_per_s"], 2)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     nf4 = out / "nf4"
     write_record(QuantizeConfig(method="nf4"), base, nf4)

@@ -21,7 +21,8 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
            "--train-profile",
            "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
-           "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack"]
+           "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
+           "--gptq-train-compile"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
@@ -109,6 +110,10 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert adapter["lora_layers"] > 0 and adapter["scores"] == ev["questions"], adapter
     assert abs(adapter["loss"] - trained) < 0.25 * abs(ev["loss"] - trained), (adapter, trained, ev["loss"])
     assert train["gptq_vs_nf4_tokens_per_s"] > 0
+    compiled = train["gptq_compiled"]  # the same steps with the decoder layers compiled: they learn alike
+    assert compiled["kernels"] == ["TorchLinear"] and compiled["losses"][-1] < compiled["losses"][0], compiled
+    assert abs(compiled["initial_loss"] - train["gptq"]["initial_loss"]) < 1e-3, compiled
+    assert compiled["first_step_seconds"] > train["gptq"]["first_step_seconds"], compiled  # the compiling
 
 
 def same_count(gptq: dict) -> int:
