@@ -41,8 +41,7 @@ GPTQ (`--cases gptq`): the quantize stage's GPTQ call (gptqmodel with our settin
 gptqmodel's defaults on an 8B-shaped checkpoint cut to a few layers, each side in a fresh process:
 wall time, peak GPU memory, peak host RSS, identical saved tensors. Ours runs first and last
 (gptqmodel JIT-builds a C++ extension on first use, ~30 s, cached on disk); the last is compared.
-Then ours' output goes the 33B preset's way, which the training cases (NF4) never take (skip with
-`--gptq-no-train`): loaded as the train stage loads it (gptqmodel's trainable kernel), 6 LoRA steps
+Then ours' output goes the 33B preset's way, which the training cases (NF4) never take: loaded as the train stage loads it (gptqmodel's trainable kernel), 6 LoRA steps
 with the preset's optimizer, a checkpoint written and resumed, loaded as the evaluation loads it
 (its inference kernel: the same loss?), scored with and without prefix caches (the same
 predictions?) and with the checkpoint's adapter (the trained loss?), and the same steps on an NF4
@@ -202,9 +201,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-sides", default="",
                    help="run only these GPTQ sides (comma-separated among ours-gpupack, ours-cold, peer, ours); "
                         "`ours` alone quantizes once and goes on to the training check: a short call")
-    p.add_argument("--gptq-no-train", action="store_true",
-                   help="skip training and scoring ours' GPTQ output (the 33B preset's path: gptqmodel's "
-                        "trainable and inference kernels, against an NF4 base of the same checkpoint)")
     p.add_argument("--gptq-train-compile", action="store_true",
                    help="the GPTQ training check also with train.compile (row gptq_compiled: gptqmodel's "
                         "trainable kernel inside compiled decoder layers; its compiling in first_step_seconds)")
@@ -721,7 +717,6 @@ def _gptq_case(args, device, out: Path) -> dict:
     peak host RSS, and whether the saved tensors are bit-identical.
     """
     import shutil
-    import subprocess
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="gptq-"))
@@ -740,15 +735,7 @@ def _gptq_case(args, device, out: Path) -> dict:
         cmd = [sys.executable, __file__, "--out", str(work / side), "--gptq-child", side.split("-")[0],
                "--gptq-model", str(model_dir), "--lengths", args.lengths] + (["--smoke"] if args.smoke else []) \
             + (["--gptq-pack-impl", "gpu"] if side == "ours-gpupack" else [])
-        try:
-            sides[side], proc = run_child(cmd, f"gptq {side}", timeout=args.gptq_timeout, env=env)
-            (out / f"gptq_{side}.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
-        except subprocess.TimeoutExpired as late:  # one side failing must not lose the other's numbers
-            sides[side] = {"error": f"did not finish in {args.gptq_timeout} s"}
-            (out / f"gptq_{side}.log").write_text(_text(late.stdout)[-20000:] + "\n--- stderr\n"
-                                                  + _text(late.stderr)[-20000:])
-        except SystemExit as failed:
-            sides[side] = {"error": str(failed)[-600:]}
+        sides[side] = _gptq_process(cmd, side, out, args.gptq_timeout, env)
     row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random {args.gptq_dtype} weights" if not args.smoke
            else "tiny", "layers": layers, "base_dtype": args.gptq_dtype, **{side: sides[side] for side in sides}}
     if all("seconds" in sides.get(s, {}) for s in ("ours", "peer")):
@@ -763,7 +750,7 @@ def _gptq_case(args, device, out: Path) -> dict:
     if all("seconds" in sides.get(s, {}) for s in ("ours-gpupack", "peer")):
         row["gpupack_identical_tensors"] = _identical_tensors(work / "ours-gpupack", work / "peer")
         row["gpupack_ratio"] = round(sides["peer"]["seconds"] / sides["ours-gpupack"]["seconds"], 2)
-    if "seconds" in sides.get("ours", {}) and not args.gptq_no_train:
+    if "seconds" in sides.get("ours", {}):
         row["train"] = _gptq_train(args, work, model_dir, out, env)
     shutil.rmtree(work, ignore_errors=True)
     return row
@@ -787,18 +774,25 @@ def _gptq_sides(args) -> list[str]:
 
 def _gptq_train(args, work: Path, model_dir: Path, out: Path, env: dict) -> dict:
     """Ours' GPTQ output trained and scored as the pipeline would (`_gptq_train_child`)."""
-    import subprocess
-
     cmd = [sys.executable, __file__, "--out", str(work / "train"), "--gptq-child", "train", "--gptq-model",
            str(work / "ours"), "--gptq-base", str(model_dir), "--lengths", args.lengths] \
         + (["--smoke"] if args.smoke else []) + (["--gptq-train-compile"] if args.gptq_train_compile else [])
+    return _gptq_process(cmd, "train", out, args.gptq_timeout, env)
+
+
+def _gptq_process(cmd: list[str], name: str, out: Path, timeout: int, env: dict) -> dict:
+    """One GPTQ child process: its result, or {"error"} when it failed or ran out of time (one side
+    failing must not lose the others' numbers); its output goes to out/gptq_NAME.log either way."""
+    import subprocess
+
+    log = out / f"gptq_{name}.log"
     try:
-        result, proc = run_child(cmd, "gptq train", timeout=args.gptq_timeout, env=env)
-        (out / "gptq_train.log").write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
+        result, proc = run_child(cmd, f"gptq {name}", timeout=timeout, env=env)
+        log.write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
         return result
     except subprocess.TimeoutExpired as late:
-        (out / "gptq_train.log").write_text(_text(late.stdout)[-20000:] + "\n--- stderr\n" + _text(late.stderr)[-20000:])
-        return {"error": f"did not finish in {args.gptq_timeout} s"}
+        log.write_text(_text(late.stdout)[-20000:] + "\n--- stderr\n" + _text(late.stderr)[-20000:])
+        return {"error": f"did not finish in {timeout} s"}
     except SystemExit as failed:
         return {"error": str(failed)[-600:]}
 
