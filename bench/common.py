@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,23 @@ def command_line(script: str, args, parser, placeholders: dict[str, str] | None 
         flag = f" --{key.replace('_', '-')}"
         cmd += flag + ("" if value is True else f" {placeholders.get(key, value)}")
     return cmd
+
+
+@contextmanager
+def work_dir(prefix: str, given: str | None = None) -> Iterator[Path]:
+    """The folder a benchmark writes its models and runs to: `given` is kept, a temp one removed.
+
+    Benchmarks run in CI (their smoke tests): a temp folder left behind per run fills /tmp.
+    """
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        yield Path(given)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # A benchmark side that must not share a process with the other (peak memory, imports, a fresh

@@ -23,11 +23,10 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import describe_machine, print_child_result, run_child, write_result  # bench/ is on sys.path when a script runs
+from common import describe_machine, print_child_result, run_child, work_dir, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,12 +37,12 @@ def main() -> None:
     if args.child:
         print_child_result(_child(args))
         return
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench-quantize-"))
-    sides = {side: _run_child(args, side, work / side) for side in ("peer", "ours")}
-    result = _result(args, sides)
-    result["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
-    if args.perplexity:
-        result["perplexity"] = _perplexities(args, work)
+    with work_dir("bench-quantize-", args.work) as work:
+        sides = {side: _run_child(args, side, work / side) for side in ("peer", "ours")}
+        result = _result(args, sides)
+        result["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
+        if args.perplexity:
+            result["perplexity"] = _perplexities(args, work)
     write_result(args.out, result)
 
 
@@ -56,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--perplexity", type=int, default=32,
                    help="dev texts to score both outputs on (the quality check; 0 skips)")
-    p.add_argument("--work", help="folder for the two quantized models (default: a temp folder)")
+    p.add_argument("--work", help="folder for the two quantized models, kept (default: a temp folder, removed)")
     p.add_argument("--out", default=str(ROOT / "bench/results/quantize_smollm2_cpu.json"))
     p.add_argument("--child", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)

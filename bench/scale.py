@@ -26,11 +26,10 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, describe_machine, newest_artifact, print_child_result, run_child, write_result  # bench/ is on sys.path when a script runs
+from common import command_line, describe_machine, newest_artifact, print_child_result, run_child, work_dir, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,9 +41,9 @@ def main() -> None:
         print_child_result(_child(args))
         return
     model, data = Path(args.model or newest_artifact("quantize")), Path(args.data or newest_artifact("format_pubmedqa"))
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    train = [_run_child(args, "train", n, model, data, work) for n in _sizes(args.train_sizes)]
-    evaluation = [_run_child(args, "eval", n, model, data, work) for n in _sizes(args.eval_sizes)]
+    with work_dir("bench-scale-") as work:
+        train = [_run_child(args, "train", n, model, data, work) for n in _sizes(args.train_sizes)]
+        evaluation = [_run_child(args, "eval", n, model, data, work) for n in _sizes(args.eval_sizes)]
     result = _result(args, train, evaluation)
     write_result(args.out, result)
 

@@ -32,11 +32,10 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, describe_machine, newest_artifact, write_result  # bench/ is on sys.path when a script runs
+from common import command_line, describe_machine, newest_artifact, work_dir, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,21 +50,21 @@ def main() -> None:
                                            "embedded:smollm2-135m-instruct --out DIR"))
     data_dir = Path(args.data or newest_artifact("format_pubmedqa", "expert format pubmedqa --source "
                                          "../shared/data/pubmedqa/ori_pqal.json --out DIR"))
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
-    order = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) + \
-        (("ours-float32",) if args.ours_float32 else ())
-    runs: dict[str, list[dict]] = {side: [] for side in order}
-    for round_ in range(args.rounds):
-        for side in order if round_ % 2 == 0 else order[::-1]:
-            print(f"round {round_ + 1}: {side}", flush=True)
-            if side == "peer":
-                row = _peer(args, model_dir, subset, work / f"{side}-{round_}")
-            else:
-                row = _ours(args, model_dir, subset, work / f"{side}-{round_}", lean=side != "ours-plain",
-                            precision="float32" if side == "ours-float32" else args.ours_precision)
-            runs[side].append(row)
-            print(json.dumps(row), flush=True)
+    with work_dir("bench-train-") as work:
+        subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
+        order = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) + \
+            (("ours-float32",) if args.ours_float32 else ())
+        runs: dict[str, list[dict]] = {side: [] for side in order}
+        for round_ in range(args.rounds):
+            for side in order if round_ % 2 == 0 else order[::-1]:
+                print(f"round {round_ + 1}: {side}", flush=True)
+                if side == "peer":
+                    row = _peer(args, model_dir, subset, work / f"{side}-{round_}")
+                else:
+                    row = _ours(args, model_dir, subset, work / f"{side}-{round_}", lean=side != "ours-plain",
+                                precision="float32" if side == "ours-float32" else args.ours_precision)
+                runs[side].append(row)
+                print(json.dumps(row), flush=True)
     result = _result(args, runs)
     write_result(args.out, result)
 

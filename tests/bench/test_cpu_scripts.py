@@ -8,6 +8,7 @@ of the result format and passes its own quality check is tested, never a speed. 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,13 +32,17 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {"model": tiny_llama_dir(root / "model"), "data": data}
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+def _run(cmd: list[str], env: dict | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
 
 
 def _bench(script: str, out: Path, *args: str) -> dict:
-    _run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)])
+    # The script's temp folders go to a folder of the test's own, which must be left without them.
+    tmp = out.parent / "tmp"
+    tmp.mkdir()
+    _run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], env={**os.environ, "TMPDIR": str(tmp)})
+    assert not list(tmp.glob("bench-*")), sorted(p.name for p in tmp.iterdir())
     result = json.loads(out.read_text())
     assert FIELDS <= result.keys(), sorted(FIELDS - result.keys())
     assert result["peer"]["name"] and result["peer"]["value"] > 0 < result["ours"]["value"], result
