@@ -8,9 +8,11 @@ exactly as in one process.
 MMLU pieces hold whole subjects, balanced by question count: the prefix cache and the
 batches are per subject, so each question is scored in the same batch as in one process.
 PubMedQA pieces are contiguous shards, whose batches are drawn from the shard instead of
-the whole split (other padding widths). Predictions are the same; a log-likelihood may
-differ in its last float32 digits, from that and from a worker's own torch thread count
-(SmolLM2-135M, MMLU: 7e-6 at most). tests/flows/test_fanout.py compares to 1e-5.
+the whole split (other padding widths). In float32, predictions are the same and a
+log-likelihood may differ in its last digits, from that and from a worker's own torch thread
+count (SmolLM2-135M, MMLU: 7e-6 at most; tests/flows/test_fanout.py compares to 1e-5). In bf16
+(a GPU, or 'auto' on a CPU with native bf16 matmuls) other padding widths round differently:
+PubMedQA shards' log-likelihoods differ by bf16's rounding, enough to flip a near-tie.
 """
 
 from __future__ import annotations

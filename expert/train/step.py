@@ -16,29 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from expert.modeling import cpu_has_native_bf16, gpu_has_bf16
 from expert.train.data import IGNORE, EncodedSplit, collate, eval_batches
 from expert.train.distributed import Ranks
-
-
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). On one that
-    does (an AMD EPYC with AVX512-BF16, 2 threads) a SmolLM2-sized matmul ran at 830 GFLOP/s in
-    bf16 against 209 in float32, and a training step took half the time; without, torch emulates
-    bf16 and it is slower than float32."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: no way to tell here, so no
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def gpu_has_bf16() -> bool:
-    """Ampere and newer; older cards emulate bf16 slowly (and fp16 autocast would need loss scaling)."""
-    try:
-        return torch.cuda.is_bf16_supported()
-    except (RuntimeError, AssertionError):  # no usable CUDA
-        return False
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -33,16 +33,19 @@ def scores(model, tokenizer):
 
 def test_zero_lora_changes_nothing_nonzero_lora_changes_scores(llama_dir, loaded, tmp_path):
     base = scores(loaded.model, loaded.tokenizer)
-    zero = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "zero", None), device="cpu")
+    zero = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "zero", None), device="cpu",
+                      dtype="float32")
     assert type(zero.model).__name__.startswith("Peft")
     assert scores(zero.model, zero.tokenizer) == [pytest.approx(row, abs=1e-5) for row in base]
-    trained = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "trained", 0.05), device="cpu")
+    trained = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "trained", 0.05), device="cpu",
+                         dtype="float32")
     changed = scores(trained.model, trained.tokenizer)
     assert max(abs(a - b) for r, s in zip(changed, base) for a, b in zip(r, s)) > 1e-3
 
 
 def test_prefix_cache_through_an_adapter_equals_uncached(llama_dir, tmp_path):
-    trained = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "trained", 0.05), device="cpu")
+    trained = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "trained", 0.05), device="cpu",
+                         dtype="float32")
     frame = mmlu_frame(3)
     questions = encode_questions(trained.tokenizer, frame["prompt"].tolist(), [[" A", " B", " C", " D"]] * len(frame))
     groups = list(frame.groupby("subject", sort=False).indices.values())

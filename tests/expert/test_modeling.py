@@ -4,11 +4,13 @@ CPU traps that leave LoRA without gradients after an eval forward under no_grad.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from expert.errors import ModelError
+from expert import modeling
 from expert.modeling import RECORD_FILE, _aten_int4_fits, load_model, model_kind, resolve_base
 from tests.expert.quantize_fixtures import PROBE, logits, tiny_setup
 
@@ -123,6 +125,62 @@ def test_errors_name_the_folder_and_the_fix(setup, tmp_path):
         resolve_base(tmp_path / "bad")
     with pytest.raises(ModelError, match="lacks adapter_config.json"):
         load_model(setup.base, adapter_dir=tmp_path)
+
+
+def _quant_layers(model):
+    return [m for m in model.modules() if getattr(m, "qweight", None) is not None]
+
+
+def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, monkeypatch):
+    """Scoring in 16 bits on a CPU: gptqmodel's torch kernel keeps each layer's dequantized weights
+    from the first forward on (dense matmuls after that), computing what the same kernel computes
+    without the cache, bit for bit; only for that load (training loads do not cache)."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    monkeypatch.delenv("GPTQ_TORCH_CACHE_WEIGHTS", raising=False)
+    model, tok = load_model(setup.gptq, device="cpu", dtype="bfloat16")
+    layers = _quant_layers(model)
+    assert layers and all(type(m) is TorchLinear and m._cache_enabled for m in layers)
+    assert "GPTQ_TORCH_CACHE_WEIGHTS" not in os.environ  # set for that load only
+    with torch.inference_mode():
+        first, second = logits(model, tok), logits(model, tok)
+        assert all(m._cached_weights for m in layers) and torch.equal(first, second)
+        for m in layers:  # the same kernel dequantizing on every call
+            m._cache_enabled = False
+            m.clear_weight_cache()
+        assert torch.equal(logits(model, tok), first)
+
+    # No room for the copy: gptqmodel's int4 kernel, the same model to bf16's rounding (on this
+    # random tiny model either kernel in bf16 is ~0.2 at most from the torch kernel in float32).
+    monkeypatch.setattr(modeling, "_available_memory", lambda: 0)
+    int4, _ = load_model(setup.gptq, device="cpu", dtype="bfloat16")
+    assert all(type(m).__name__ == "TorchAtenLinear" for m in _quant_layers(int4))
+    with torch.inference_mode():
+        diff = (logits(int4, tok).float() - first.float()).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())
+    monkeypatch.undo()
+    trained, _ = load_model(setup.gptq, training=True, device="cpu", dtype="bfloat16")
+    assert not any(getattr(m, "_cache_enabled", False) for m in _quant_layers(trained))
+
+
+def test_gptq_dense_cache_only_in_16_bits_and_within_memory(setup, monkeypatch):
+    dense = modeling._gptq_dense_bytes(setup.gptq)
+    layers = sum(m.in_features * m.out_features for m in _quant_layers(load_model(setup.gptq)[0]))
+    assert dense == 2 * layers  # 16 bits per weight, read from the checkpoint's headers alone
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(modeling, "_available_memory", lambda: 2 * dense)
+    assert modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
+    assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float32)  # int4 kernel is faster there
+    assert not modeling._gptq_dense_cache_fits(setup.gptq, torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(modeling, "_available_memory", lambda: 2 * dense - 1)
+    assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
+
+
+def test_available_memory_reads_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
+    assert modeling._available_memory(str(meminfo)) == 20000000 * 1024
+    assert modeling._available_memory(str(tmp_path / "missing")) == 0
 
 
 @pytest.mark.parametrize("bits, group_size, fits", [
