@@ -286,10 +286,13 @@ def _gptq_dense_cache_fits(model_dir: Path, device: torch.device, dtype: torch.d
     the input first. Its plain torch kernel can instead keep the dequantized weights of its first
     forward (gptqmodel's GPTQ_TORCH_CACHE_WEIGHTS) and multiply densely after that: the same
     weights, the same model. On a CPU with native bf16 matmuls (AMD EPYC, AVX512-BF16, 2 threads)
-    the 4-bit SmolLM2 scored PubMedQA at 6.0 questions/s this way against 3.1 with the int4
-    kernel. In float32 the dense matmul is slower than the int4 kernel (2.3 vs 3.3 questions/s),
-    and the copy costs 16 bits per weight in host memory: only in 16 bits, and only while the
-    copy takes at most half the memory available.
+    the 4-bit SmolLM2 scored PubMedQA's 500 test questions at 5.8 questions/s this way against
+    3.2 with the int4 kernel (3 answers of 500 changed: bf16 rounds the two kernels' sums
+    differently). In float32 a dense matmul is slower than the int4 kernel, which computes in
+    bf16 anyway (2.3 vs 3.3 questions/s), and the copy costs 16 bits per weight in host memory:
+    only in 16 bits, and only while the copy takes at most half the memory available (each
+    process checks for itself: concurrent loads on one host, e.g. local dask workers, could
+    together take more).
     """
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
