@@ -56,6 +56,7 @@ def render(summary: dict, details: dict, plots: list[str]) -> str:
     if summary["mmlu"]:
         lines += [f"## {mmlu_heading(summary['mmlu'])}: what tuning costs in general knowledge", "",
                   to_markdown(mmlu_rows(summary["mmlu"])), ""]
+    lines += scoring_notes(summary)
     for role, title in (("quantize", "Quantization"), ("train", "Training"), ("select", "Checkpoint selection")):
         if role in details:
             lines += [f"## {title}", "", to_markdown(_flat_rows(details[role])), ""]
@@ -88,6 +89,29 @@ def pubmedqa_rows(runs: dict[str, dict], published: bool = True) -> list[dict]:
     rows += [{"model": f"**{name}** (this run, n={m['n']})", "accuracy (%)": round(100 * m["accuracy"], 1),
               "macro-F1 (%)": round(100 * m["macro_f1"], 1)} for name, m in runs.items()]
     return [{"rank": i, **r} for i, r in enumerate(sorted(rows, key=lambda r: -r["accuracy (%)"]), 1)]
+
+
+def scoring_notes(summary: dict) -> list[str]:
+    """Where and in what dtype each evaluation scored, and a warning when they differ.
+
+    eval.dtype 'auto' is resolved on the machine that scores, and cached evaluations keep the
+    precision they were scored in: one report can hold a float32 base (scored on a CPU before
+    'auto' meant bf16 there, or on a CPU without native bf16) beside a bf16 expert.
+    """
+    seen = {}
+    for benchmark in HEADLINE:
+        for name, metrics in summary[benchmark].items():
+            timing = metrics.get("timing") or {}
+            seen[f"{benchmark} {name}"] = (f"{str(timing.get('device', '?')).split(':')[0]}, {timing['dtype']}"
+                                           if timing.get("dtype") else "not recorded")
+    if not seen:
+        return []
+    lines = ["Scored on: " + "; ".join(f"{run} ({where})" for run, where in seen.items()) + ".", ""]
+    if len(set(seen.values()) - {"not recorded"}) > 1:
+        lines += ["**These evaluations were scored in different precisions.** A difference the size of that "
+                  "rounding (bf16 can flip a near-tie) is not the quantization's or the tuning's. To score them "
+                  "alike, set `eval.dtype` (and `eval.device`) by name, or rerun them with `--force evaluate`.", ""]
+    return lines
 
 
 def mmlu_heading(runs: dict[str, dict]) -> str:

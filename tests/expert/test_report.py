@@ -97,3 +97,28 @@ def test_mmlu_change_is_computed_before_rounding(tmp_path):
     report = (out / "report.md").read_text()
     assert "| average (question-weighted) | 46.8 | 47.0 | 0.1 |" in report  # not 0.2
     assert "| mean over subjects | 46.9 | 46.9 | 0.1 |" in report  # not 0.0
+
+
+def test_report_says_where_each_evaluation_scored_and_warns_when_precisions_differ(tmp_path):
+    def metrics(dtype, device="cpu"):
+        return {"accuracy": 0.5, "macro_f1": 0.4, "n": 500, "timing": {"device": device, "dtype": dtype}}
+
+    def report(**runs):
+        folder = tmp_path / "-".join(f"{k}{v}" for k, v in runs.items())
+        folder.mkdir()
+        upstream = {f"pubmedqa/{name}": artifact(folder, f"pubmedqa/{name}", {"metrics.json": value})
+                    for name, value in runs.items()}
+        out = folder / "out"
+        out.mkdir()
+        write_pipeline_report(upstream, {"name": "t"}, out)
+        return (out / "report.md").read_text()
+
+    alike = report(base=metrics("bfloat16", "cuda:0"), expert=metrics("bfloat16", "cuda:1"))
+    assert "Scored on: pubmedqa base (cuda, bfloat16); pubmedqa expert (cuda, bfloat16)." in alike
+    assert "different precisions" not in alike
+    # A cached float32 evaluation beside a new bf16 one (eval.dtype 'auto' is resolved where it scores).
+    mixed = report(base=metrics("float32"), expert=metrics("bfloat16"))
+    assert "pubmedqa base (cpu, float32); pubmedqa expert (cpu, bfloat16)" in mixed
+    assert "**These evaluations were scored in different precisions.**" in mixed and "--force evaluate" in mixed
+    old = report(base={"accuracy": 0.5, "macro_f1": 0.4, "n": 500}, expert=metrics("float32"))
+    assert "pubmedqa base (not recorded)" in old and "different precisions" not in old  # unknown is no proof
