@@ -259,7 +259,7 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, training: bool, 
     For training, gptqmodel's plain torch kernel on the CPU (TorchAtenLinear, picked by "auto",
     latches into inference mode, see the module docstring; "auto_trainable" still picks it), and
     a trainable kernel on a GPU. For inference, gptqmodel's fastest kernel ("auto"), except on a
-    CPU scoring in 16 bits where the dequantized weights fit (`_gptq_dense_cache_fits`).
+    CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`).
     """
     from transformers import GPTQConfig
 
@@ -290,11 +290,11 @@ def _gptq_dense_cache_fits(model_dir: Path, device: torch.device, dtype: torch.d
     3.2 with the int4 kernel (3 answers of 500 changed: bf16 rounds the two kernels' sums
     differently). In float32 a dense matmul is slower than the int4 kernel, which computes in
     bf16 anyway (2.3 vs 3.3 questions/s), and the copy costs 16 bits per weight in host memory:
-    only in 16 bits, and only while the copy takes at most half the memory available (each
+    only in bf16, and only while the copy takes at most half the memory available (each
     process checks for itself: concurrent loads on one host, e.g. local dask workers, could
     together take more).
     """
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+    if device.type != "cpu" or dtype != torch.bfloat16:  # float16: CPUs emulate it, unmeasured
         return False
     dense = _gptq_dense_bytes(model_dir)
     return dense is not None and dense <= _available_memory() // 2

@@ -132,7 +132,7 @@ def _quant_layers(model):
 
 
 def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, monkeypatch):
-    """Scoring in 16 bits on a CPU: gptqmodel's torch kernel keeps each layer's dequantized weights
+    """Scoring in bf16 on a CPU: gptqmodel's torch kernel keeps each layer's dequantized weights
     from the first forward on (dense matmuls after that), computing what the same kernel computes
     without the cache, bit for bit; only for that load (training loads do not cache)."""
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
@@ -163,7 +163,7 @@ def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, mo
     assert not any(getattr(m, "_cache_enabled", False) for m in _quant_layers(trained))
 
 
-def test_gptq_dense_cache_only_in_16_bits_and_within_memory(setup, monkeypatch):
+def test_gptq_dense_cache_only_in_bf16_and_within_memory(setup, monkeypatch):
     dense = modeling._gptq_dense_bytes(setup.gptq)
     layers = sum(m.in_features * m.out_features for m in _quant_layers(load_model(setup.gptq)[0]))
     assert dense == 2 * layers  # 16 bits per weight, read from the checkpoint's headers alone
@@ -171,6 +171,7 @@ def test_gptq_dense_cache_only_in_16_bits_and_within_memory(setup, monkeypatch):
     monkeypatch.setattr(modeling, "_available_memory", lambda: 2 * dense)
     assert modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
     assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float32)  # int4 kernel is faster there
+    assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float16)  # emulated on CPUs, unmeasured
     assert not modeling._gptq_dense_cache_fits(setup.gptq, torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(modeling, "_available_memory", lambda: 2 * dense - 1)
     assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
