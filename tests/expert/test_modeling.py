@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from expert.errors import ModelError
 from expert import modeling
+from expert.errors import ModelError
 from expert.modeling import RECORD_FILE, _aten_int4_fits, load_model, model_kind, resolve_base
 from tests.expert.quantize_fixtures import PROBE, logits, tiny_setup
 
@@ -138,6 +138,7 @@ def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, mo
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     monkeypatch.delenv("GPTQ_TORCH_CACHE_WEIGHTS", raising=False)
+    monkeypatch.setattr(modeling, "_available_memory", lambda: 1 << 40)  # whatever this machine has free
     model, tok = load_model(setup.gptq, device="cpu", dtype="bfloat16")
     layers = _quant_layers(model)
     assert layers and all(type(m) is TorchLinear and m._cache_enabled for m in layers)
