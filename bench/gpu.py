@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import print_child_result, run_child  # bench/ is on sys.path when a script runs
+from common import print_child_result, run_child, work_dir  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -716,10 +716,11 @@ def _gptq_case(args, device, out: Path) -> dict:
     Each side quantizes in a fresh process: wall time (load + GPTQ + save), peak GPU memory,
     peak host RSS, and whether the saved tensors are bit-identical.
     """
-    import shutil
-    import tempfile
+    with work_dir("gptq-") as work:  # removed when the case ends, a failed side or an error included
+        return _gptq_case_in(args, device, out, work)
 
-    work = Path(tempfile.mkdtemp(prefix="gptq-"))
+
+def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
     model_dir = work / "base"
     layers = 2 if args.smoke else args.gptq_layers
     _save_gptq_base(model_dir, "tiny" if args.smoke else "llama3-8b", layers, device, getattr(torch, args.gptq_dtype))
@@ -752,7 +753,6 @@ def _gptq_case(args, device, out: Path) -> dict:
         row["gpupack_ratio"] = round(sides["peer"]["seconds"] / sides["ours-gpupack"]["seconds"], 2)
     if "seconds" in sides.get("ours", {}):
         row["train"] = _gptq_train(args, work, model_dir, out, env)
-    shutil.rmtree(work, ignore_errors=True)
     return row
 
 

@@ -6,6 +6,7 @@ only that each case produced its rows and its quality checks).
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,16 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
            "--gptq-train-compile"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    tmp = tmp_path / "tmp"  # the script's temp folders, which it must remove
+    tmp.mkdir()
+    # torch's compile cache stays where it was (it lives under the temp folder by default): a
+    # cold one costs this test about a minute.
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    env = {**os.environ, "TMPDIR": str(tmp), "TORCHINDUCTOR_CACHE_DIR": cache_dir()}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(tmp.glob("gptq-*")), sorted(p.name for p in tmp.iterdir())
     result = json.loads((tmp_path / "gpu.json").read_text())
 
     # The 33B case's step of 50 on the CPU (auto allows up to 8 there): ours in micro-batches of 8 and 7,
