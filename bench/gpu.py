@@ -1,6 +1,6 @@
 """GPU benchmark: EXPERT's training step and MMLU scoring vs the standard stack, on one GPU, in one go.
 
-    python3 bench/gpu.py --out DIR            # on a GPU machine, ~5 minutes on an H100
+    python3 bench/gpu.py --out DIR            # on a GPU machine, every case: over 10 minutes on an H100
     python3 bench/gpu.py --smoke --out DIR    # tiny shapes on the CPU: checks the script end to end
 
 Random-weight models built layer by layer on the GPU (as ../shared/bench/peer_anchor.py does; values
