@@ -37,20 +37,42 @@ def hub_files(repo_files: list[str], trust_remote_code: bool, where: str) -> lis
     return sorted(set(weights + extra))
 
 
-def with_retries(call, where: str, delays: tuple[float, ...] | None = None):
-    """Run `call`, retrying network failures with growing pauses; other hub errors are final."""
+def check_repo_id(repo_id: str, field: str, error: type[Exception] = ModelError) -> None:
+    """Refuse a malformed hub name before anything is fetched or any cache path is made from it.
+
+    huggingface_hub checks names too, but only inside the call, where a retry loop would try a
+    name like '../x' again and again as if the network had failed.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise error(
+            f"{field} 'hf:{repo_id}' is not a Hugging Face repository name: write hf:ORG/NAME (letters, digits, "
+            "'-', '_' and '.', at most 96 characters, no '--' or '..'), e.g. hf:cais/mmlu"
+        ) from None
+
+
+def with_retries(call, where: str, delays: tuple[float, ...] | None = None, error: type[Exception] = ModelError,
+                 instead: str = "download the model and give its folder as model.source"):
+    """Run `call`, retrying network failures with growing pauses; other hub errors are final.
+
+    Failures raise `error`; `instead` says what to do when the hub cannot be reached.
+    """
     delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return call()
         except Exception as exc:
             if not _is_transient(exc):
-                raise ModelError(f"cannot fetch {where}: {type(exc).__name__}: {exc}") from exc
+                raise error(f"cannot fetch {where}: {type(exc).__name__}: {exc}") from exc
             if attempt == len(delays):
-                raise ModelError(
+                raise error(
                     f"cannot fetch {where}: the hub did not answer after {attempt + 1} tries "
                     f"({type(exc).__name__}: {exc}). Check the network (or HF_ENDPOINT) and run again, "
-                    "or download the model and give its folder as model.source."
+                    f"or {instead}."
                 ) from exc
             time.sleep(delays[attempt])
 

@@ -31,7 +31,7 @@ from expert.config import StageConfig
 from expert.errors import ModelError
 from expert.fingerprint import FingerprintCache
 from expert.gguf_import import import_gguf
-from expert.hub import CONFIG_FILES, hub_files, is_tokenizer_file, with_retries
+from expert.hub import CONFIG_FILES, check_repo_id, hub_files, is_tokenizer_file, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,7 @@ def _fingerprint_files(folder: Path, names: list[str], fps: FingerprintCache) ->
 def _resolve_hub(repo_id: str, config: ModelConfig, cache_dir: Path | None) -> ResolvedModel:
     from huggingface_hub import HfApi, snapshot_download
 
+    check_repo_id(repo_id, "model.source")
     where = f"hf:{repo_id}" + (f"@{config.revision}" if config.revision else "")
     info = with_retries(lambda: HfApi().model_info(repo_id, revision=config.revision), where)
     patterns = hub_files([s.rfilename for s in info.siblings or []], config.trust_remote_code, where)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expert.errors import DataError
+from expert.hub import check_repo_id, with_retries
 from expert.fingerprint import FingerprintCache
 
 log = logging.getLogger(__name__)
@@ -135,19 +136,12 @@ def _hf_dataset(source: str, downloads: Path, attempts: int) -> LocalSource:
     repo_id = source[len("hf:"):]
     from huggingface_hub import snapshot_download  # deferred: only hub sources need it
 
+    check_repo_id(repo_id, "data source", DataError)
     patterns = HF_DATASET_PATTERNS.get(repo_id, {})
-    error: Exception | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            path = Path(snapshot_download(repo_id=repo_id, repo_type="dataset",
-                                          cache_dir=downloads / "hf", **patterns))
-            # The snapshot folder is named by the dataset commit: a content fingerprint.
-            return LocalSource(source, path, f"hf-dataset:{repo_id}@{path.name}")
-        except Exception as exc:  # hub errors come in many types; all are retried, then reported
-            error = exc
-            if attempt < attempts:
-                time.sleep(min(2 ** attempt, 30))
-    raise DataError(
-        f"cannot fetch the Hugging Face dataset '{repo_id}' ({type(error).__name__}: {error}). "
-        "Check the name and the network, or give a local copy as the source."
-    )
+    # Network failures are retried; a missing or gated dataset, or offline mode, fails at once.
+    path = Path(with_retries(
+        lambda: snapshot_download(repo_id=repo_id, repo_type="dataset", cache_dir=downloads / "hf", **patterns),
+        f"the Hugging Face dataset '{repo_id}'", delays=tuple(min(2 ** a, 30) for a in range(1, attempts)),
+        error=DataError, instead="give a local copy of the data as the source"))
+    # The snapshot folder is named by the dataset commit: a content fingerprint.
+    return LocalSource(source, path, f"hf-dataset:{repo_id}@{path.name}")

@@ -8,7 +8,8 @@ import torch
 
 from expert.errors import ConfigError, DataError
 from expert.evaluation import EvalConfig, evaluate
-from expert.evaluation.runner import mmlu_num_shots
+from expert.evaluation import runner
+from expert.evaluation.runner import load_model as runner_load_model, mmlu_num_shots
 from tests.expert.eval_fixtures import llama_dir, mmlu_dir, pubmedqa_dir, pubmedqa_frame  # noqa: F401
 
 
@@ -78,16 +79,31 @@ def test_bad_mmlu_stats_are_named(tmp_path, text, message):
         mmlu_num_shots(tmp_path)
 
 
-def test_prefix_cache_changes_no_prediction(llama_dir, mmlu_dir, tmp_path):
-    # In float32, where the same numbers computed two ways agree to 1e-4 ('auto' may be bf16 here).
-    with_cache = evaluate(EvalConfig(device="cpu", dtype="float32"), "mmlu", llama_dir, mmlu_dir, tmp_path / "a")
-    without = evaluate(EvalConfig(device="cpu", dtype="float32", prefix_cache=False), "mmlu", llama_dir, mmlu_dir,
-                       tmp_path / "b")
+def test_prefix_cache_changes_no_prediction_and_embeds_fewer_tokens(llama_dir, mmlu_dir, tmp_path, monkeypatch):
+    # The cache must be used, not only harmless: count the tokens that reach the model's embedding.
+    embedded = []
+
+    def counting_load(*args, **kwargs):
+        loaded = runner_load_model(*args, **kwargs)
+        loaded.model.get_input_embeddings().register_forward_hook(
+            lambda module, inputs, output: embedded.__setitem__(-1, embedded[-1] + inputs[0].numel()))
+        return loaded
+
+    monkeypatch.setattr(runner, "load_model", counting_load)
+    results = {}
+    for name, cached in (("a", True), ("b", False)):
+        embedded.append(0)
+        # In float32, where the same numbers computed two ways agree to 1e-4 ('auto' may be bf16 here).
+        results[name] = evaluate(EvalConfig(device="cpu", dtype="float32", prefix_cache=cached), "mmlu", llama_dir,
+                                 mmlu_dir, tmp_path / name)
     a = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
     b = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
     assert a["prediction"].tolist() == b["prediction"].tolist()
     assert a["loglik_A"].to_numpy() == pytest.approx(b["loglik_A"].to_numpy(), abs=1e-4)
-    assert with_cache["subjects"] == without["subjects"]
+    assert results["a"]["subjects"] == results["b"]["subjects"]
+    assert results["a"]["scoring"]["prefix_cache"] and not results["b"]["scoring"]["prefix_cache"]
+    # each subject's few-shot prefix goes through the model once instead of once per question
+    assert 0 < embedded[0] < embedded[1], embedded
 
 
 def test_unknown_subject_says_did_you_mean(llama_dir, mmlu_dir, tmp_path):

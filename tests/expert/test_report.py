@@ -43,11 +43,17 @@ def test_report_compares_runs_and_shows_stage_details(tmp_path):
 
 
 def test_inline_images_embeds_local_plots_only(tmp_path):
-    (tmp_path / "mmlu.png").write_bytes(b"\x89PNG fake")
-    text = "# r\n![mmlu](mmlu.png)\n![gone](missing.png)\n![up](../secret.png)\n"
-    out = inline_images(text, tmp_path)
+    folder = tmp_path / "report"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "mmlu.png").write_bytes(b"\x89PNG fake")
+    # files that exist, outside the folder or below it: a link to them must stay a link
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG secret")
+    (folder / "sub" / "deep.png").write_bytes(b"\x89PNG deep")
+    text = "# r\n![mmlu](mmlu.png)\n![gone](missing.png)\n![up](../secret.png)\n![down](sub/deep.png)\n"
+    out = inline_images(text, folder)
     assert "![mmlu](data:image/png;base64,iVBORyBmYWtl)" in out
-    assert "![gone](missing.png)" in out and "![up](../secret.png)" in out
+    assert "![gone](missing.png)" in out and "![up](../secret.png)" in out and "![down](sub/deep.png)" in out
+    assert out.count("base64,") == 1
 
 
 def mmlu_report(tmp_path, base_shots, expert_shots):

@@ -302,15 +302,32 @@ def test_download_names_stay_in_the_downloads_folder(path):
     assert name and "/" not in name and not name.startswith(".")
 
 
-@pytest.mark.parametrize("source", ["hf:../../etc", "hf:..", "hf:org/../../x"])
+@pytest.mark.parametrize("source", ["hf:../../etc", "hf:..", "hf:org/../../x", "hf:org/..", "hf:a/b/c"])
 def test_hub_dataset_names_are_validated_before_any_path_is_made(tmp_path, source, monkeypatch):
+    import huggingface_hub
+
     from expert import sources
     from expert.fingerprint import FingerprintCache
 
-    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
-    with pytest.raises(DataError, match="cannot fetch the Hugging Face dataset"):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the hub was asked for a malformed name")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", must_not_run)
+    with pytest.raises(DataError, match=r"data source 'hf:.*' is not a Hugging Face repository name: write hf:ORG/NAME"):
         sources.fetch(source, tmp_path / "dl", FingerprintCache())
-    assert not (tmp_path.parent / "etc").exists() and not (tmp_path / "x").exists()
+    assert not (tmp_path / "dl").exists()  # no cache folder was made either
+
+
+@pytest.mark.parametrize("source", ["hf:../../etc", "hf:org/../x"])
+def test_hub_model_names_are_validated_before_the_hub_is_asked(source, monkeypatch):
+    import huggingface_hub
+
+    from expert.errors import ModelError
+    from expert.models import ModelConfig, resolve_model_source
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: pytest.fail("the hub was asked for a malformed name"))
+    with pytest.raises(ModelError, match=r"model.source 'hf:.*' is not a Hugging Face repository name"):
+        resolve_model_source(ModelConfig(source=source))
 
 
 def test_a_gptq_model_keeps_the_consent_for_the_same_code(llama_dir, tmp_path):

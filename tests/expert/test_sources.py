@@ -11,12 +11,25 @@ from expert.errors import DataError
 from expert.fingerprint import FingerprintCache
 
 
+class _LoggingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and records each answer (status code, the request's conditional headers)."""
+
+    answers: list = []
+
+    def log_request(self, code="-", size="-"):
+        self.answers.append((int(code), self.headers.get("If-Modified-Since"), self.headers.get("If-None-Match")))
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture()
 def server(tmp_path):
+    """(folder, base URL) of a local HTTP server; `server_answers` lists what it answered."""
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
+    _LoggingHandler.answers = []
+    handler = functools.partial(_LoggingHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -43,13 +56,17 @@ def test_url_download_then_revalidate_and_pick_up_changes(tmp_path, server):
     fp = FingerprintCache()
     first = sources.fetch(f"{base}/ori_pqal.json", tmp_path / "dl", fp)
     assert first.path.read_text() == '{"a": 1}' and first.path.name == "ori_pqal.json"
-    again = sources.fetch(f"{base}/ori_pqal.json", tmp_path / "dl", fp)  # 304 Not Modified
+    again = sources.fetch(f"{base}/ori_pqal.json", tmp_path / "dl", fp)
     assert again.fingerprint == first.fingerprint
+    # the second fetch asked with the first answer's Last-Modified and was not sent the file again
+    (code1, since1, _), (code2, since2, _) = _LoggingHandler.answers
+    assert (code1, since1, code2) == (200, None, 304) and since2, _LoggingHandler.answers
     (root / "ori_pqal.json").write_text('{"a": 2, "b": 3}')
     import os
     os.utime(root / "ori_pqal.json", (2e9, 2e9))  # newer Last-Modified
     changed = sources.fetch(f"{base}/ori_pqal.json", tmp_path / "dl", fp)
     assert changed.fingerprint != first.fingerprint
+    assert changed.path.read_text() == '{"a": 2, "b": 3}' and _LoggingHandler.answers[-1][0] == 200
 
 
 def test_url_404_is_a_clear_error(tmp_path, server):
@@ -144,3 +161,34 @@ def test_user_and_password_in_a_url_are_sent_as_basic_auth(tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert not [p for p in (tmp_path / "dl").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+def test_hub_dataset_retries_network_errors_and_not_a_missing_dataset(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    calls, answers = [], [ConnectionError("reset"), str(tmp_path / "snap" / "abc123")]
+
+    def fake_snapshot(repo_id, repo_type, cache_dir, **patterns):
+        calls.append((repo_id, repo_type, cache_dir, patterns))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    monkeypatch.setattr("expert.hub.time.sleep", lambda s: None)
+    got = sources.fetch("hf:cais/mmlu", tmp_path / "dl", FingerprintCache())
+    assert got.fingerprint == "hf-dataset:cais/mmlu@abc123" and len(calls) == 2
+    assert calls[0][:3] == ("cais/mmlu", "dataset", tmp_path / "dl" / "hf")
+    assert calls[0][3] == sources.HF_DATASET_PATTERNS["cais/mmlu"]  # only the files the formatter reads
+
+    calls.clear()
+    import httpx
+
+    missing = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/datasets/org/nope"))
+    answers[:] = [RepositoryNotFoundError("404 no such dataset", response=missing)] * 3
+    with pytest.raises(DataError, match="cannot fetch the Hugging Face dataset 'org/nope': RepositoryNotFoundError"):
+        sources.fetch("hf:org/nope", tmp_path / "dl", FingerprintCache())
+    assert len(calls) == 1  # final at once, not retried as a network failure

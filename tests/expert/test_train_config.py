@@ -22,7 +22,7 @@ def test_auto_memory_settings_are_accepted():
 
 def test_all_linear_and_8bit_optimizers_are_accepted():
     config = TrainConfig.from_dict({"target_modules": "all-linear", "optimizer": "paged_adamw_8bit"})
-    assert config.target_modules == "all-linear"
+    assert config.target_modules == "all-linear" and config.optimizer == "paged_adamw_8bit"
 
 
 @pytest.mark.parametrize("values, field, hint", [
