@@ -58,10 +58,14 @@ def _fail(message: str, debug: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug goes before or after the command: the commands' copy has no default of its own,
+    # which would otherwise overwrite a --debug given before the command with False.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser = argparse.ArgumentParser(prog="expert", description=__doc__.split("\n\n")[0], parents=[common],
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    parser = argparse.ArgumentParser(prog="expert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the cached pipeline flow")
@@ -124,19 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from expert.pipeline_config import check_stage_names, load_config
+    from expert.pipeline_config import check_local_sources, check_stage_names, load_config
 
     config = load_config(args.config, args.overrides)  # fail fast, before Prefect starts
     force = check_stage_names(args.force)
+    check_local_sources(config)  # a typo in a data path, before the model is downloaded and imported
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     from flows.pipeline import pipeline  # imports prefect: only now that the env is set
     from flows.hangup import stop_on_hangup
+    from flows.quiet_errors import user_errors_without_traceback
     from flows.temporary_server import detach_temporary_server
 
     detach_temporary_server()  # a Ctrl-C then stops the run, not the server that records it
     stop_on_hangup()  # a closed terminal stops it as SIGTERM does: recorded as crashed
+    if not args.debug:
+        user_errors_without_traceback()
     result = pipeline(config=config, force=force)
     print(json.dumps(result, indent=2))
 
@@ -159,6 +167,7 @@ def cmd_import_model(args: argparse.Namespace) -> None:
 
     config = ModelConfig.from_dict({"source": args.source, "revision": args.revision, "dtype": args.dtype,
                                     "trust_remote_code": args.trust_remote_code}, where="import-model")
+    _check_out(args.out)
     workspace = _workspace()
     resolved = resolve_model_source(config, cache_dir=workspace.downloads / "models",
                                     fingerprints=workspace.fingerprints)
@@ -172,14 +181,11 @@ def cmd_format_pubmedqa(args: argparse.Namespace) -> None:
     raw = {"source": args.source, "fold": args.fold, "template": args.template,
            "extra_train_source": args.extra_train, "max_prompt_tokens": args.max_prompt_tokens}
     config = PubMedQAConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format pubmedqa")
+    _check_out(args.out)
+    tokenizer = None if args.tokenizer is None else _tokenizer(args.tokenizer)
     workspace = _workspace()
     source = fetch(config.source, workspace.downloads, workspace.fingerprints)
     extra = fetch(args.extra_train, workspace.downloads, workspace.fingerprints) if args.extra_train else None
-    tokenizer = None
-    if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     _write_into(args.out, lambda tmp: format_pubmedqa(config, source.path, tmp, tokenizer=tokenizer,
                                                       extra_source=extra.path if extra else None))
 
@@ -190,6 +196,7 @@ def cmd_format_mmlu(args: argparse.Namespace) -> None:
 
     raw = {"source": args.source, "num_shots": args.num_shots}
     config = MMLUConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format mmlu")
+    _check_out(args.out)
     workspace = _workspace()
     source = fetch(config.source, workspace.downloads, workspace.fingerprints)
     _write_into(args.out, lambda tmp: format_mmlu(config, source.path, tmp))
@@ -200,12 +207,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from expert.pipeline_config import apply_override
 
     raw: dict[str, Any] = {}
-    for item in args.overrides:
-        apply_override(raw, item)
+    for item in args.overrides:  # `batch_size=4`, or as `expert run` spells it, `eval.batch_size=4`
+        apply_override(raw, item.removeprefix("eval."))
     config = EvalConfig.from_dict(raw, where="eval")
     for role, path in (("--model", args.model), ("--data", args.data), ("--adapter", args.adapter)):
         if path is not None and not path.is_dir():
             raise ExpertError(f"{role} '{path}' is not a folder")
+    _check_out(args.out)
+    if args.adapter is not None:
+        from expert.modeling import check_adapter_dir
+
+        check_adapter_dir(args.adapter)
     metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
                                                           data_dir=args.data, out_dir=tmp,
                                                           adapter_dir=args.adapter))
@@ -231,10 +243,40 @@ def _workspace():
     return Workspace.at(os.environ.get("EXPERT_ARTIFACTS", "artifacts"))
 
 
+def _check_out(out: Path) -> None:
+    """--out must be a folder we can write into: said before the work, not after it."""
+    if out.exists() and not out.is_dir():
+        raise ExpertError(f"--out '{out}' is a file; give a folder (it is created if missing)")
+    _temp_beside(out).rmdir()
+
+
+def _temp_beside(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ExpertError(f"--out '{out}': cannot write in {out.parent} ({exc.strerror}); give a folder you "
+                          "can write to") from None
+
+
+def _tokenizer(folder: Path):
+    """The tokenizer of a model folder given as --tokenizer, or a clear error naming it."""
+    from transformers import AutoTokenizer
+
+    from expert.hub import TOKENIZER_FILES
+
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ExpertError(f"--tokenizer '{folder}' is not a model folder with a tokenizer (tokenizer.json, "
+                          "tokenizer_config.json, ...); give an imported model folder, e.g. artifacts/import_model/KEY")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ExpertError(f"--tokenizer '{folder}': its tokenizer does not load ({exc})") from None
+
+
 def _write_into(out: Path, produce: Callable[[Path], Any]) -> Any:
     """Produce into a temp folder beside `out`, then move the files in: no half-written outputs."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = _temp_beside(out)
     try:
         result = produce(tmp)
         out.mkdir(exist_ok=True)

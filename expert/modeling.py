@@ -99,6 +99,8 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     kind = model_kind(model_dir)
     base = resolve_base(model_dir)
     check_model_dir(base)
+    if adapter_dir is not None:
+        check_adapter_dir(Path(adapter_dir))
     torch_device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, torch_device, base),
                               "device_map": {"": torch_device}}
@@ -416,9 +418,11 @@ def _nf4_safe(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, training: bool) -> torch.nn.Module:
-    from peft import PeftModel
-
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """A LoRA adapter folder as PEFT saves it, checked before any model is loaded."""
+    if not adapter_dir.is_dir():
+        raise ModelError(f"adapter folder {adapter_dir} does not exist; point at the folder written by the train "
+                         "stage (PeftModel.save_pretrained), e.g. artifacts/select/KEY/adapter")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"adapter folder {adapter_dir} lacks adapter_config.json; point at the "
                          "folder written by the train stage (PeftModel.save_pretrained)")
@@ -426,4 +430,9 @@ def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, training: bool) -
         # peft would fall back to adapter_model.bin, a pickle: adapters load from safetensors only.
         raise ModelError(f"adapter folder {adapter_dir} has no adapter_model.safetensors; adapters are loaded "
                          "from safetensors only (save them with PeftModel.save_pretrained, the default format)")
+
+
+def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, training: bool) -> torch.nn.Module:
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=training)

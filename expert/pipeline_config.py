@@ -74,14 +74,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; presets live in configs/ (e.g. configs/default.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if raw is None:  # the built-in defaults are GPU-sized (10 epochs, full MMLU): never by accident
+            raise ConfigError(f"config file '{path}' is empty; start from a preset in configs/ "
+                              "(e.g. a copy of configs/default.yaml)")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     return PipelineConfig.from_dict(raw, source=str(path) if path else "")
+
+
+def check_local_sources(config: PipelineConfig) -> None:
+    """Every input given as a local path exists: said at the start, naming the field, rather than
+    when its stage is reached (after a model download, say). URLs and hub names are fetched later."""
+    sources = {"model.source": config.model.source,
+               "data.pubmedqa.source": config.data.pubmedqa.source,
+               "data.pubmedqa.extra_train_source": config.data.pubmedqa.extra_train_source,
+               "data.mmlu.source": config.data.mmlu.source if config.data.mmlu else None}
+    if config.quantize.method == "gptq" and config.quantize.calibration != "task":
+        sources["quantize.calibration"] = config.quantize.calibration
+    for field, source in sources.items():
+        if not source or source.startswith(("http://", "https://", "hf:", "embedded:")):
+            continue
+        path = Path(source.removeprefix("gguf:")).expanduser()
+        if path.exists():
+            continue
+        if field == "model.source":
+            instead = "a local Hugging Face folder, gguf:FILE, hf:ORG/NAME or embedded:NAME" + (
+                f" (a hub model is written hf:{source})" if source.count("/") == 1 else "")
+        else:
+            instead = "an http(s) URL or hf:ORG/NAME" if field.startswith("data.") else "'task'"
+        raise ConfigError(f"{field} '{source}' does not exist (resolved to {path.resolve()}); fix the path, "
+                          f"or give {instead}")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

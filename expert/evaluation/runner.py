@@ -93,13 +93,29 @@ def check_benchmark(name: str) -> str:
     return name
 
 
+def _check_benchmark_of(data_dir: Path, frame: pd.DataFrame, benchmark: str) -> None:
+    """Refuse one benchmark's data scored as the other's (MMLU's columns include PubMedQA's)."""
+    try:
+        stated = json.loads((data_dir / "stats.json").read_text()).get("benchmark")
+    except (OSError, ValueError, AttributeError):
+        stated = None
+    columns = set(frame.columns)
+    found = stated if stated in BENCHMARKS else "mmlu" if "subject" in columns else \
+        "pubmedqa" if "contexts" in columns else None
+    if found is not None and found != benchmark:
+        raise DataError(f"{data_dir} holds {found} data, not {benchmark}: give the folder written by "
+                        f"`expert format {benchmark}`, or score it with --benchmark {found}")
+
+
 def load_questions(config: EvalConfig, benchmark: str, data_dir: Path) -> pd.DataFrame:
     """The benchmark's evaluation split, checked and subset as the config says."""
     split = config.pubmedqa_split if benchmark == "pubmedqa" else "test"
     path = data_dir / f"{split}.parquet"
     if not path.is_file():
-        raise DataError(f"{path} does not exist; run the data stage (`expert data`) for {benchmark} first")
+        raise DataError(f"{path} does not exist; format the data first: `expert format {benchmark} --source ... "
+                        f"--out {data_dir}` (or the pipeline's format_{benchmark} stage)")
     frame = pd.read_parquet(path)
+    _check_benchmark_of(data_dir, frame, benchmark)
     missing = [c for c in _COLUMNS[benchmark] if c not in frame.columns]
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run the data stage to rewrite it")

@@ -127,3 +127,112 @@ def test_eval_unknown_setting_is_named(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "m"), "--benchmark", "mmlu", "--data", str(tmp_path / "d"),
                  "--out", str(tmp_path / "o"), "--set", "mmlu_max_per_subjekt=3"]) == 2
     assert "did you mean 'mmlu_max_per_subject'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys, where):
+    argv = ["run", str(tmp_path / "nope.yaml")]
+    assert main(["--debug"] + argv if where == "before" else argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "nope.yaml' does not exist" in err
+    assert main(argv) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_an_empty_config_file_is_refused_not_run_with_the_gpu_sized_defaults(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert main(["params", str(tmp_path / "empty.yaml")]) == 2
+    assert "config file" in (err := capsys.readouterr().err) and "is empty" in err and "configs/default.yaml" in err
+
+
+@pytest.mark.parametrize("field, value, hint", [
+    ("data.pubmedqa.source", "ori_pqal.jsn", "an http(s) URL or hf:ORG/NAME"),
+    ("data.mmlu.source", "mmlu/dat", "an http(s) URL or hf:ORG/NAME"),
+    ("data.pubmedqa.extra_train_source", "ori_pqaa.json", "an http(s) URL"),
+    ("model.source", "HuggingFaceTB/SmolLM2-135M", "a hub model is written hf:HuggingFaceTB/SmolLM2-135M"),
+    ("model.source", "gguf:model.gguf", "gguf:FILE"),
+    ("quantize.calibration", "calib.txt", "or give 'task'"),
+])
+def test_a_missing_local_input_is_named_before_prefect_starts(tmp_path, monkeypatch, capsys, field, value, hint):
+    import expert.pipeline_config as pipeline_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "flows.pipeline", None)  # the flow (and Prefect) must not be needed
+    assert main(["run", str(pipeline_config.PRESETS_DIR / "default.yaml"), "--set", f"{field}={value}"]) == 2
+    err = capsys.readouterr().err
+    shown = value.removeprefix("gguf:")
+    assert f"{field} '{value}' does not exist (resolved to {tmp_path / shown})" in err and hint in err
+
+
+def test_an_existing_local_input_and_remote_ones_pass_the_check(tmp_path):
+    from expert.pipeline_config import check_local_sources, load_preset
+
+    (tmp_path / "calib.txt").write_text("text")
+    check_local_sources(load_preset("default", [f"quantize.calibration={tmp_path / 'calib.txt'}"]))  # URL, hf:, embedded:
+    check_local_sources(load_preset("default", ["data.mmlu=null", "quantize.method=nf4",
+                                                "quantize.calibration=nowhere.txt"]))  # nf4 reads no calibration
+
+
+def test_out_that_is_a_file_or_unwritable_is_said_before_the_work(tmp_path, capsys, monkeypatch):
+    import expert.benchmarks.mmlu as mmlu
+
+    monkeypatch.setattr(mmlu, "format_mmlu", lambda *a, **k: pytest.fail("the work started"))
+    src = write_mmlu_dir(tmp_path / "mmlu")
+    (tmp_path / "afile").write_text("x")
+    assert main(["format", "mmlu", "--source", str(src), "--out", str(tmp_path / "afile")]) == 2
+    assert f"--out '{tmp_path / 'afile'}' is a file" in capsys.readouterr().err
+    assert main(["format", "mmlu", "--source", str(src), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot write in" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mmlu"]  # no temp folder left, nothing fetched
+
+
+def test_eval_checks_the_adapter_before_loading_the_model_and_takes_eval_prefixed_settings(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import expert.modeling as modeling
+    from tests.fixtures.models import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "model")
+    src = write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60)
+    assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "data")]) == 0
+    (tmp_path / "adapter").mkdir()
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["eval", "--model", str(model), "--benchmark", "pubmedqa", "--data", str(tmp_path / "data"),
+            "--out", str(tmp_path / "eval")]
+    assert main(argv + ["--adapter", str(tmp_path / "adapter")]) == 2
+    assert "lacks adapter_config.json" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(argv + ["--set", "eval.batch_size=4", "--set", "mmlu_max_per_subject=2"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["scoring"]["batch_size"] == 4
+
+
+def test_eval_of_one_benchmark_on_the_others_data_says_which_it_is(tmp_path, capsys):
+    from tests.fixtures.models import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "model")
+    assert main(["format", "mmlu", "--source", str(write_mmlu_dir(tmp_path / "mmlu")), "--out",
+                 str(tmp_path / "mmlu_out")]) == 0
+    assert main(["format", "pubmedqa", "--source", str(write_pubmedqa_json(tmp_path / "p.json", n=60)), "--out",
+                 str(tmp_path / "pq_out")]) == 0
+    capsys.readouterr()
+    for benchmark, data, found in (("pubmedqa", "mmlu_out", "mmlu"), ("mmlu", "pq_out", "pubmedqa")):
+        assert main(["eval", "--model", str(model), "--benchmark", benchmark, "--data", str(tmp_path / data),
+                     "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert f"holds {found} data, not {benchmark}" in err and f"--benchmark {found}" in err
+        (tmp_path / data / "stats.json").unlink()  # without stats.json, by its columns
+        assert main(["eval", "--model", str(model), "--benchmark", benchmark, "--data", str(tmp_path / data),
+                     "--out", str(tmp_path / "e")]) == 2
+        assert f"holds {found} data" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--model", str(model), "--benchmark", "mmlu", "--data", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "`expert format mmlu --source ... --out" in capsys.readouterr().err
+
+
+def test_a_bad_tokenizer_folder_is_named(tmp_path, capsys):
+    src = write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60)
+    (tmp_path / "nomodel").mkdir()
+    (tmp_path / "nomodel" / "weights.bin").write_bytes(b"junk")
+    for folder in ("nomodel", "missing"):
+        assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "out"), "--tokenizer",
+                     str(tmp_path / folder), "--max-prompt-tokens", "100"]) == 2
+        assert f"--tokenizer '{tmp_path / folder}' is not a model folder with a tokenizer" in capsys.readouterr().err

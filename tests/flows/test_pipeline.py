@@ -116,3 +116,15 @@ def test_changed_input_file_reruns_what_reads_it(prefect_harness, inputs, tmp_pa
     states, _ = run(config)
     assert "import model" not in reran(states) and "quantize none" not in reran(states)
     assert {"format pubmedqa fold 0", "train LoRA r4", "evaluate pubmedqa (base)"} <= reran(states)
+
+
+def test_a_deployment_run_with_a_missing_data_path_fails_before_any_stage(tmp_path, monkeypatch):
+    """A deployment run does not go through `expert run`: the flow checks local inputs itself."""
+    from expert.errors import ConfigError
+    from expert.pipeline_config import load_preset
+    from flows import pipeline as module
+
+    monkeypatch.setattr(module, "import_model", lambda *a, **k: pytest.fail("a stage ran"))
+    config = load_preset("default", [f"data.pubmedqa.source={tmp_path / 'ori_pqal.jsn'}"])
+    with pytest.raises(ConfigError, match=r"data.pubmedqa.source '.*ori_pqal.jsn' does not exist"):
+        module.pipeline.fn(config=config)
