@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -45,10 +46,16 @@ def publish(benchmark: str, ref: dict, label: str) -> None:
     """Every table of the evaluation's report.md, and the report itself, as Prefect artifacts."""
     folder = Path(ref["path"])
     metrics = json.loads((folder / "metrics.json").read_text())
-    key = f"{benchmark}-{label}".lower().replace(" ", "-").replace("_", "-")
+    key = artifact_key(benchmark, label)
     for title, rows in markdown_tables(metrics, run_name=label).items():
-        create_table_artifact(rows, key=f"{key}-{title}".replace("_", "-"),
+        create_table_artifact(rows, key=artifact_key(key, title),
                               description=f"{benchmark} ({label}): {title.replace('_', ' ')}")
     report = folder / "report.md"
     if report.is_file():
         create_markdown_artifact(report.read_text(), key=f"{key}-report", description=f"{benchmark} ({label}): report")
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only) from free text such as
+    the evaluate deployment's `label` ("Llama-3.1 8B_v2" -> "llama-3-1-8b-v2")."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-") or "model"

@@ -1,5 +1,7 @@
 """The shared task mechanism, called without a flow (the flow tests run it for real)."""
 
+import json
+
 from tasks import stage
 
 
@@ -23,3 +25,22 @@ def test_progress_artifact_is_created_once_and_updated_sparingly(monkeypatch):
 def test_read_json_reads_an_artifact_file(tmp_path):
     (tmp_path / "scores.json").write_text('[{"step": 2}]')
     assert stage.read_json({"path": str(tmp_path)}, "scores.json") == [{"step": 2}]
+
+
+def test_evaluation_artifact_keys_are_valid_prefect_keys_for_any_label(tmp_path, monkeypatch):
+    """The evaluate deployment's `label` is free text; Prefect takes only [a-z0-9-] in artifact keys."""
+    from prefect.types.names import raise_on_name_alphanumeric_dashes_only
+
+    from expert.evaluation.metrics import pubmedqa_metrics
+    from tasks import evaluate
+
+    metrics = pubmedqa_metrics(["yes", "no", "maybe"], ["yes", "no", "no"])
+    (tmp_path / "metrics.json").write_text(json.dumps({**metrics, "n": 3}))
+    (tmp_path / "report.md").write_text("# r\n")
+    keys = []
+    monkeypatch.setattr(evaluate, "create_table_artifact", lambda rows, key, description: keys.append(key))
+    monkeypatch.setattr(evaluate, "create_markdown_artifact", lambda text, key, description: keys.append(key))
+    evaluate.publish("pubmedqa", {"path": str(tmp_path)}, "Llama-3.1 8B_v2 (fold 0)")
+    assert keys and all(raise_on_name_alphanumeric_dashes_only(k, "key") for k in keys), keys
+    assert keys[-1] == "pubmedqa-llama-3-1-8b-v2-fold-0-report"
+    assert evaluate.artifact_key("pubmedqa", "") == "pubmedqa" and evaluate.artifact_key("--", "") == "model"
