@@ -75,6 +75,7 @@ ENV HF_HOME=/cache/huggingface \
     TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
     TRITON_CACHE_DIR=/cache/triton \
     PREFECT_HOME=/home/expert/.prefect \
+    PREFECT_RESULTS_LOCAL_STORAGE_PATH=/cache/prefect-results \
     PREFECT_LOGGING_EXTRA_LOGGERS=expert \
     PREFECT_LOGGING_LEVEL=INFO \
     DO_NOT_TRACK=1

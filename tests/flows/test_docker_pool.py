@@ -137,6 +137,8 @@ def test_the_worker_asks_docker_for_the_image_the_gpus_and_the_volumes(tmp_path)
     assert env["PREFECT_API_URL"] == REMOTE_API
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "expert" and env["PREFECT_LOGGING_LEVEL"] == "INFO"
     assert env["PREFECT_HOME"] == "/home/expert/.prefect"
+    # the cache records outlive the container (auto_remove), so a rerun's stages show `Cached`
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith("/cache/")
     leaked = {k: v for k, v in env.items() if str(tmp_path) in v or str(REPO) in v}
     assert leaked == {}, "paths of the worker's host would not exist in the container"
 
