@@ -34,7 +34,7 @@ WORKER_VENV ?= .venv-worker
 WORKER_REQS := prefect==3.9.1 prefect-docker==0.7.4
 PIPELINE_DEPLOYMENTS := pipeline-default retrain-weekly
 
-.PHONY: run test setup clean-venv server deploy worker image deploy-docker docker-worker
+.PHONY: run test setup clean-venv server pools deploy deployed worker image deploy-docker docker-worker
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -56,11 +56,22 @@ test: setup
 server: setup
 	$(BIN)/prefect server start --host $(HOST) --port $(PORT)
 
+# The work pools, each created once: `create --overwrite` would also reset what an operator set
+# since (a paused pool, a concurrency limit). The process pool runs one flow run at a time (one
+# GPU, or this machine's cores): a deployment's own concurrency_limit holds only that deployment,
+# so the pipeline, the weekly retraining and an evaluation could otherwise share the GPU.
+pools: setup
+	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || { \
+		PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process && \
+		PREFECT_API_URL=$(API) $(BIN)/prefect work-pool set-concurrency-limit $(POOL) 1; }
+	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool inspect $(DOCKER_POOL) >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(DOCKER_POOL) --type docker
+
 # Deploys every deployment of prefect.yaml; with a local copy of the data, the pipeline
 # deployments get it as their parameters (the default preset fetches it from the web).
-deploy: setup
-	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(POOL) --type process --overwrite
-	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(DOCKER_POOL) --type docker --overwrite
+# A deploy recreates each deployment's schedules as prefect.yaml declares them: retrain-weekly
+# is paused again (resume it after each `make deploy`).
+deploy: pools
 	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --all
 	$(if $(strip $(LOCAL_DATA)),for name in $(PIPELINE_DEPLOYMENTS); do PREFECT_API_URL=$(API) \
 		$(BIN)/prefect --no-prompt deploy --name $$name --params "$$($(BIN)/expert params $(CONFIG) $(LOCAL_DATA) $(SET))" \
@@ -68,7 +79,13 @@ deploy: setup
 	$(if $(strip $(LOCAL_DATA)),PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --name evaluate \
 		--params "$$($(BIN)/expert params $(CONFIG) $(LOCAL_DATA) $(SET) --evaluate)")
 
-worker: deploy
+# Deploys only when the deployments are not there yet: restarting a worker must not re-pause the
+# weekly schedule an operator resumed (`make deploy` redeploys on purpose).
+deployed: pools
+	PREFECT_API_URL=$(API) $(BIN)/prefect deployment inspect expert-pipeline/pipeline-default >/dev/null 2>&1 \
+		|| $(MAKE) deploy
+
+worker: deployed
 	PREFECT_API_URL=$(API) $(BIN)/prefect worker start --pool $(POOL)
 
 # Scaling out to a GPU host (README): the image, the Docker work pool and its deployment, and a
@@ -76,8 +93,7 @@ worker: deploy
 image:
 	docker build -t $(IMAGE) .
 
-deploy-docker: setup
-	PREFECT_API_URL=$(API) $(BIN)/prefect work-pool create $(DOCKER_POOL) --type docker --overwrite
+deploy-docker: pools
 	PREFECT_API_URL=$(API) $(BIN)/prefect --no-prompt deploy --name pipeline-gpu
 
 docker-worker:

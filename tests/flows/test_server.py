@@ -1,8 +1,8 @@
 """The repository's own prefect.yaml against a real Prefect server, the way users drive it.
 
-Starts `prefect server start` on 127.0.0.1 (SQLite in a temp folder), creates the process and
-Docker work pools (`deploy --all` stops at a deployment whose pool does not exist), `prefect
---no-prompt deploy --all` from the repository, starts a process worker, and runs the
+Starts `prefect server start` on 127.0.0.1 (SQLite in a temp folder), runs `make deploy` (the
+process and Docker work pools, then `prefect --no-prompt deploy --all` from the repository),
+starts a process worker, and runs the
 pipeline deployment on the tiny preset with `prefect deployment run --watch`: first everything
 computes, then everything is `Cached`, then `force=["train"]` recomputes train and what follows
 only. Every process it starts runs in its own process group and is stopped by PID.
@@ -65,6 +65,18 @@ class Server:
                         + self.logs())
         return done
 
+    def make(self, *targets: str) -> subprocess.CompletedProcess:
+        """The Makefile's targets against this server, with this interpreter's environment; no local
+        data (DATA points nowhere), and the environment taken as set up (`-o`: no reinstall)."""
+        venv = Path(sys.executable).parents[1]
+        done = subprocess.run(["make", "-o", f"{venv}/.installed", f"VENV={venv}", "HOST=127.0.0.1",
+                               f"PORT={self.port}", f"DATA={self.root / 'no-data'}", *targets],
+                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            pytest.fail(f"make {' '.join(targets)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}\n"
+                        + self.logs())
+        return done
+
     def post(self, path: str, body: dict) -> list[dict]:
         response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
         response.raise_for_status()
@@ -120,9 +132,7 @@ def server(tmp_path_factory):
         server.start("server", "start", "--host", "127.0.0.1", "--port", str(server.port), "--no-ui",
                      log="server.log")
         server.wait_healthy()
-        server.cli("work-pool", "create", POOL, "--type", "process")
-        server.cli("work-pool", "create", DOCKER_POOL, "--type", "docker")
-        server.cli("--no-prompt", "deploy", "--all")
+        server.make("deploy")  # as `make worker` does on a fresh server: pools, then `prefect deploy --all`
         server.start("worker", "start", "--pool", POOL, "--name", "test-worker", log="worker.log")
         yield server
     finally:
@@ -215,3 +225,24 @@ def test_run_cached_rerun_and_force_through_a_worker(server, tmp_path_factory):
         "model": str(model), "adapter": str(adapter), "label": "check", "artifacts_dir": str(inputs["artifacts"]),
         "data": params["config"]["data"], "evaluation": params["config"]["eval"]})
     assert set(stage_states(server, evaluation)) >= {"evaluate pubmedqa (check)", "evaluate mmlu (check)"}
+
+
+def test_make_keeps_what_an_operator_changed_and_deploys_only_what_is_missing(server):
+    """`make worker` after a restart: the pools and the resumed weekly schedule stay as set."""
+    def pool_limit() -> int | None:
+        return server.get(f"/work_pools/{POOL}")["concurrency_limit"]
+
+    def weekly_schedule() -> dict:
+        (deployment,) = [d for d in server.post("/deployments/filter", {}) if d["name"] == "retrain-weekly"]
+        (schedule,) = deployment["schedules"]
+        return schedule
+
+    assert pool_limit() == 1  # one flow run at a time in the process pool: one GPU
+    server.cli("work-pool", "set-concurrency-limit", POOL, "2")
+    server.cli("deployment", "schedule", "resume", "expert-pipeline/retrain-weekly", weekly_schedule()["id"])
+    resumed = weekly_schedule()
+    assert resumed["active"]
+    server.make("deployed")  # what `make worker` runs before starting the worker
+    assert pool_limit() == 2 and weekly_schedule() == resumed
+    server.make("deploy")  # on purpose: prefect.yaml's schedule, paused, as README says
+    assert pool_limit() == 2 and not weekly_schedule()["active"]
