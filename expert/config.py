@@ -51,22 +51,54 @@ class StageConfig(BaseModel):
 
 
 def format_validation_error(cls: type[BaseModel], exc: ValidationError, where: str = "", source: str = "") -> str:
-    problems = []
+    problems: list[str] = []
+    branches: dict[str, list[dict]] = {}  # field -> its errors, one per member of a union type
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
+        loc = [str(p) for p in err["loc"] if not _is_union_member(p)]
         field = ".".join(([where] if where else []) + loc) or where or cls.__name__
         if err["type"] == "extra_forbidden":
             allowed = _fields_at(cls, err["loc"][:-1])
             msg = f"unknown key '{field}'" + did_you_mean(loc[-1], allowed)
-            msg += f"; allowed keys: {', '.join(sorted(allowed))}"
+            problems.append(msg + f"; allowed keys: {', '.join(sorted(allowed))}")
+        elif field in branches:
+            branches[field].append(err)
         else:
-            msg = f"'{field}': {err['msg']}"
-            if "input" in err and err["type"] != "missing":
-                msg += f" (got {err['input']!r})"
-        problems.append(msg)
+            branches[field] = [err]
+            problems.append(field)  # a placeholder: filled in below, once every branch is in
+    for i, item in enumerate(problems):
+        if item in branches:
+            problems[i] = _field_problem(item, branches[item])
     place = source or where
     head = f"invalid {cls.__name__}" + (f" in '{place}'" if place else "")
     return head + ": " + "; ".join(problems)
+
+
+def _field_problem(field: str, errors: list[dict]) -> str:
+    """One field's problem: pydantic's message without its "Value error, " prefix, and a value
+    that fits no member of a union type said once ("a valid list or 'all-linear'")."""
+    first = errors[0]
+    if first["type"] in ("model_type", "dict_type") and first.get("input", "") is None:
+        return f"'{field}' is empty (a section with nothing under it): give its fields, or leave it out for its defaults"
+    wants = []
+    for err in errors:
+        text = err["msg"].removeprefix("Value error, ")
+        if wants and text.startswith("Input should be "):
+            text = text.removeprefix("Input should be ")
+        if text not in wants:
+            wants.append(text)
+    msg = f"'{field}': " + " or ".join(wants)
+    if "input" in first and first["type"] != "missing":
+        msg += f" (got {first['input']!r})"
+    return msg
+
+
+def _is_union_member(part: Any) -> bool:
+    """pydantic names the member of a union type a value failed in the error's location
+    (`list[str]`, `literal['all-linear']`, `function-after[...]`): no field is named so."""
+    return isinstance(part, str) and (any(c in part for c in "[]-") or part in _TYPE_NAMES)
+
+
+_TYPE_NAMES = {"int", "float", "str", "bool", "none", "list", "dict"}
 
 
 def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str]:

@@ -6,9 +6,12 @@ a gated one (401/403) or offline mode fails at once with a message that says wha
 
 from __future__ import annotations
 
+import logging
 import time
 
 from expert.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 RETRY_DELAYS = (2.0, 5.0, 15.0, 30.0)  # seconds between hub attempts
 # The files that make a model folder, besides its weights.
@@ -74,6 +77,9 @@ def with_retries(call, where: str, delays: tuple[float, ...] | None = None, erro
                     f"({type(exc).__name__}: {exc}). Check the network (or HF_ENDPOINT) and run again, "
                     f"or {instead}."
                 ) from exc
+            # said, so that a stalled fetch is not minutes of silence in the logs
+            log.warning("cannot fetch %s (%s: %s); trying again in %g s (attempt %d of %d)", where,
+                        type(exc).__name__, exc, delays[attempt], attempt + 2, len(delays) + 1)
             time.sleep(delays[attempt])
 
 

@@ -65,7 +65,7 @@ def test_frozen_and_canonical():
 
 
 @pytest.mark.parametrize("override, named", [
-    ("eval.device=gpu", "'eval.device': Value error, must be 'auto', 'cpu'"),
+    ("eval.device=gpu", "'eval.device': must be 'auto', 'cpu'"),
     ("train.learning_rate=.inf", "'train.learning_rate': Input should be a finite number"),
     ("quantize.damp_percent=nan", "'quantize.damp_percent': Input should be a finite number"),
 ])
@@ -75,3 +75,23 @@ def test_values_that_would_fail_hours_later_are_refused_when_the_config_loads(ov
     load_config(None, ["eval.device=cuda:1"])  # a device with an index is fine
     with pytest.raises(ConfigError, match=named):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    # a value that fits no member of a union type: said once, with what each member takes
+    ("train.target_modules=q_proj",
+     "'train.target_modules': Input should be a valid list or 'all-linear' (got 'q_proj');"),
+    ("train.micro_batch_size=big", "'train.micro_batch_size': Input should be a valid integer"),
+    # a validator's message, without pydantic's "Value error, "
+    ("quantize.bits=5", "'quantize.bits': must be one of (2, 3, 4, 8) (got 5)"),
+    ("train=null", "'train' is empty (a section with nothing under it): give its fields, or leave it out"),
+])
+def test_messages_name_the_field_as_written_without_pydantic_internals(override, message):
+    from expert.pipeline_config import load_preset
+
+    with pytest.raises(ConfigError) as err:
+        load_preset("default", [override, "data.pubmedqa.fold=12"])
+    text = str(err.value) + ";"
+    assert message in text, text
+    assert "'data.pubmedqa.fold': Input should be less than or equal to 9 (got 12)" in text  # every problem
+    assert not any(tag in text for tag in ("list[str]", "literal[", "Value error", "function-"))

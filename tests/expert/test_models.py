@@ -241,7 +241,7 @@ class _FakeInfo:
         self.siblings = [type("Sibling", (), {"rfilename": f})() for f in files]
 
 
-def test_hub_source_retries_network_errors(llama_dir, tmp_path, monkeypatch):
+def test_hub_source_retries_network_errors(llama_dir, tmp_path, monkeypatch, caplog):
     import huggingface_hub
 
     calls = {"info": 0}
@@ -262,8 +262,12 @@ def test_hub_source_retries_network_errors(llama_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.setattr(hub, "RETRY_DELAYS", (0.0, 0.0, 0.0))
-    resolved = resolve_model_source(ModelConfig(source="hf:Org/tiny", revision="main"))
+    with caplog.at_level("WARNING", logger="expert.hub"):
+        resolved = resolve_model_source(ModelConfig(source="hf:Org/tiny", revision="main"))
     assert calls["info"] == 3
+    retries = [r.getMessage() for r in caplog.records if r.name == "expert.hub"]
+    assert retries == [f"cannot fetch hf:Org/tiny@main (ConnectionError: connection reset); trying again in 0 s "
+                       f"(attempt {n} of 4)" for n in (2, 3)]
     assert resolved.fingerprint == f"hf:Org/tiny@{_FakeInfo.sha}" and resolved.kind == "hf"
     assert calls["snapshot"] == ("Org/tiny", _FakeInfo.sha,
                                  ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"])
