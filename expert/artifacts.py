@@ -346,12 +346,16 @@ def _write_json_durably(path: Path, value: Any) -> None:
 
 def _publish(tmp: Path, target: Path, key: str, replace: bool = False) -> None:
     """Rename `tmp` into place; an existing incomplete (or, with `replace`, any) folder is moved
-    aside first. Readers that already opened its files keep reading them (POSIX)."""
+    aside first and deleted once the new one is in place, so the name is missing only between
+    two renames (not while a model folder is deleted). Readers that already opened its files
+    keep reading them (POSIX)."""
+    trash = None
     if target.exists():
         if not replace and verify(target, expected_key=key) is None:
             shutil.rmtree(tmp)  # someone else finished the same work first: keep theirs
             return
         trash = target.parent / f".trash-{key}-{uuid.uuid4().hex[:8]}"
         os.rename(target, trash)
-        shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

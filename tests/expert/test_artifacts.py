@@ -255,3 +255,25 @@ def test_a_forced_build_starts_over_and_clears_debris_of_a_killed_replace(tmp_pa
     store.build(request(), lambda out: seen.append(sorted(p.name for p in work.glob("*"))) or
                 (out / "a.txt").write_text("new"), replace=True)
     assert seen == [[]] and not trash.exists()
+
+
+def test_a_replaced_folder_is_deleted_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """Deleting a model folder takes seconds: its name must not be missing meanwhile, for a reader
+    that opens it by path (another run's stage, `expert eval`)."""
+    import shutil
+    from pathlib import Path
+
+    import expert.artifacts as artifacts
+
+    store = ArtifactStore(tmp_path)
+    first = store.build(request(), lambda out: (out / "a.txt").write_text("old"))
+    rmtree, seen = shutil.rmtree, []
+
+    def watching_rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".trash-"):
+            seen.append((first.path / "a.txt").read_text())  # what a reader finds while the old goes
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(artifacts.shutil, "rmtree", watching_rmtree)
+    store.build(request(), lambda out: (out / "a.txt").write_text("new"), replace=True)
+    assert seen == ["new"] and not list(first.path.parent.glob(".trash-*"))
