@@ -302,7 +302,9 @@ def verify_tree(root: Path) -> list[tuple[Path, str | None]]:
     folders = sorted(p for pattern in ("*", "*/*") for p in root.glob(pattern)
                      if p.is_dir() and _is_key(p.name) and "downloads" not in p.relative_to(root).parts)
     if not folders:
-        raise ExpertError(f"'{root}' holds no artifact folders (named by a {KEY_LENGTH}-hex-digit key)")
+        raise ExpertError(f"'{root}' holds no artifact folders (named by a {KEY_LENGTH}-hex-digit key): verify "
+                          "checks the artifact store's folders, artifacts/<stage>/<key>, which carry a manifest.json; "
+                          "what `expert format` or `expert eval` wrote elsewhere has none")
     return [(p, verify(p, full=True)) for p in folders]
 
 

@@ -15,8 +15,10 @@ anything unexpected); `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -165,13 +167,15 @@ def cmd_params(args: argparse.Namespace) -> None:
 def cmd_import_model(args: argparse.Namespace) -> None:
     from expert.models import ModelConfig, import_model, resolve_model_source
 
-    config = ModelConfig.from_dict({"source": args.source, "revision": args.revision, "dtype": args.dtype,
-                                    "trust_remote_code": args.trust_remote_code}, where="import-model")
-    _check_out(args.out)
-    workspace = _workspace()
-    resolved = resolve_model_source(config, cache_dir=workspace.downloads / "models",
-                                    fingerprints=workspace.fingerprints)
-    _write_into(args.out, lambda tmp: import_model(config, resolved, tmp))
+    with _said_as_flags("model", {"source": "--source", "revision": "--revision", "dtype": "--dtype",
+                                  "trust_remote_code": "--trust-remote-code"}):
+        config = ModelConfig.from_dict({"source": args.source, "revision": args.revision, "dtype": args.dtype,
+                                        "trust_remote_code": args.trust_remote_code}, source="import-model")
+        _check_out(args.out)
+        workspace = _workspace()
+        resolved = resolve_model_source(config, cache_dir=workspace.downloads / "models",
+                                        fingerprints=workspace.fingerprints)
+        _write_into(args.out, lambda tmp: import_model(config, resolved, tmp))
 
 
 def cmd_format_pubmedqa(args: argparse.Namespace) -> None:
@@ -180,14 +184,17 @@ def cmd_format_pubmedqa(args: argparse.Namespace) -> None:
 
     raw = {"source": args.source, "fold": args.fold, "template": args.template,
            "extra_train_source": args.extra_train, "max_prompt_tokens": args.max_prompt_tokens}
-    config = PubMedQAConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format pubmedqa")
-    _check_out(args.out)
-    tokenizer = None if args.tokenizer is None else _tokenizer(args.tokenizer)
-    workspace = _workspace()
-    source = fetch(config.source, workspace.downloads, workspace.fingerprints)
-    extra = fetch(args.extra_train, workspace.downloads, workspace.fingerprints) if args.extra_train else None
-    _write_into(args.out, lambda tmp: format_pubmedqa(config, source.path, tmp, tokenizer=tokenizer,
-                                                      extra_source=extra.path if extra else None))
+    with _said_as_flags("data.pubmedqa", {"source": "--source", "fold": "--fold", "template": "--template",
+                                          "extra_train_source": "--extra-train",
+                                          "max_prompt_tokens": "--max-prompt-tokens"}):
+        config = PubMedQAConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format pubmedqa")
+        _check_out(args.out)
+        tokenizer = None if args.tokenizer is None else _tokenizer(args.tokenizer)
+        workspace = _workspace()
+        source = fetch(config.source, workspace.downloads, workspace.fingerprints)
+        extra = fetch(args.extra_train, workspace.downloads, workspace.fingerprints) if args.extra_train else None
+        _write_into(args.out, lambda tmp: format_pubmedqa(config, source.path, tmp, tokenizer=tokenizer,
+                                                          extra_source=extra.path if extra else None))
 
 
 def cmd_format_mmlu(args: argparse.Namespace) -> None:
@@ -195,11 +202,12 @@ def cmd_format_mmlu(args: argparse.Namespace) -> None:
     from expert.sources import fetch
 
     raw = {"source": args.source, "num_shots": args.num_shots}
-    config = MMLUConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format mmlu")
-    _check_out(args.out)
-    workspace = _workspace()
-    source = fetch(config.source, workspace.downloads, workspace.fingerprints)
-    _write_into(args.out, lambda tmp: format_mmlu(config, source.path, tmp))
+    with _said_as_flags("data.mmlu", {"source": "--source", "num_shots": "--num-shots"}):
+        config = MMLUConfig.from_dict({k: v for k, v in raw.items() if v is not None}, source="format mmlu")
+        _check_out(args.out)
+        workspace = _workspace()
+        source = fetch(config.source, workspace.downloads, workspace.fingerprints)
+        _write_into(args.out, lambda tmp: format_mmlu(config, source.path, tmp))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -235,6 +243,22 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if bad:
         raise ExpertError(f"{len(bad)} of {len(results)} artifact(s) failed verification; delete them (the next "
                           "run rebuilds them) or restore them from a backup")
+
+
+@contextlib.contextmanager
+def _said_as_flags(section: str, flags: dict[str, str]):
+    """The library names config fields (`data.pubmedqa.fold`, `'fold'`); a command given flags
+    says the flags the user typed (`--fold`)."""
+    try:
+        yield
+    except ExpertError as exc:
+        text = str(exc)
+        for field, flag in flags.items():
+            text = re.sub(rf"(?<![\w.]){re.escape(section)}\.{field}\b", flag, text)
+            text = text.replace(f"'{field}'", f"'{flag}'")
+        text = text.replace("no tokenizer was given: pass the model's tokenizer",
+                            "no tokenizer was given: pass the model's tokenizer (--tokenizer MODEL_DIR)")
+        raise type(exc)(text) from exc
 
 
 def _workspace():

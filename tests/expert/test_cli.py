@@ -236,3 +236,29 @@ def test_a_bad_tokenizer_folder_is_named(tmp_path, capsys):
         assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "out"), "--tokenizer",
                      str(tmp_path / folder), "--max-prompt-tokens", "100"]) == 2
         assert f"--tokenizer '{tmp_path / folder}' is not a model folder with a tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, said, not_said", [
+    (["format", "pubmedqa", "--fold", "12"], "'--fold': Input should be less than or equal to 9", "'fold'"),
+    (["format", "pubmedqa", "--max-prompt-tokens", "100"],
+     "--max-prompt-tokens is set but no tokenizer was given: pass the model's tokenizer (--tokenizer MODEL_DIR)",
+     "data.pubmedqa.max_prompt_tokens"),
+    (["format", "mmlu", "--num-shots", "-1"], "'--num-shots': Input should be greater than or equal to 0",
+     "'num_shots'"),
+    (["import-model", "--source", "no-such-model"], "--source 'no-such-model': no such file or folder",
+     "model.source"),
+])
+def test_flag_commands_name_the_flags_not_the_config_fields(tmp_path, capsys, argv, said, not_said):
+    source = {"pubmedqa": write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60),
+              "mmlu": write_mmlu_dir(tmp_path / "mmlu")}.get(argv[1])
+    argv = argv + (["--source", str(source)] if source else []) + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert said in err and not_said not in err, err
+
+
+def test_verify_of_a_folder_outside_the_store_says_what_it_checks(tmp_path, capsys):
+    src = write_mmlu_dir(tmp_path / "mmlu")
+    assert main(["format", "mmlu", "--source", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert main(["verify", str(tmp_path / "out")]) == 2
+    assert "verify checks the artifact store's folders, artifacts/<stage>/<key>" in capsys.readouterr().err
