@@ -7,6 +7,7 @@ validates everything at once, naming each bad field.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -85,6 +86,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         apply_override(raw, item)
     return PipelineConfig.from_dict(raw, source=str(path) if path else "")
+
+
+def sections_left_out(config: PipelineConfig) -> list[str]:
+    """Sections the config does not give, which take PipelineConfig's built-in defaults."""
+    return [name for name in type(config).model_fields if name not in config.model_fields_set]
+
+
+def warn_sections_left_out(config: PipelineConfig) -> None:
+    """A deployment run's `config` replaces the whole preset (Prefect merges parameters one level
+    deep): `--param config='{"train": {...}}'` keeps nothing of the preset, and the sections left
+    out take the built-in defaults, sized for a GPU (10 epochs, the full MMLU). Said at the start."""
+    missing = sections_left_out(config)
+    if missing:
+        logging.getLogger(__name__).warning(
+            "the config leaves out %s: %s take%s the built-in defaults (sized for a GPU: 10 epochs, the full "
+            "MMLU), not a preset's. To change a few fields of a preset, pass all of it: "
+            "--params \"$(expert params configs/default.yaml --set train.learning_rate=...)\"",
+            ", ".join(missing), "they" if len(missing) > 1 else "it", "" if len(missing) > 1 else "s")
 
 
 def check_local_sources(config: PipelineConfig) -> None:

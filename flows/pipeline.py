@@ -13,7 +13,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from expert.pipeline_config import PipelineConfig, StageName, check_local_sources, load_preset
+from expert.pipeline_config import (PipelineConfig, StageName, check_local_sources, load_preset,
+                                    warn_sections_left_out)
 from tasks.data import format_mmlu, format_pubmedqa
 from tasks.evaluate import evaluate_all
 from tasks.model import import_model
@@ -39,6 +40,7 @@ DEFAULT_PRESET = load_preset("default")
 @flow(name="expert-pipeline", flow_run_name=_run_name, validate_parameters=True)
 def pipeline(config: PipelineConfig = DEFAULT_PRESET, force: list[StageName] | None = None) -> dict:
     check_local_sources(config)  # a typo in a data path fails now, not after the model import
+    warn_sections_left_out(config)  # a partial `config` parameter replaced the whole preset
     ws, again = config.artifacts_dir, set(force or ())
     base = import_model(config.model, ws, force="import_model" in again)
     pubmedqa = format_pubmedqa(config.data.pubmedqa, ws, model=base, force="format_pubmedqa" in again)

@@ -28,6 +28,9 @@ CONNECT_TIMEOUT = "30s"  # for a scheduler to answer; a busy one takes seconds, 
 # deterministic: a retry repeats a failure); the result travels back through dask.
 @task(name="piece", cache_policy=NO_CACHE, persist_result=False)
 def run_piece(piece: Piece, threads: int | None = None) -> Any:
+    from tasks.stage import library_logs_at_info
+
+    library_logs_at_info()  # a worker process: its library logs (model load, scoring) reach the UI at INFO
     if threads is not None:  # dask's worker starts torch on one thread (OMP_NUM_THREADS=1)
         import torch
 

@@ -40,7 +40,7 @@ def fetch_inputs(stage: Stage, config: StageConfig, workspace_root: str) -> dict
 def build_stage(stage: Stage, config: StageConfig, upstream: dict[str, dict], inputs: dict[str, Any],
                 workspace_root: str, cache_key: str, forced: bool = False) -> dict[str, str]:
     logger = get_run_logger()
-    _library_logs_at_info()
+    library_logs_at_info()
     store = Workspace.at(workspace_root).store
     request = stage.request(config, upstream, inputs)
     existing = store.get(request)
@@ -83,7 +83,7 @@ def run_stage(stage: Stage, config: StageConfig, workspace_root: str | Path,
     return {**ref, "forced": True} if force else ref
 
 
-def _library_logs_at_info() -> None:
+def library_logs_at_info() -> None:
     """The library's own loggers reach the run's log in the UI at INFO.
 
     PREFECT_LOGGING_EXTRA_LOGGERS (set for deployments in prefect.yaml, and by `expert run`)

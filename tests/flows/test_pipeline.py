@@ -128,3 +128,28 @@ def test_a_deployment_run_with_a_missing_data_path_fails_before_any_stage(tmp_pa
     config = load_preset("default", [f"data.pubmedqa.source={tmp_path / 'ori_pqal.jsn'}"])
     with pytest.raises(ConfigError, match=r"data.pubmedqa.source '.*ori_pqal.jsn' does not exist"):
         module.pipeline.fn(config=config)
+
+
+def test_a_partial_config_parameter_is_said_at_the_start(tmp_path, monkeypatch, caplog):
+    """`--param config='{"train": {...}}'` replaces the whole preset: the run says what took the defaults."""
+    from expert.pipeline_config import PipelineConfig, load_preset
+    from flows import pipeline as module
+
+    class Stop(Exception):
+        pass
+
+    def first_stage(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(module, "import_model", first_stage)
+    partial = PipelineConfig.model_validate({"train": {"learning_rate": 0.0003}})
+    with caplog.at_level("WARNING", logger="expert.pipeline_config"), pytest.raises(Stop):
+        module.pipeline.fn(config=partial)
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "expert.pipeline_config"]
+    assert said.startswith("the config leaves out name, artifacts_dir, model, data, quantize, select, eval: they "
+                           "take the built-in defaults") and "expert params configs/default.yaml" in said
+    caplog.clear()
+    whole = PipelineConfig.model_validate(load_preset("default").model_dump(mode="json"))  # as `expert params` gives
+    with caplog.at_level("WARNING", logger="expert.pipeline_config"), pytest.raises(Stop):
+        module.pipeline.fn(config=whole)
+    assert not [r for r in caplog.records if r.name == "expert.pipeline_config"]

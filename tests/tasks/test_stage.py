@@ -44,3 +44,15 @@ def test_evaluation_artifact_keys_are_valid_prefect_keys_for_any_label(tmp_path,
     assert keys and all(raise_on_name_alphanumeric_dashes_only(k, "key") for k in keys), keys
     assert keys[-1] == "pubmedqa-llama-3-1-8b-v2-fold-0-report"
     assert evaluate.artifact_key("pubmedqa", "") == "pubmedqa" and evaluate.artifact_key("--", "") == "model"
+
+
+def test_a_piece_on_a_dask_worker_logs_the_library_at_info(monkeypatch):
+    """A worker process never ran a stage task, which is where the library's loggers get INFO."""
+    import logging
+
+    from expert.fanout import Piece
+    from tasks.fanout import run_piece
+
+    library = logging.getLogger("expert")
+    monkeypatch.setattr(library, "level", logging.NOTSET)  # a fresh worker process: the root's WARNING
+    assert run_piece.fn(Piece("p", logging.getLogger("expert.evaluation").getEffectiveLevel)) == logging.INFO
