@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from expert.evaluation.report import REFERENCES, shots_label, to_markdown
+from expert.report_plots import plot_results
 
 PLOTS = {"select": "dev_scores.png", "train": "loss.png", "mmlu/expert": "mmlu.png"}
+RESULTS_PLOT = "results.png"
 HEADLINE = {"pubmedqa": ("accuracy", "macro_f1", "n"), "mmlu": ("average", "subject_mean", "n")}
 
 
@@ -40,6 +42,7 @@ def write_pipeline_report(upstream: dict[str, Path], config: dict[str, Any], out
     if "select" in upstream:
         details["select"]["per checkpoint"] = json.loads((upstream["select"] / "scores.json").read_text())
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot_results(summary, out_dir / RESULTS_PLOT)
     (out_dir / "report.md").write_text(render(summary, details, sorted(p.name for p in out_dir.glob("*.png"))))
     return {b: {w: {k: m.get(k) for k in HEADLINE[b]} for w, m in summary[b].items()} for b in HEADLINE}
 
@@ -47,6 +50,9 @@ def write_pipeline_report(upstream: dict[str, Path], config: dict[str, Any], out
 def render(summary: dict, details: dict, plots: list[str]) -> str:
     model = summary["config"].get("model", {}).get("source", "?")
     lines = [f"# EXPERT report: {summary['config'].get('name', '')}", "", f"Base model: `{model}`", ""]
+    if RESULTS_PLOT in plots:  # the numbers at a glance, before the tables
+        lines += [f"![results]({RESULTS_PLOT})", ""]
+        plots = [p for p in plots if p != RESULTS_PLOT]
     split = summary["config"].get("eval", {}).get("pubmedqa_split", "test")
     lines += [f"## PubMedQA (reasoning-required, {split} split)", ""]
     if split != "test":  # the published results are test-split numbers: no ranking among them
@@ -88,6 +94,11 @@ def pubmedqa_rows(runs: dict[str, dict], published: bool = True) -> list[dict]:
             for r in (REFERENCES["pubmedqa"] if published else [])]
     rows += [{"model": f"**{name}** (this run, n={m['n']})", "accuracy (%)": round(100 * m["accuracy"], 1),
               "macro-F1 (%)": round(100 * m["macro_f1"], 1)} for name, m in runs.items()]
+    majority = next((m["majority_baseline"] for m in runs.values() if m.get("majority_baseline")), None)
+    if majority:  # what the label prior alone scores on this split: the floor a model must clear
+        rows.append({"model": f"always '{majority['label']}' (the split's majority answer)",
+                     "accuracy (%)": round(100 * majority["accuracy"], 1),
+                     "macro-F1 (%)": round(100 * majority["macro_f1"], 1)})
     return [{"rank": i, **r} for i, r in enumerate(sorted(rows, key=lambda r: -r["accuracy (%)"]), 1)]
 
 

@@ -56,7 +56,7 @@ class Report(Stage):
     """base vs quantized vs expert, with the published results, in report.md + summary.json."""
 
     name: ClassVar[str] = "report"
-    version: ClassVar[int] = 3  # 3: where and in what dtype each evaluation scored
+    version: ClassVar[int] = 4  # 3: where and in what dtype each evaluation scored; 4: results.png, majority row
 
     def key_config(self, config):
         return {k: v for k, v in config.canonical().items() if k != "artifacts_dir"}

@@ -128,3 +128,42 @@ def test_report_says_where_each_evaluation_scored_and_warns_when_precisions_diff
     assert "**These evaluations were scored in different precisions.**" in mixed and "--force evaluate" in mixed
     old = report(base={"accuracy": 0.5, "macro_f1": 0.4, "n": 500}, expert=metrics("float32"))
     assert "pubmedqa base (not recorded)" in old and "different precisions" not in old  # unknown is no proof
+
+
+def test_results_plot_and_majority_baseline_are_in_the_report(tmp_path):
+    from expert.report_plots import majority_accuracy, mmlu_bars, pubmedqa_bars
+
+    majority = {"label": "yes", "accuracy": 0.552, "macro_f1": 0.237}
+    runs = {"expert": {"accuracy": 0.39, "macro_f1": 0.249, "n": 500, "majority_baseline": majority},
+            "base": {"accuracy": 0.434, "macro_f1": 0.298, "n": 500, "majority_baseline": majority},
+            "quantized": {"accuracy": 0.396, "macro_f1": 0.255, "n": 500, "majority_baseline": majority}}
+    mmlu = {"base": {"average": 0.281, "subject_mean": 0.28, "n": 114, "chance": 0.25,
+                     "categories": {"other": 0.286, "STEM": 0.306}},
+            "expert": {"average": 0.184, "subject_mean": 0.18, "n": 114, "chance": 0.25,
+                       "categories": {"other": 0.25, "STEM": 0.194}}}
+    # what the plot draws: pipeline order, percent, MMLU's category order then the average
+    assert [(n, round(a, 1), round(f, 1)) for n, a, f in pubmedqa_bars(runs)] == [
+        ("base", 43.4, 29.8), ("quantized", 39.6, 25.5), ("expert", 39.0, 24.9)]
+    assert round(majority_accuracy(runs), 1) == 55.2 and majority_accuracy({"base": {}}) is None
+    labels, values = mmlu_bars(mmlu)
+    assert labels == ["STEM", "other", "average"]
+    assert [round(v, 1) for v in values["expert"]] == [19.4, 25.0, 18.4] and list(values) == ["base", "expert"]
+
+    upstream = {f"pubmedqa/{n}": artifact(tmp_path, f"pubmedqa/{n}", {"metrics.json": m}) for n, m in runs.items()}
+    upstream |= {f"mmlu/{n}": artifact(tmp_path, f"mmlu/{n}", {"metrics.json": m}) for n, m in mmlu.items()}
+    out = tmp_path / "out"
+    out.mkdir()
+    write_pipeline_report(upstream, {"name": "t", "model": {"source": "m"}}, out)
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    report = (out / "report.md").read_text()
+    assert report.index("![results](results.png)") < report.index("## PubMedQA")  # at a glance, first
+    assert report.count("results.png") == 1
+    assert "| always 'yes' (the split's majority answer) | 55.2 | 23.7 |" in report
+    assert report.index("GPT-4") < report.index("always 'yes'") < report.index("**base**")  # ranked among them
+
+
+def test_no_results_plot_without_evaluations(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_pipeline_report({}, {"name": "t", "model": {"source": "m"}}, out)
+    assert not (out / "results.png").exists() and "results.png" not in (out / "report.md").read_text()
