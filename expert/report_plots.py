@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from expert.evaluation.metrics import MMLU_CATEGORIES
-
 MODEL_ORDER = ("base", "quantized", "expert")
 ORIGINAL = {"accuracy": 75.6, "macro_f1": 54.1}  # LLaMA-33B 4-bit + LoRA, the project this builds on
 GPT4_ACCURACY = 75.2
@@ -36,6 +34,8 @@ def majority_accuracy(runs: dict[str, dict]) -> float | None:
 
 def mmlu_bars(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[float | None]]]:
     """Categories in MMLU's order (then "average"), and each model's accuracy (%) on them."""
+    from expert.evaluation.metrics import MMLU_CATEGORIES  # imports scikit-learn: not on a cached rerun
+
     present = {c for m in runs.values() for c in m.get("categories", {})}
     categories = [c for c in MMLU_CATEGORIES if c in present]
     names = [n for n in MODEL_ORDER if n in runs] + sorted(n for n in runs if n not in MODEL_ORDER)
