@@ -9,9 +9,11 @@ do not change speed or memory), with the real length distributions of bench/data
 
 Training, for the original job (33B-shaped LLaMA, NF4 4-bit base, LoRA r8 on q/v, effective batch 50)
 and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effective batch 48):
-- peer: HF transformers + PEFT + bitsandbytes as a Trainer user runs it: shuffled PubMedQA-length
-  examples, padded to each batch's longest (DataCollatorForSeq2Seq), `model(..., labels=)` loss, the
-  preset's micro-batch (2 and 8), gradient checkpointing on;
+- peer: HF transformers + PEFT + bitsandbytes as a Trainer user runs it: PubMedQA-length examples
+  grouped by length as Trainer's `group_by_length` does (`--peer-random-batches`: drawn at random, as
+  the committed runs before 2026-11-27 were, with 17-27% padding), padded to each batch's longest
+  (DataCollatorForSeq2Seq), `model(..., labels=)` loss, the preset's micro-batch (2 and 8), gradient
+  checkpointing on (the 24 GiB cap);
 - ours: expert.train's own pieces on the same model: `attach_lora` (with lean activations,
   expert/train/lean.py), `plan_memory` (micro-batch and checkpointing 'auto' under a 24 GiB limit),
   `BatchPlan` (length-bucketed batches) and `Runner.step` (loss on answer tokens only, one host sync
@@ -162,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default=str(ROOT / "bench/data/pubmedqa_lengths.json"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     p.add_argument("--peer-micro-steps", type=int, default=12, help="timed micro-steps of the peer")
+    p.add_argument("--peer-random-batches", action="store_true",
+                   help="the peer's micro-batches drawn at random (as the runs before 2026-11-27 did), not "
+                        "grouped by length as Trainer's train_sampling_strategy='group_by_length' makes them")
     p.add_argument("--ours-examples", type=int, default=100, help="timed examples of ours (whole optimizer steps)")
     p.add_argument("--eval-pack-sweep", default="",
                    help="comma-separated pack sizes (suffix tokens per forward) timed on three subjects")
@@ -331,9 +336,14 @@ def _peer_train(args, model, examples, lora, micro, effective, device) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rng = random.Random(1)
-    batches = [[examples[rng.randrange(len(examples))] for _ in range(micro)]
-               for _ in range(2 if args.smoke else args.peer_micro_steps)]
-    fresh = [[examples[rng.randrange(len(examples))] for _ in range(micro)] for _ in batches]
+    count = 2 if args.smoke else args.peer_micro_steps
+    if args.peer_random_batches:  # the committed runs before 2026-11-27 (padding 17-27%)
+        batches = [[examples[rng.randrange(len(examples))] for _ in range(micro)] for _ in range(count)]
+        fresh = [[examples[rng.randrange(len(examples))] for _ in range(micro)] for _ in batches]
+    else:  # timed over the widths of an epoch, as ours' batches are (both report timed_mean_tokens)
+        lengths = [len(e.input_ids) for e in examples]
+        seen, unseen = _two_sets(_spread(_length_grouped(lengths, micro, effective, rng), lengths, 2 * count))
+        batches, fresh = ([[examples[i] for i in b] for b in half] for half in (seen, unseen))
 
     def window(batches) -> tuple[int, int, float]:
         useful = padded = 0
@@ -361,6 +371,7 @@ def _peer_train(args, model, examples, lora, micro, effective, device) -> dict:
         new_useful, _, new_seconds = window(fresh)
         extra["fresh_tokens_per_s"] = round(new_useful / new_seconds, 1)
         extra["fresh_mean_tokens"] = round(statistics.mean(len(e.input_ids) for b in fresh for e in b), 1)
+    extra["batches"] = "random" if args.peer_random_batches else "grouped by length (Trainer's group_by_length)"
     return {**extra, "micro_batch": micro, "gradient_checkpointing": True, "tokens_per_s": round(useful / seconds, 1),
             "initial_loss": round(float(initial), 4), "timed_examples": sum(len(b) for b in batches),
             "timed_mean_tokens": round(statistics.mean(len(e.input_ids) for b in batches for e in b), 1),
@@ -384,6 +395,18 @@ def _two_sets(ordered: list) -> tuple[list, list]:
     2026-11-27: its timed examples averaged 275.7 tokens against the data's 337)."""
     return ([x for k, x in enumerate(ordered) if k % 4 in (0, 3)],
             [x for k, x in enumerate(ordered) if k % 4 in (1, 2)])
+
+
+def _length_grouped(lengths: list[int], micro: int, effective: int, rng: random.Random) -> list[list[int]]:
+    """An epoch's micro-batches (example indices) as Trainer's `train_sampling_strategy=
+    "group_by_length"` makes them (transformers' LengthGroupedSampler): a shuffled order cut into
+    megabatches of 50 optimizer steps' examples, each sorted by length, longest first, then cut
+    into micro-batches in that order."""
+    order = rng.sample(range(len(lengths)), len(lengths))
+    mega = 50 * effective
+    grouped = [i for start in range(0, len(order), mega)
+               for i in sorted(order[start:start + mega], key=lambda i: -lengths[i])]
+    return [grouped[i:i + micro] for i in range(0, len(grouped) - micro + 1, micro)]
 
 
 def _padded(batch):

@@ -3,19 +3,26 @@
 Both sides train the same model (SmolLM2-135M-Instruct, float32) on the same PubMedQA training
 examples (our formatted split, tokenized once by `expert.train.data.encode_split`, so the token
 content is identical), with the same LoRA config (r 8, alpha 16, dropout 0.05 on q_proj, v_proj),
-micro-batch, gradient accumulation, sequence cap, optimizer (AdamW), learning rate, warmup,
-gradient clipping, gradient checkpointing and number of optimizer steps (whole epochs, so both
-see every example equally often). The peer is written as a user would: `DataCollatorForSeq2Seq`
-padding to each batch's longest, Trainer's shuffled batches, the model's own loss (`labels=`).
-The weights are float32 on both sides; the peer's matmuls run in float32 (Trainer's CPU default),
-ours under bf16 autocast where the CPU multiplies bf16 natively (`train.precision: auto`).
-`--ours-float32` adds ours in float32 too (like for like), `--ours-plain` ours without lean
-activations (expert/train/lean.py).
+micro-batch, gradient accumulation, sequence cap, optimizer (AdamW), learning-rate schedule
+(ours' warmup + linear decay, given to the Trainer too: transformers' own warmup starts at lr 0,
+which wastes the first update of a short run and would tilt the quality check), gradient
+clipping and number of optimizer steps (whole epochs, so both see every example equally often).
+The peer is set up as a competent user would on this machine: `DataCollatorForSeq2Seq` padding
+to each batch's longest, `train_sampling_strategy="group_by_length"` (Trainer's length grouping,
+which QLoRA's recipe turns on), the model's own loss (`labels=`), and no gradient checkpointing
+(memory is not short on the CPU; `--gradient-checkpointing 1` turns it on, as GPU recipes under
+a memory cap do). The weights are float32 on both sides; the peer's matmuls run in float32
+(Trainer's CPU default), ours under bf16 autocast where the CPU multiplies bf16 natively
+(`train.precision: auto`). Like for like: `--ours-float32` adds ours in float32, `--peer-bf16`
+the peer with `bf16=True` (bf16 autocast), both in the same run; `--ours-plain` adds ours
+without lean activations (expert/train/lean.py).
 
 The metric is useful (non-padding) tokens per second of the training loop: the same tokens on
 both sides divided by the loop's time (Trainer: on_train_begin .. on_train_end; ours: the sum
 of its step times, checkpoint writing excluded). The quality check is the answer-token loss on
-the dev split of both final adapters, computed by the same function.
+the dev split of every final adapter and of the untrained model, by the same function: each
+side must have moved it below the untrained model's, ours must be at most 2% above the peer's at
+the same precision, and in float32 (the same computation on both sides) the two within 2%.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/train_vs_trainer.py \\
         --model SMOLLM2_135M_INSTRUCT_DIR --data PUBMEDQA_FORMATTED_DIR
@@ -39,6 +46,8 @@ from common import command_line, describe_machine, newest_artifact, work_dir, wr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+WARMUP = 2  # optimizer steps, both sides
+QUALITY_TOLERANCE = 0.02  # relative, on the dev loss
 
 
 def main() -> None:
@@ -52,20 +61,21 @@ def main() -> None:
                                          "../shared/data/pubmedqa/ori_pqal.json --out DIR"))
     with work_dir("bench-train-") as work:
         subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
-        order = ("peer", "ours") + (("ours-plain",) if args.ours_plain else ()) + \
-            (("ours-float32",) if args.ours_float32 else ())
+        order = ("peer", "ours") + (("peer-bf16",) if args.peer_bf16 else ()) + \
+            (("ours-plain",) if args.ours_plain else ()) + (("ours-float32",) if args.ours_float32 else ())
         runs: dict[str, list[dict]] = {side: [] for side in order}
         for round_ in range(args.rounds):
             for side in order if round_ % 2 == 0 else order[::-1]:
                 print(f"round {round_ + 1}: {side}", flush=True)
-                if side == "peer":
-                    row = _peer(args, model_dir, subset, work / f"{side}-{round_}")
+                if side.startswith("peer"):
+                    row = _peer(args, model_dir, subset, work / f"{side}-{round_}", bf16=side == "peer-bf16")
                 else:
                     row = _ours(args, model_dir, subset, work / f"{side}-{round_}", lean=side != "ours-plain",
                                 precision="float32" if side == "ours-float32" else args.ours_precision)
                 runs[side].append(row)
                 print(json.dumps(row), flush=True)
-    result = _result(args, runs)
+        untrained = _untrained_dev_loss(args, model_dir, subset)
+    result = _result(args, runs, untrained)
     write_result(args.out, result)
 
 
@@ -80,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulation", type=int, default=2)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--learning-rate", type=float, default=2e-4)
-    p.add_argument("--gradient-checkpointing", type=int, default=1, choices=(0, 1),
-                   help="the peer's setting (on, as QLoRA recipes have it)")
+    p.add_argument("--gradient-checkpointing", type=int, default=0, choices=(0, 1),
+                   help="the peer's setting: off (memory is not short on the CPU), 1 as GPU recipes under a cap")
     p.add_argument("--ours-checkpointing", default="auto", choices=("auto", "on", "off"),
                    help="ours: auto (off when memory allows, the default config), or as the peer")
     p.add_argument("--ours-precision", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -89,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ours-float32", action="store_true",
                    help="also run ours with precision float32, the peer's (Trainer's CPU default)")
     p.add_argument("--peer-bf16", action="store_true",
-                   help="the peer with TrainingArguments(bf16=True): bf16 autocast on the CPU too")
+                   help="also run the peer with TrainingArguments(bf16=True): bf16 autocast, ours' precision")
     p.add_argument("--ours-plain", action="store_true",
                    help="also run ours without lean activations (expert.train.lean): what they add")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
@@ -117,7 +127,8 @@ def _config(args):
 
     return TrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
                        epochs=args.epochs, learning_rate=args.learning_rate, micro_batch_size=args.micro_batch,
-                       effective_batch_size=args.micro_batch * args.accumulation, warmup_steps=2,
+                       effective_batch_size=args.micro_batch * args.accumulation, warmup_steps=WARMUP,
+                       lr_scheduler="linear",
                        max_length=args.max_length,
                        gradient_checkpointing={"on": True, "off": False}.get(args.ours_checkpointing, "auto"),
                        seed=args.seed, save_every_steps=10**6, dev_loss=False)
@@ -148,12 +159,16 @@ def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, 
             "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
 
 
-def _peer(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
+def _peer(args, model_dir: Path, data_dir: Path, work: Path, bf16: bool = False) -> dict:
     """Trainer + PEFT, as its documentation has a user write it."""
+    import math
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments)
+
+    from expert.train.lora import lr_factor
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
@@ -168,11 +183,16 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
     training = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.accumulation, num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate, warmup_steps=2, lr_scheduler_type="linear", max_grad_norm=1.0,
-        weight_decay=0.0, optim="adamw_torch", gradient_checkpointing=bool(args.gradient_checkpointing),
+        learning_rate=args.learning_rate, max_grad_norm=1.0, weight_decay=0.0,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=True, seed=args.seed,
-        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
-        disable_tqdm=True, bf16=args.peer_bf16)
+        train_sampling_strategy="group_by_length", logging_steps=1, save_strategy="no", report_to=[],
+        dataloader_num_workers=0, disable_tqdm=True, bf16=bf16)
+    # Ours' schedule (the same AdamW): 2 warmup steps reaching the peak at the second update.
+    steps = math.ceil(len(dataset) / (args.micro_batch * args.accumulation)) * args.epochs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, WARMUP, steps, "linear"))
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -183,6 +203,7 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
 
     clock = Clock()
     trainer = Trainer(model=model, args=training, train_dataset=dataset, callbacks=[clock],
+                      processing_class=tokenizer, optimizers=(optimizer, schedule),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -190,6 +211,14 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path) -> dict:
     return {"seconds": clock.seconds, "tokens": tokens, "steps": trainer.state.global_step,
             "tokens_per_s": tokens / clock.seconds, "final_loss": losses[-1] if losses else None,
             "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+
+
+def _untrained_dev_loss(args, model_dir: Path, data_dir: Path) -> float:
+    """The quality check's baseline: the dev loss before any training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    return _dev_loss(model, AutoTokenizer.from_pretrained(model_dir), data_dir, args)
 
 
 def _dev_loss(model, tokenizer, data_dir: Path, args) -> float:
@@ -210,7 +239,7 @@ def _dev_loss(model, tokenizer, data_dir: Path, args) -> float:
     return total / count
 
 
-def _result(args, runs: dict[str, list[dict]]) -> dict:
+def _result(args, runs: dict[str, list[dict]], untrained: float) -> dict:
     import peft
     import torch
     import transformers
@@ -219,12 +248,30 @@ def _result(args, runs: dict[str, list[dict]]) -> dict:
         return sum(r[key] for r in runs[side]) / len(runs[side])
 
     peer, ours = mean("peer", "tokens_per_s"), mean("ours", "tokens_per_s")
+    # Like for like: ours in float32 against the peer (float32), ours (bf16 autocast) against the
+    # peer with bf16=True, where those sides ran.
+    pairs = {"float32": ("ours-float32", "peer")}
+    if runs.get("ours") and "bfloat16" in runs["ours"][0]["precision"]:
+        pairs["bf16"] = ("ours", "peer-bf16")
+    equal = {precision: {"ours": mean(o, "tokens_per_s"), "peer": mean(p, "tokens_per_s"),
+                         "ratio": mean(o, "tokens_per_s") / mean(p, "tokens_per_s"),
+                         "dev_loss": {"ours": mean(o, "dev_loss"), "peer": mean(p, "dev_loss")}}
+             for precision, (o, p) in pairs.items() if runs.get(o) and runs.get(p)}
+    # Every side trained (below the untrained model); ours no worse than the peer at the same
+    # precision; and in float32, where both compute the same thing, the two agree.
+    trained = all(mean(side, "dev_loss") < untrained for side in runs)
+    same_precision = [(e["dev_loss"]["ours"], e["dev_loss"]["peer"]) for e in equal.values()] or \
+        [(mean("ours", "dev_loss"), mean("peer", "dev_loss"))]
+    not_worse = all(o <= (1 + QUALITY_TOLERANCE) * p for o, p in same_precision)
+    agree = "float32" not in equal or abs(equal["float32"]["dev_loss"]["ours"] - equal["float32"]["dev_loss"]["peer"]) \
+        <= QUALITY_TOLERANCE * equal["float32"]["dev_loss"]["peer"]
     return {
         "metric": f"LoRA training throughput, useful (non-padding) tokens/s of the training loop; "
                   f"SmolLM2-135M-Instruct float32, {args.examples} PubMedQA train examples x {args.epochs} epoch, "
                   f"micro-batch {args.micro_batch} x {args.accumulation} accumulation, max_length {args.max_length}, "
                   f"LoRA r8 q/v, gradient checkpointing: peer {'on' if args.gradient_checkpointing else 'off'}, "
-                  f"ours {args.ours_checkpointing}; matmuls: peer {'bf16 autocast' if args.peer_bf16 else 'float32'}, "
+                  f"ours {args.ours_checkpointing}; peer batches grouped by length; matmuls: peer float32"
+                  f"{' (and bf16 autocast: peer-bf16)' if args.peer_bf16 else ''}, "
                   f"ours precision {args.ours_precision}, "
                   f"{args.threads} threads",
         "unit": "tokens/s",
@@ -232,9 +279,12 @@ def _result(args, runs: dict[str, list[dict]]) -> dict:
                          "DataCollatorForSeq2Seq padding", "value": peer},
         "ours": {"value": ours},
         "ratio": ours / peer,
-        "dev_loss": {"peer": mean("peer", "dev_loss"), "ours": mean("ours", "dev_loss"),
+        "dev_loss": {"peer": mean("peer", "dev_loss"), "ours": mean("ours", "dev_loss"), "untrained": untrained,
                      "examples": args.dev_examples, "what": "mean answer-token cross-entropy of the final adapter"},
-        "quality_ok": mean("ours", "dev_loss") <= mean("peer", "dev_loss"),
+        "quality_ok": trained and not_worse and agree,
+        "quality_rule": f"every side below the untrained model's dev loss; ours at most {QUALITY_TOLERANCE:.0%} above "
+                        f"the peer's at the same precision; in float32 the two within {QUALITY_TOLERANCE:.0%}",
+        "equal_precision": equal,
         **{f"ours_{what}": {"tokens_per_s": mean(side, "tokens_per_s"), "dev_loss": mean(side, "dev_loss"),
                             "ratio": mean(side, "tokens_per_s") / peer}
            for side, what in (("ours-plain", "without_lean_activations"), ("ours-float32", "in_float32"))

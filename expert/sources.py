@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from expert.errors import DataError
-from expert.hub import check_repo_id, with_retries
 from expert.fingerprint import FingerprintCache
+from expert.hub import check_repo_id, with_retries
 
 log = logging.getLogger(__name__)
 

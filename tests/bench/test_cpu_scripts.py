@@ -52,11 +52,15 @@ def _bench(script: str, out: Path, *args: str) -> dict:
 
 def test_train_vs_trainer(inputs, tmp_path):
     result = _bench("train_vs_trainer.py", tmp_path / "train.json", "--model", str(inputs["model"]),
-                    "--data", str(inputs["data"]), "--examples", "8", "--dev-examples", "4", "--max-length", "128")
+                    "--data", str(inputs["data"]), "--examples", "8", "--dev-examples", "4", "--max-length", "128",
+                    "--ours-float32", "--peer-bf16", "--learning-rate", "0.01")  # a step that moves the loss
     # Both sides trained the same examples and were scored on the same dev examples.
     peer, ours = result["runs"]["peer"][0], result["runs"]["ours"][0]
     assert peer["tokens"] == ours["tokens"] > 0 and result["dev_loss"]["examples"] == 4, result["runs"]
-    assert result["quality_ok"] is True, result["dev_loss"]
+    assert result["quality_ok"] is True, (result["dev_loss"], result["equal_precision"])
+    assert set(result["runs"]) == {"peer", "ours", "peer-bf16", "ours-float32"}
+    assert "float32" in result["equal_precision"]  # bf16 too where this CPU multiplies bf16 natively
+    assert result["dev_loss"]["untrained"] > max(r["dev_loss"] for rows in result["runs"].values() for r in rows)
 
 
 def test_scale(inputs, tmp_path):
@@ -69,7 +73,9 @@ def test_scale(inputs, tmp_path):
 def test_quantize(inputs, tmp_path):
     result = _bench("quantize.py", tmp_path / "quantize.json", "--model", str(inputs["model"]),
                     "--data", str(inputs["data"]), "--samples", "8", "--max-length", "64", "--group-size", "32",
-                    "--perplexity", "4")
+                    "--perplexity", "4", "--rounds", "2")
+    assert [len(result["runs"][side]) for side in ("peer", "ours")] == [2, 2]  # the median of each side's runs
+    assert result["ours"]["value"] in [run["seconds"] for run in result["runs"]["ours"]]
     same = result["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same  # our settings are gptqmodel's defaults
 

@@ -141,6 +141,24 @@ def test_timed_and_fresh_batches_have_the_same_spread(monkeypatch):
         assert sum(seen) == sum(unseen), (n, seen, unseen)
 
 
+def test_the_peers_batches_are_grouped_by_length_as_trainer_groups_them(monkeypatch):
+    """transformers' LengthGroupedSampler: megabatches of 50 steps' examples, sorted longest first."""
+    import random
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    rng = random.Random(0)
+    lengths = [rng.randrange(50, 600) for _ in range(400)]
+    batches = gpu._length_grouped(lengths, micro=2, effective=4, rng=random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(400))  # an epoch: every example once
+    for start in range(0, 400, 200):  # each megabatch of 50 x 4 examples: longest first
+        run = [lengths[i] for b in batches[start // 2:(start + 200) // 2] for i in b]
+        assert run == sorted(run, reverse=True)
+    padding = sum(max(lengths[i] for i in b) * 2 - sum(lengths[i] for i in b) for b in batches) / sum(lengths)
+    assert padding < 0.05  # random pairs of these lengths pad ~20%
+
+
 def test_a_peak_over_the_memory_limit_is_flagged(monkeypatch):
     # The 8B run of 2026-11-27 peaked at 29.5 GiB under a 24 GiB plan: the result must say so.
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
