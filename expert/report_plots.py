@@ -84,13 +84,8 @@ def _pubmedqa_panel(ax, runs: dict[str, dict], split: str) -> None:
     majority = majority_accuracy(runs)
     if majority is not None:
         ax.axhline(majority, color="black", linewidth=1, label=f"always the majority answer ({majority:.1f})")
-    ax.set_xticks(list(x), [name for name, _, _ in bars])
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("%")
     n = next(iter(runs.values()))["n"]
-    ax.set_title(f"PubMedQA, {split} split ({n} questions)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
-    ax.grid(axis="y", alpha=0.3)
+    _finish(ax, [name for name, _, _ in bars], "%", f"PubMedQA, {split} split ({n} questions)", "upper left")
 
 
 def _mmlu_panel(ax, runs: dict[str, dict]) -> None:
@@ -105,12 +100,17 @@ def _mmlu_panel(ax, runs: dict[str, dict]) -> None:
                 ax.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=7)
     chance = next(iter(runs.values())).get("chance", 0.25)
     ax.axhline(100 * chance, color="black", linestyle="--", linewidth=1, label=f"chance ({100 * chance:.0f}%)")
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("accuracy (%)")
     n = next(iter(runs.values()))["n"]
-    ax.set_title(f"MMLU by category ({n} questions)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right", framealpha=0.9)
+    _finish(ax, labels, "accuracy (%)", f"MMLU by category ({n} questions)", "upper right")
+
+
+def _finish(ax, ticks: list[str], ylabel: str, title: str, legend: str) -> None:
+    """What both panels share: 0-100% axis, tick labels, title, legend, grid."""
+    ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc=legend, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
 
 
