@@ -221,11 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for role, path in (("--model", args.model), ("--data", args.data), ("--adapter", args.adapter)):
         if path is not None and not path.is_dir():
             raise ExpertError(f"{role} '{path}' is not a folder")
-    _check_out(args.out)
-    if args.adapter is not None:
-        from expert.modeling import check_adapter_dir
-
-        check_adapter_dir(args.adapter)
+    _check_out(args.out)  # the adapter folder is checked by the loader, before the model loads
     metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
                                                           data_dir=args.data, out_dir=tmp,
                                                           adapter_dir=args.adapter))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from expert.evaluation.report import REFERENCES, shots_label, to_markdown
-from expert.report_plots import plot_results
+from expert.report_plots import majority_baseline, plot_results
 
 PLOTS = {"select": "dev_scores.png", "train": "loss.png", "mmlu/expert": "mmlu.png"}
 RESULTS_PLOT = "results.png"
@@ -94,7 +94,7 @@ def pubmedqa_rows(runs: dict[str, dict], published: bool = True) -> list[dict]:
             for r in (REFERENCES["pubmedqa"] if published else [])]
     rows += [{"model": f"**{name}** (this run, n={m['n']})", "accuracy (%)": round(100 * m["accuracy"], 1),
               "macro-F1 (%)": round(100 * m["macro_f1"], 1)} for name, m in runs.items()]
-    majority = next((m["majority_baseline"] for m in runs.values() if m.get("majority_baseline")), None)
+    majority = majority_baseline(runs)
     if majority:  # what the label prior alone scores on this split: the floor a model must clear
         rows.append({"model": f"always '{majority['label']}' (the split's majority answer)",
                      "accuracy (%)": round(100 * majority["accuracy"], 1),

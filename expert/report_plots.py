@@ -20,16 +20,19 @@ MODEL_COLORS = {"base": "#7f7f7f", "quantized": "#bcbd22", "expert": "#17becf"} 
 
 def pubmedqa_bars(runs: dict[str, dict]) -> list[tuple[str, float, float]]:
     """(model, accuracy %, macro-F1 %) in pipeline order."""
-    names = [n for n in MODEL_ORDER if n in runs] + sorted(n for n in runs if n not in MODEL_ORDER)
-    return [(n, 100 * runs[n]["accuracy"], 100 * runs[n]["macro_f1"]) for n in names]
+    return [(n, 100 * runs[n]["accuracy"], 100 * runs[n]["macro_f1"]) for n in _in_order(runs)]
+
+
+def majority_baseline(runs: dict[str, dict]) -> dict | None:
+    """Always answering the split's most frequent label ({label, accuracy, macro_f1}, as metrics.json
+    records it); every PubMedQA run of a report scores the same split."""
+    return next((m["majority_baseline"] for m in runs.values() if m.get("majority_baseline")), None)
 
 
 def majority_accuracy(runs: dict[str, dict]) -> float | None:
-    """Accuracy (%) of always answering the split's most frequent label; all runs score one split."""
-    for metrics in runs.values():
-        if metrics.get("majority_baseline"):
-            return 100 * metrics["majority_baseline"]["accuracy"]
-    return None
+    """The majority baseline's accuracy (%)."""
+    majority = majority_baseline(runs)
+    return None if majority is None else 100 * majority["accuracy"]
 
 
 def mmlu_bars(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[float | None]]]:
@@ -38,10 +41,14 @@ def mmlu_bars(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[float | 
 
     present = {c for m in runs.values() for c in m.get("categories", {})}
     categories = [c for c in MMLU_CATEGORIES if c in present]
-    names = [n for n in MODEL_ORDER if n in runs] + sorted(n for n in runs if n not in MODEL_ORDER)
     values = {n: [_pct(runs[n]["categories"].get(c)) for c in categories] + [_pct(runs[n]["average"])]
-              for n in names}
+              for n in _in_order(runs)}
     return categories + ["average"], values
+
+
+def _in_order(runs: dict[str, dict]) -> list[str]:
+    """The pipeline's models in its order (base, quantized, expert), any others after them."""
+    return [n for n in MODEL_ORDER if n in runs] + sorted(n for n in runs if n not in MODEL_ORDER)
 
 
 def plot_results(summary: dict, path: Path) -> Path | None:

@@ -187,14 +187,15 @@ def test_out_that_is_a_file_or_unwritable_is_said_before_the_work(tmp_path, caps
 
 def test_eval_checks_the_adapter_before_loading_the_model_and_takes_eval_prefixed_settings(tmp_path, capsys,
                                                                                          monkeypatch):
-    import expert.modeling as modeling
+    from transformers import AutoModelForCausalLM
+
     from tests.fixtures.models import tiny_llama_dir
 
     model = tiny_llama_dir(tmp_path / "model")
     src = write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60)
     assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "data")]) == 0
     (tmp_path / "adapter").mkdir()
-    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["eval", "--model", str(model), "--benchmark", "pubmedqa", "--data", str(tmp_path / "data"),
             "--out", str(tmp_path / "eval")]
     assert main(argv + ["--adapter", str(tmp_path / "adapter")]) == 2
