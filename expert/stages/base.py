@@ -31,12 +31,18 @@ class Stage:
         canon = config.canonical()
         return {k: v for k, v in canon.items() if k not in self.fingerprinted_fields}
 
+    def report_only_upstream(self, config: StageConfig) -> tuple[str, ...]:
+        """Upstream roles that feed only `report_files` under `config`: left out of the key, so
+        what a report reads does not rebuild what later stages compute from."""
+        return ()
+
     def request(self, config: StageConfig, upstream: dict[str, dict], inputs: dict[str, Any]) -> StageRequest:
+        unkeyed = self.report_only_upstream(config)
         return StageRequest(
             stage=self.name,
             version=self.version,
             config=self.key_config(config),
-            upstream={role: content_id(ref) for role, ref in sorted(upstream.items())},
+            upstream={role: content_id(ref) for role, ref in sorted(upstream.items()) if role not in unkeyed},
             inputs={role: src.fingerprint for role, src in sorted(inputs.items())},
         )
 

@@ -25,10 +25,20 @@ class Quantize(Stage):
         return {"calibration": fetch(config.calibration, workspace.downloads, workspace.fingerprints)}
 
     def key_config(self, config):
+        # What the quantized weights depend on. The perplexity check (perplexity_samples, and under
+        # nf4 or none the pipeline gives it no data at all) writes report files only: a change there
+        # rebuilding the base would retrain and re-evaluate everything after it.
         canon = super().key_config(config)
+        if config.method != "gptq":
+            return {"method": canon["method"]}
+        canon.pop("perplexity_samples", None)
         if canon.get("calibration") not in (None, "task"):
             canon["calibration"] = "file"  # its content is an input fingerprint
         return canon
+
+    def report_only_upstream(self, config):
+        # With a calibration file the formatted data serves the perplexity check alone.
+        return ("data",) if config.calibration != "task" else ()
 
     def produce(self, config, upstream, inputs, out, progress=None, work_dir=None):
         from expert.quantize import quantize

@@ -71,12 +71,27 @@ def test_evaluation_key_follows_the_split_content_not_the_data_key(tmp_path):
 def test_quantize_key_holds_only_the_settings_its_method_uses(tmp_path):
     """nf4 and none write no weights: a GPTQ setting changed under them must not rerun them (and training)."""
     up = {"model": _model_ref(tmp_path)}
-    gptq_only = {"group_size": 128, "num_samples": 8, "desc_act": True, "damp_percent": 0.1, "calibration": "c.txt"}
+    gptq_only = {"group_size": 128, "num_samples": 8, "desc_act": True, "damp_percent": 0.1, "calibration": "c.txt",
+                 "max_length": 64, "seed": 3}
 
     def key(**fields):
         return Quantize().request(QuantizeConfig(**fields), up, {}).key
 
     for method in ("nf4", "none"):
-        assert key(method=method) == key(method=method, **gptq_only)
-        assert key(method=method) != key(method=method, max_length=64)  # the perplexity check's
+        # the pipeline gives them no data, so their perplexity check's settings change nothing either
+        assert key(method=method) == key(method=method, **gptq_only) == key(method=method, perplexity_samples=0)
     assert all(key() != key(**{name: value}) for name, value in gptq_only.items())
+
+
+def test_what_only_the_quantize_report_reads_leaves_its_key(tmp_path):
+    """The perplexity check writes report files: its sample count, and the formatted data when a
+    calibration file is given, must not rebuild the base (and retrain everything after it)."""
+    model = _model_ref(tmp_path)
+
+    def key(data, **fields):
+        return Quantize().request(QuantizeConfig(**fields), {"model": model, "data": data}, {}).key
+
+    d1, d2 = _data_ref(tmp_path, "d1"), _data_ref(tmp_path, "d2")
+    assert key(d1) == key(d1, perplexity_samples=0) == key(d1, perplexity_samples=64)
+    assert key(d1, calibration="c.txt") == key(d2, calibration="c.txt")
+    assert key(d1) != key(d2)  # task calibration reads the data: it is an input of the weights
