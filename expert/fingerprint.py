@@ -21,7 +21,11 @@ _SKIP_NAMES = {".git", "__pycache__", ".cache"}
 
 
 class FingerprintCache:
-    """sha256 of files, memoised on disk by (path, size, mtime_ns)."""
+    """sha256 of files, memoised on disk by (path, inode, size, mtime_ns, ctime_ns).
+
+    Size and mtime alone are not enough: `rsync -a`, `cp -p`, `tar x` and `wget -N` give a
+    corrected file its old timestamp, often at the same size. The ctime cannot be set by a
+    program and a replaced file gets a new inode, so either marks the content as new."""
 
     def __init__(self, cache_file: str | Path | None = None):
         self.cache_file = Path(cache_file) if cache_file else None
@@ -35,7 +39,7 @@ class FingerprintCache:
     def file(self, path: str | Path) -> str:
         path = Path(path).resolve()
         st = path.stat()
-        memo_key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        memo_key = f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
         digest = self._memo.get(memo_key)
         if digest is None:
             digest = file_digest(path)

@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 from expert.fingerprint import FingerprintCache
@@ -48,3 +49,20 @@ def test_tree_fingerprint_follows_symlinked_folders_and_ends_on_a_loop(tmp_path)
     (real / "anatomy_test.csv").write_text("q2,a,b,c,d,B\n")
     os.utime(real / "anatomy_test.csv", ns=(2, 2))
     assert cache.path(data) != before
+
+
+def test_a_file_corrected_at_the_same_size_and_timestamp_is_hashed_again(tmp_path):
+    """What `rsync -a`, `cp -p` or `wget -N` leave: new content, the old size and mtime."""
+    f = tmp_path / "ori_pqal.json"
+    f.write_text('{"label": "yes"}')
+    stamp = f.stat().st_mtime_ns
+    cache = FingerprintCache(tmp_path / "memo.json")
+    first = cache.path(f)
+    f.write_text('{"label": "nop"}')  # in place, same size
+    os.utime(f, ns=(stamp, stamp))
+    assert FingerprintCache(tmp_path / "memo.json").path(f) != first
+    fixed = tmp_path / "fixed.json"  # copied over it, as `cp -p` or rsync's rename would
+    fixed.write_text('{"label": "no!"}')
+    os.utime(fixed, ns=(stamp, stamp))
+    os.replace(fixed, f)
+    assert FingerprintCache(tmp_path / "memo.json").path(f) == "sha256:" + hashlib.sha256(b'{"label": "no!"}').hexdigest()
