@@ -8,8 +8,8 @@ to a new one.
 An artifact is complete only when its `manifest.json` exists and matches: the producer
 writes into a temporary folder beside the target, the manifest (config, upstream ids,
 file digests, package versions, timings) is written last, and the folder is renamed into
-place. A crash leaves at most a `.tmp-*` folder, which never counts (and the next build of
-the same key deletes it).
+place. A crash leaves at most a `.tmp-*` folder, which never counts (and the next build in
+that stage deletes it, unless a live build of its key holds the key's lock).
 
 Two processes asking for the same artifact at once (two runs of one config) do the work once:
 `build` holds an advisory lock per key (`fcntl.flock`, dropped by the OS when its holder
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from expert.errors import ExpertError
-from expert.locks import exclusive
+from expert.locks import exclusive, exclusive_if_free
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,8 @@ class ArtifactStore:
             if existing is not None:  # another process built it while we waited for the lock
                 log.info("%s was built by another process meanwhile; reusing it", target)
                 return existing
-            for pattern in (f".tmp-{request.key}-*", f".trash-{request.key}-*"):
-                for debris in target.parent.glob(pattern):
-                    shutil.rmtree(debris, ignore_errors=True)  # of a killed build: we hold the key's lock
+            _remove_debris(target.parent, request.key)  # of a killed build: we hold the key's lock
+            _remove_abandoned_debris(target.parent, request.key)
             if replace:  # a forced rebuild starts over: not from checkpoints the code before a fix wrote
                 shutil.rmtree(self.work_dir(request), ignore_errors=True)
             self._write(request, producer, target, replace, reports)
@@ -344,6 +343,31 @@ def _write_json_durably(path: Path, value: Any) -> None:
         json.dump(value, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+
+
+_DEBRIS = (".tmp-", ".trash-")  # + key + "-" + a random suffix
+
+
+def _remove_debris(stage_dir: Path, key: str) -> None:
+    for prefix in _DEBRIS:
+        for debris in stage_dir.glob(f"{prefix}{key}-*"):
+            shutil.rmtree(debris, ignore_errors=True)
+
+
+def _remove_abandoned_debris(stage_dir: Path, key: str) -> None:
+    """Remove what killed builds of other keys left, where no live build holds their key's lock.
+
+    A user whose build was killed often changes the config before the next run, so that key is
+    never built again; its half-written folder (17 GB for a 33B GPTQ) would stay for good.
+    Training's `.work-<key>` folders are not debris: a run with that config resumes from them.
+    """
+    others = {name.split("-")[1] for name in (p.name for p in stage_dir.iterdir())
+              if name.startswith(_DEBRIS) and name.count("-") >= 2} - {key}
+    for other in sorted(others):
+        with exclusive_if_free(stage_dir / f".lock-{other}") as free:
+            if free:
+                log.info("removing what a killed build of %s/%s left", stage_dir.name, other)
+                _remove_debris(stage_dir, other)
 
 
 def _publish(tmp: Path, target: Path, key: str, replace: bool = False) -> None:

@@ -48,3 +48,28 @@ def _names(path: Path, handle) -> bool:
         return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
     except FileNotFoundError:
         return False
+
+
+@contextlib.contextmanager
+def exclusive_if_free(path: Path):
+    """Hold the lock on `path` for the `with` block if no process holds it now: yields True,
+    else False at once (a live holder is at work, leave its files alone)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): liveness cannot be told, so never
+        yield False
+        return
+    path = Path(path)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        if not _names(path, handle):  # released and deleted by its holder meanwhile: no debris then
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)

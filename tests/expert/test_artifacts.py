@@ -277,3 +277,28 @@ def test_a_replaced_folder_is_deleted_only_once_the_new_one_is_in_place(tmp_path
     monkeypatch.setattr(artifacts.shutil, "rmtree", watching_rmtree)
     store.build(request(), lambda out: (out / "a.txt").write_text("new"), replace=True)
     assert seen == ["new"] and not list(first.path.parent.glob(".trash-*"))
+
+
+def test_debris_of_another_key_is_removed_unless_its_build_is_alive(tmp_path):
+    """A killed build whose config the user then changed leaves its half-written folder behind:
+    the next build in that stage removes it, but never the folder of a build still running."""
+    import fcntl
+
+    store = ArtifactStore(tmp_path)
+    stage_dir = store.path(request().stage, "x").parent
+    stage_dir.mkdir(parents=True)
+    killed = [stage_dir / ".tmp-aaaaaaaaaaaaaaaa-1234abcd", stage_dir / ".trash-aaaaaaaaaaaaaaaa-5678abcd"]
+    for folder in killed:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    running = stage_dir / ".tmp-bbbbbbbbbbbbbbbb-9abcdef0"
+    running.mkdir()
+    lock = open(stage_dir / ".lock-bbbbbbbbbbbbbbbb", "a+")  # as the live build holds it
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        built = store.build(request(), write_files)
+    finally:
+        lock.close()
+    assert not any(folder.exists() for folder in killed) and running.is_dir()
+    assert sorted(p.name for p in stage_dir.iterdir()) == sorted(
+        [built.key, running.name, ".lock-bbbbbbbbbbbbbbbb"])  # the freed key's lock file went with it
