@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,32 +85,42 @@ def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, to
 
     calibration = [{"input_ids": s["input_ids"][0].tolist(), "attention_mask": s["attention_mask"][0].tolist()}
                    for s in samples]
-    with cpu_workers(), quiet_progress():
-        model = GPTQModel.load(str(model_dir), gptqmodel_config(config, offload_to_disk(model_dir)),
-                               trust_remote_code=remote_code_trusted(model_dir))
-        # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's
-        # default (10) would silently drop short ones the report counts.
-        log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
-        model.save(str(out_dir))
-    del model
+    # gptqmodel's own offload folder is a TemporaryDirectory in $TMPDIR, which a killed run
+    # never removes (a model's worth of weights); beside `out_dir`, a build's `.tmp-*` folder in
+    # the store, it shares the name the store's debris sweep removes.
+    spill = Path(out_dir).with_name(Path(out_dir).name + "-offload") if offload_to_disk(model_dir) else None
+    try:
+        with cpu_workers(), quiet_progress():
+            model = GPTQModel.load(str(model_dir), gptqmodel_config(config, spill is not None, spill),
+                                   trust_remote_code=remote_code_trusted(model_dir))
+            # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's
+            # default (10) would silently drop short ones the report counts.
+            log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
+            model.save(str(out_dir))
+        del model
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     carry_code_consent(model_dir, Path(out_dir))
     _drop_offload_settings(Path(out_dir))
     return _log_rows(log)
 
 
-def gptqmodel_config(config: QuantizeConfig, offload: bool = True):
+def gptqmodel_config(config: QuantizeConfig, offload: bool = True, offload_path: Path | None = None):
     """gptqmodel's QuantizeConfig: its defaults, with the settings our config names.
 
     Among its defaults: on a CPU with bfloat16 support the block forwards run in bfloat16 (the
     Hessians accumulate in float32). `offload` is gptqmodel's `offload_to_disk` (see
-    `offload_to_disk`); it changes memory and time, not the result.
+    `offload_to_disk`), into `offload_path` (else a temporary folder of gptqmodel's); it changes
+    memory and time, not the result.
     """
     from gptqmodel import QuantizeConfig as GPTQModelConfig
 
     return GPTQModelConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
                            sym=config.sym, damp_percent=config.damp_percent,
                            act_group_aware=config.act_group_aware and not config.desc_act,
-                           offload_to_disk=offload)
+                           offload_to_disk=offload,
+                           **({"offload_to_disk_path": str(offload_path)} if offload and offload_path else {}))
 
 
 def offload_to_disk(model_dir: Path) -> bool:

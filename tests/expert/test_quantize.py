@@ -128,6 +128,21 @@ def test_gptq_8bit_logits_close_to_unquantized(setup, tmp_path):
     assert relative_error(logits(q8, tok), logits(base, tok)) < 0.05  # measured ~0.024
 
 
+def test_streamed_gptq_spills_beside_its_output_and_cleans_up(setup, tmp_path, monkeypatch):
+    """gptqmodel's own spill folder lives in $TMPDIR, where a killed run leaves a model's worth of
+    weights; beside the output (a build's .tmp-<key>-* folder) the store's debris sweep finds it."""
+    from expert.quantize import gptq
+
+    used = []
+    real = gptq.gptqmodel_config
+    monkeypatch.setattr(gptq, "offload_to_disk", lambda model_dir: True)
+    monkeypatch.setattr(gptq, "gptqmodel_config", lambda *args: used.append(real(*args)) or used[-1])
+    out = tmp_path / ".tmp-0123456789abcdef-1234abcd"
+    quantize(QuantizeConfig(bits=8, group_size=32, num_samples=8, perplexity_samples=0), setup.base, setup.data, out)
+    assert [c.offload_to_disk_path for c in used] == [str(tmp_path / ".tmp-0123456789abcdef-1234abcd-offload")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name] and list(out.glob("*.safetensors"))
+
+
 def test_task_calibration_is_seeded_and_cut_to_max_length(tmp_path):
     data = write_task_data(tmp_path / "data", n_train=20)
     tok = _tokenizer(tmp_path)
