@@ -3,7 +3,7 @@
 A stage's key includes the fingerprint of each file it reads from outside the artifact
 store, so new data or new weights at the same path rerun what depends on them. Hashing a
 multi-GB model on every run would dominate a cached rerun, so digests are memoised in a
-small JSON file keyed by (absolute path, size, mtime): a file is re-hashed only when it
+small JSON file keyed by (absolute path, inode, size, mtime, ctime): a file is re-hashed only when it
 changes.
 """
 

@@ -85,12 +85,21 @@ def _with_basic_auth(url: str) -> tuple[str, dict[str, str]]:
     return plain, {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
+def _read_meta(meta_file: Path) -> dict:
+    """The cached copy's validators; unreadable (torn by a full disk) means none: downloaded again."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _download(url: str, downloads: Path, attempts: int) -> Path:
     shown = shown_url(url)
     folder = downloads / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16]
     name = _safe_name(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name)
     target, meta_file = folder / name, folder / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() and target.is_file() else {}
+    meta = _read_meta(meta_file) if target.is_file() else {}
     plain_url, auth = _with_basic_auth(url)
     headers = {k: v for k, v in (("If-None-Match", meta.get("etag")),
                                  ("If-Modified-Since", meta.get("last_modified"))) if v} | auth
@@ -104,8 +113,10 @@ def _download(url: str, downloads: Path, attempts: int) -> Path:
                     while block := response.read(1 << 20):
                         out.write(block)
                 os.replace(tmp, target)
-                meta_file.write_text(json.dumps({"url": shown, "etag": response.headers.get("ETag"),
-                                                 "last_modified": response.headers.get("Last-Modified")}))
+                meta_tmp = folder / f".meta.{os.getpid()}.part"
+                meta_tmp.write_text(json.dumps({"url": shown, "etag": response.headers.get("ETag"),
+                                                "last_modified": response.headers.get("Last-Modified")}))
+                os.replace(meta_tmp, meta_file)
                 return target
         except urllib.error.HTTPError as exc:
             if exc.code == 304:

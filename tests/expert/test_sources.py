@@ -38,6 +38,19 @@ def server(tmp_path):
     httpd.server_close()
 
 
+def test_a_torn_meta_file_means_downloading_again(tmp_path, server):
+    """A full disk can leave meta.json half-written: the next fetch must not crash on it."""
+    root, base = server
+    (root / "ori_pqal.json").write_text('{"a": 1}')
+    first = sources.fetch(f"{base}/ori_pqal.json", tmp_path / "dl", FingerprintCache())
+    meta = next((tmp_path / "dl").rglob("meta.json"))
+    meta.write_text('{"url": "http://127.0.0.1/ori_pq')
+    again = sources.fetch(f"{base}/ori_pqal.json", tmp_path / "dl", FingerprintCache())
+    assert again.fingerprint == first.fingerprint and [code for code, *_ in _LoggingHandler.answers] == [200, 200]
+    assert meta.read_text().startswith("{") and '"last_modified"' in meta.read_text()  # whole again
+    assert sorted(p.name for p in meta.parent.iterdir()) == ["meta.json", "ori_pqal.json"]
+
+
 def test_local_file_is_fingerprinted(tmp_path):
     f = tmp_path / "ori_pqal.json"
     f.write_text("{}")
