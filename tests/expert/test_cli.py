@@ -237,6 +237,14 @@ def test_a_bad_tokenizer_folder_is_named(tmp_path, capsys):
         assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "out"), "--tokenizer",
                      str(tmp_path / folder), "--max-prompt-tokens", "100"]) == 2
         assert f"--tokenizer '{tmp_path / folder}' is not a model folder with a tokenizer" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()  # the tokenizer's files are there but do not load: named too, no traceback
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vo')
+    (tmp_path / "broken" / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "out"), "--tokenizer",
+                 str(tmp_path / "broken"), "--max-prompt-tokens", "100"]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer '{tmp_path / 'broken'}': its tokenizer does not load" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, said, not_said", [
