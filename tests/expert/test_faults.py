@@ -311,10 +311,15 @@ def test_two_processes_building_the_same_artifact_compute_it_once(tmp_path):
     assert [p.name for p in (root / "format_mmlu").iterdir() if p.name.startswith(".")] == []  # lock file removed
 
 
-def test_the_waiting_process_says_what_it_waits_for(tmp_path, caplog):
+def test_the_waiting_process_says_what_it_waits_for(tmp_path, caplog, monkeypatch):
+    """...and which process holds the lock, again while the wait goes on: a run that seems stuck
+    names the process to look at."""
     import logging
 
+    from expert import locks
     from expert.locks import exclusive
+
+    monkeypatch.setattr(locks, "REMIND_S", 0.5)
 
     store = ArtifactStore(tmp_path / "artifacts")
     request = StageRequest("s", 1, {})
@@ -327,7 +332,10 @@ def test_the_waiting_process_says_what_it_waits_for(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="expert"):
         art = store.build(request, lambda out: (out / "f.txt").write_text("x") and None)
     finish(holder)
-    assert f"waiting for another process building s/{request.key}" in caplog.text
+    waits = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
+    assert f"waiting for another process building s/{request.key}" in waits[0]
+    assert all(f"pid {holder.pid} on " in said and ", x, since " in said for said in waits)
+    assert len(waits) >= 2 and "min so far" in waits[-1]
     assert verify(art.path) is None
     with exclusive(lock, "again"):  # and the lock is free again
         pass
