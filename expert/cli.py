@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--template", default=None, help="prompt template name")
     pq.add_argument("--extra-train", default=None, help="optional PQA-A ori_pqaa.json added to train")
     pq.add_argument("--tokenizer", type=Path, default=None, help="model folder whose tokenizer sets the budget")
-    pq.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate contexts to this token budget")
+    pq.add_argument("--max-prompt-tokens", type=int, default=None, help="token budget of train prompts (prompt + answer + EOS): cuts the end of long abstracts; dev and test keep theirs whole")
     pq.set_defaults(handler=cmd_format_pubmedqa)
     mm = fsub.add_parser("mmlu", parents=[common], help="MMLU -> dev/test.parquet (k-shot prompts, 5 by default)")
     mm.add_argument("--source", required=True, help="folder in the original CSV layout, or hf:cais/mmlu")

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from expert.evaluation.report import REFERENCES, shots_label, to_markdown
+from expert.evaluation.report import (CATEGORY_NOTE, REFERENCES, is_mmlu_subset, mmlu_subset_note, shots_label,
+                                      to_markdown)
 from expert.report_plots import majority_baseline, plot_results
 
 PLOTS = {"select": "dev_scores.png", "train": "loss.png", "mmlu/expert": "mmlu.png"}
@@ -61,7 +62,7 @@ def render(summary: dict, details: dict, plots: list[str]) -> str:
     lines += [to_markdown(pubmedqa_rows(summary["pubmedqa"], published=split == "test")), ""]
     if summary["mmlu"]:
         lines += [f"## {mmlu_heading(summary['mmlu'])}: what tuning costs in general knowledge", "",
-                  to_markdown(mmlu_rows(summary["mmlu"])), ""]
+                  to_markdown(mmlu_rows(summary["mmlu"])), ""] + mmlu_notes(summary["mmlu"])
     lines += scoring_notes(summary)
     for role, title in (("quantize", "Quantization"), ("train", "Training"), ("select", "Checkpoint selection")):
         if role in details:
@@ -132,6 +133,16 @@ def mmlu_heading(runs: dict[str, dict]) -> str:
     if len(set(shots.values())) == 1:
         return f"MMLU ({shots_label(next(iter(shots.values())))})"
     return "MMLU (" + ", ".join(f"{name}: {shots_label(n)}" for name, n in shots.items()) + ")"
+
+
+def mmlu_notes(runs: dict[str, dict]) -> list[str]:
+    """Below the MMLU table: which categories these are, and whether published (full-MMLU) numbers
+    compare with them. Subsets are common here (the default preset scores 2 questions per subject)."""
+    lines = [CATEGORY_NOTE, ""]
+    subset = next((runs[n] for n in ("expert", *runs) if n in runs and is_mmlu_subset(runs[n])), None)
+    if subset is not None:
+        lines += [f"Not like-for-like with published MMLU results: {mmlu_subset_note(subset)}.", ""]
+    return lines
 
 
 def mmlu_rows(runs: dict[str, dict]) -> list[dict]:

@@ -132,8 +132,13 @@ def _row(step: int, path: Path, frame, scores: list[list[float]]) -> dict:
     # scores: each choice's log-likelihood summed over its tokens, so this is a per-question NLL
     nll = [-s[opts.index(g)] for g, opts, s in zip(gold, choices, scores)]
     metrics = pubmedqa_metrics(gold, preds)
-    return {"step": step, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            "dev_loss": sum(nll) / len(nll), "n": len(gold), "path": str(path)}
+    row = {"step": step, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+           "dev_loss": sum(nll) / len(nll), "n": len(gold), "path": str(path)}
+    if not all(math.isfinite(s) for choice_scores in scores for s in choice_scores):
+        # A diverged checkpoint: predict() would answer its NaN questions with the first choice,
+        # a plausible accuracy that could win. NaN scores never win (pick_best).
+        row.update(accuracy=math.nan, macro_f1=math.nan, dev_loss=math.nan)
+    return row
 
 
 def pick_best(rows: list[dict], metric: str) -> dict:

@@ -4,7 +4,11 @@ Reads the authors' `ori_pqal.json` or a folder holding the Hugging Face `qiaojin
 `pqa_labeled` parquet, rebuilds the official split (500 test, 500 cross-validation pool cut
 into 10 folds of 50; dev = fold k, train = the other nine) and writes `train.parquet`,
 `dev.parquet`, `test.parquet` and `stats.json`. Prompts use the reasoning-required setting:
-question and abstract, never the long answer (which holds the conclusion). PQA-A questions
+question and abstract, never the long answer (which holds the conclusion). `max_prompt_tokens`
+cuts train prompts only: dev and test keep the full abstract, as lm-eval and the published
+results score it. From the full PQA-L, the test split is checked against a digest of the
+authors' 500 test PMIDs, so a source that stores the records in another order (the split
+depends on it) fails instead of silently scoring other questions. PQA-A questions
 added to train (`extra_source`, 211k of them) stream through: read one record at a time and
 written CHUNK_ROWS at a time, so memory stays flat (bench/format_scale.py measures it).
 
@@ -13,6 +17,7 @@ written CHUNK_ROWS at a time, so memory stays flat (bench/format_scale.py measur
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import random
@@ -27,13 +32,22 @@ from expert.benchmarks.schema import PUBMEDQA_SCHEMA, ParquetSink, write_parquet
 from expert.config import StageConfig
 from expert.errors import ConfigError, DataError
 
-__all__ = ["LABELS", "TEMPLATES", "PubMedQAConfig", "Record", "format_pubmedqa", "iter_records", "load_records",
-           "official_split"]
+__all__ = ["LABELS", "TEMPLATES", "PubMedQAConfig", "Record", "check_official_test", "format_pubmedqa",
+           "iter_records", "load_records", "official_split", "pmid_digest"]
 
 SPLITS = ("train", "dev", "test")
 NUM_FOLDS = 10
 SPLIT_SEED = 0  # the authors' random.seed(0)
 CHUNK_ROWS = 10_000  # PQA-A records formatted and written at a time, so memory stays flat
+# The split's test half depends on the order of the records (it shuffles them as stored), so
+# these digests (pmid_digest) tell the real PQA-L and its official test split apart from a copy
+# that stores the same records in another order. Computed once from the authors'
+# ori_pqal.json and test_ground_truth.json (github.com/pubmedqa/pubmedqa, MIT).
+PQA_L_PMIDS_SHA256 = "7a6c316c94747ae97a9f55b7d28908884db6bf7cf13fcce4b969943c9cb1cf94"  # its 1,000 PMIDs
+OFFICIAL_TEST_PMIDS_SHA256 = "406e3b89eff577ed38571eca5a5819734a6f49ac0437d171b6c64e5c3cd195f8"  # the 500 of test
+# Only the train split is cut to max_prompt_tokens: the budget bounds training memory, and the
+# published results that dev and test are compared with score the whole abstract.
+BUDGETED_SPLITS = ("train",)
 
 # Named prompt templates; {contexts} is the abstract's sections joined by newlines.
 TEMPLATES = {
@@ -53,7 +67,10 @@ class PubMedQAConfig(StageConfig):
     template: str = Field("lm-eval", description=f"prompt template, one of: {', '.join(TEMPLATES)}")
     extra_train_source: str | None = Field(None, description="optional PQA-A ori_pqaa.json, appended to train")
     max_prompt_tokens: int | None = Field(
-        None, gt=0, description="token budget for prompt + answer + EOS; cuts the abstract; needs a tokenizer"
+        None, gt=0,
+        description="token budget for prompt + answer + EOS of the train split (bounds training memory): cuts "
+                    "the end of long abstracts, never the question; dev and test keep the full abstract, as "
+                    "the published results score it; needs the model's tokenizer",
     )
 
     @field_validator("template")
@@ -74,6 +91,23 @@ def official_split(records: list[Record], fold: int) -> dict[str, list[Record]]:
     folds = _stratified_split(cv_pool, NUM_FOLDS, rng)
     train = [r for k, part in enumerate(folds) if k != fold for r in part]
     return {"train": train, "dev": folds[fold], "test": test}
+
+
+def pmid_digest(pmids: Iterable[str]) -> str:
+    """sha256 of the PMIDs sorted as strings and joined by newlines: a set's fingerprint."""
+    return hashlib.sha256("\n".join(sorted(pmids)).encode()).hexdigest()
+
+
+def check_official_test(source: Path, pmids: list[str], test_pmids: list[str], pqa_l_digest: str,
+                        test_digest: str) -> None:
+    """When `pmids` are the full PQA-L (by `pqa_l_digest`), the test split made from them must be
+    the official one (by `test_digest`); other inputs (fixtures, subsets) are not checked."""
+    if pmid_digest(pmids) != pqa_l_digest or pmid_digest(test_pmids) == test_digest:
+        return
+    raise DataError(f"{source} holds the 1,000 PQA-L questions, but in an unexpected order (or with changed "
+                    "labels): the official split shuffles the records as stored, so its test split is not the "
+                    "authors' 500 questions and the scores would not compare with published ones. Use the "
+                    "authors' ori_pqal.json (the default data.pubmedqa.source), or restore its record order")
 
 
 def _stratified_split(items: list[Record], parts: int, rng: random.Random) -> list[list[Record]]:
@@ -163,12 +197,15 @@ def format_pubmedqa(config: PubMedQAConfig, source: Path, out_dir: Path, tokeniz
         raise ConfigError("data.pubmedqa.extra_train_source and the extra_source file must be given together")
     records = load_records(source, "pqa_l")
     splits = official_split(records, config.fold)
+    check_official_test(source, [r.pmid for r in records], [r.pmid for r in splits["test"]],
+                        PQA_L_PMIDS_SHA256, OFFICIAL_TEST_PMIDS_SHA256)
     for name in ("dev", "test") if extra_source is not None else SPLITS:
         _check_not_empty(source, len(records), name, len(splits[name]), config.fold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"benchmark": "pubmedqa", "fold": config.fold, "template": config.template,
-                             "max_prompt_tokens": config.max_prompt_tokens, "pqa_a_dropped_overlap": 0,
+                             "max_prompt_tokens": config.max_prompt_tokens,
+                             "max_prompt_tokens_splits": list(BUDGETED_SPLITS), "pqa_a_dropped_overlap": 0,
                              "splits": {}}
     for name in ("dev", "test"):
         stats["splits"][name] = _write_split(out_dir, name, splits[name], config, tokenizer)
@@ -200,7 +237,8 @@ def _check_not_empty(source: Path, n: int, split: str, size: int, fold: int) -> 
 
 
 def _columns(name: str, rows: list[Record], config: PubMedQAConfig, tokenizer: Any) -> dict[str, list]:
-    prompts, truncated = _prompts(rows, config.template, tokenizer, config.max_prompt_tokens)
+    budget = config.max_prompt_tokens if name in BUDGETED_SPLITS else None
+    prompts, truncated = _prompts(rows, config.template, tokenizer, budget)
     return {
         "id": [r.pmid for r in rows], "split": [name] * len(rows), "prompt": prompts,
         "answer": [r.label for r in rows], "choices": [list(LABELS)] * len(rows),

@@ -8,6 +8,7 @@ where a paper gave no macro-F1).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 # Published results, as the original project's README compared against them.
@@ -29,8 +30,13 @@ REFERENCES: dict[str, list[dict]] = {
         {"model": "LLaMA-65B", "accuracy": 63.4},
     ],
 }
-# Every MMLU number above is 5-shot; a run with other shots is ranked among them only with a caveat.
+# Every MMLU number above is 5-shot on the whole test set; a run with other shots, or on a
+# subset (eval.mmlu_subjects, eval.mmlu_max_per_subject), is ranked among them only with a caveat.
 PUBLISHED_MMLU_SHOTS = 5
+MMLU_TEST_QUESTIONS = 14_042
+# The categories follow the MMLU paper, not lm-eval: its mmlu_stem / mmlu_other differ by one subject.
+CATEGORY_NOTE = ("Categories as in the MMLU paper (hendrycks/test categories.py); lm-eval puts anatomy in STEM, "
+                 "so STEM and other are not comparable with its mmlu_stem and mmlu_other.")
 
 
 def shots_label(num_shots: int | None) -> str:
@@ -48,12 +54,33 @@ def benchmark_title(metrics: dict) -> str:
 
 def mmlu_caveat(metrics: dict) -> str | None:
     """Why the published MMLU rows are not like-for-like with this run; None when they are."""
-    shots = metrics.get("num_shots")
-    if metrics["benchmark"] != "mmlu" or shots == PUBLISHED_MMLU_SHOTS:
+    if metrics["benchmark"] != "mmlu":
         return None
-    this = "records no shot count" if shots is None else f"is {shots}-shot"
-    return (f"Not like-for-like: the published results are {PUBLISHED_MMLU_SHOTS}-shot and this run {this} "
-            "(data.mmlu.num_shots), so its rank among them is indicative only.")
+    reasons = []
+    shots = metrics.get("num_shots")
+    if shots != PUBLISHED_MMLU_SHOTS:
+        this = "records no shot count" if shots is None else f"is {shots}-shot"
+        reasons.append(f"the published results are {PUBLISHED_MMLU_SHOTS}-shot and this run {this} "
+                       "(data.mmlu.num_shots)")
+    if is_mmlu_subset(metrics):
+        reasons.append(mmlu_subset_note(metrics))
+    if not reasons:
+        return None
+    return "Not like-for-like: " + "; ".join(reasons) + ", so its rank among them is indicative only."
+
+
+def is_mmlu_subset(metrics: dict) -> bool:
+    """Fewer (or other) questions than the full test set the published results are on."""
+    return metrics["n"] != MMLU_TEST_QUESTIONS
+
+
+def mmlu_subset_note(metrics: dict) -> str:
+    """What scoring n of MMLU's questions means for a comparison, with the accuracy's standard error."""
+    n, accuracy = metrics["n"], metrics["average"]
+    error = 100 * math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
+    return (f"this run scored n={n:,} of MMLU's {MMLU_TEST_QUESTIONS:,} test questions (eval.mmlu_subjects, "
+            f"eval.mmlu_max_per_subject; standard error about \u00b1{error:.1f} points) and the published "
+            "results all of them")
 
 
 def _pct(value: float | None) -> float | None:
@@ -72,10 +99,10 @@ def comparison_rows(metrics: dict, run_name: str = "this run") -> list[dict]:
     references = [dict(r) for r in REFERENCES[benchmark]] if metrics.get("split", "test") == "test" else []
     if mmlu_caveat(metrics):
         # The table is also published on its own (a Prefect table artifact), without the
-        # report's caveat, so each row says its shots.
-        ours["model"] += f" ({shots_label(metrics.get('num_shots'))})"
+        # report's caveat, so each row says its shots and questions where they differ.
+        ours["model"] += f" ({_mmlu_row_label(metrics.get('num_shots'), metrics['n'], metrics)})"
         for row in references:
-            row["model"] += f" ({shots_label(PUBLISHED_MMLU_SHOTS)})"
+            row["model"] += f" ({_mmlu_row_label(PUBLISHED_MMLU_SHOTS, MMLU_TEST_QUESTIONS, metrics)})"
     rows = sorted([ours] + references, key=lambda r: (-r["accuracy"], r is not ours))
     table = []
     for rank, row in enumerate(rows, 1):
@@ -84,6 +111,12 @@ def comparison_rows(metrics: dict, run_name: str = "this run") -> list[dict]:
             out["macro-F1 (%)"] = row["macro_f1"] if row["macro_f1"] is not None else "-"
         table.append(out)
     return table
+
+
+def _mmlu_row_label(shots: int | None, n: int, metrics: dict) -> str:
+    """The row's shots (when the run's differ from the published) and questions (when a subset)."""
+    parts = [shots_label(shots)] if metrics.get("num_shots") != PUBLISHED_MMLU_SHOTS else []
+    return ", ".join(parts + ([f"n={n:,}"] if is_mmlu_subset(metrics) else []))
 
 
 def markdown_tables(metrics: dict, run_name: str = "this run") -> dict[str, list[dict]]:
@@ -156,9 +189,9 @@ def render_report(metrics: dict, run_name: str = "this run", details: dict | Non
         parts.append("\n".join(f"- {key}: {value}" for key, value in details.items()) + "\n")
     tables = markdown_tables(metrics, run_name)
     order = ["summary", "comparison"] + [t for t in tables if t not in ("summary", "comparison")]
-    caveat = mmlu_caveat(metrics)
+    notes = {"comparison": mmlu_caveat(metrics), "categories": CATEGORY_NOTE}
     for title in order:
-        note = f"{caveat}\n\n" if title == "comparison" and caveat else ""
+        note = f"{notes[title]}\n\n" if notes.get(title) else ""
         parts.append(f"## {_TITLES.get(title, title)}\n\n" + note + to_markdown(tables[title]))
         if title == "comparison" and metrics["benchmark"] == "mmlu":
             parts.append("![MMLU accuracy per subject](mmlu.png)\n")

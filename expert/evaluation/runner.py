@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
-from expert.errors import ConfigError, DataError, did_you_mean
+from expert.errors import ConfigError, DataError, ModelError, did_you_mean
 from expert.evaluation.config import EvalConfig
 from expert.evaluation.loading import load_model
 from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
@@ -56,6 +57,7 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
 
         scores, mode, timing = score_in_pieces(config, benchmark, Path(model_dir), Path(data_dir), adapter_dir,
                                                frame, fan_out, progress)
+    check_finite(frame["id"].tolist(), scores, timing.get("dtype", config.dtype))
     choices = frame["choices"].tolist()
     predictions = predict(choices, scores)
     metrics = _metrics(benchmark, frame, predictions)
@@ -82,8 +84,24 @@ def _score_here(config: EvalConfig, benchmark: str, model_dir: Path, adapter_dir
 
 
 def predict(choices: list[list[str]], scores: list[list[float]]) -> list[str]:
-    """The highest-scoring choice of each question (the first one on a tie)."""
+    """The highest-scoring choice of each question (the first one on a tie). Scores must be finite
+    (check_finite): max() never prefers a NaN, so an all-NaN row would quietly give the first choice."""
     return [options[max(range(len(row)), key=row.__getitem__)] for options, row in zip(choices, scores)]
+
+
+def check_finite(ids: list[str], scores: list[list[float]], dtype: str) -> None:
+    """Refuse NaN or infinite log-likelihoods: predicted from, they turn into plausible numbers (the
+    first choice everywhere scores PubMedQA's majority baseline). `dtype`: what the model scored in;
+    float16's narrow range (an activation overflow) is the usual cause, which bfloat16 avoids."""
+    bad = [qid for qid, row in zip(ids, scores) if not all(math.isfinite(s) for s in row)]
+    if not bad:
+        return
+    shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    raise ModelError(f"{len(bad)} of {len(ids)} questions got a non-finite (NaN or infinite) log-likelihood when "
+                     f"scored in {dtype} (ids {shown}), so no answer can be picked for them. Set eval.dtype: "
+                     "bfloat16 or float32: a float16 activation overflow is the likely cause (eval.dtype 'auto' "
+                     "takes a checkpoint's float16 on a GPU). If it persists in float32, the model or adapter "
+                     "holds non-finite weights (e.g. from a diverged training run)")
 
 
 def check_benchmark(name: str) -> str:

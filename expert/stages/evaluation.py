@@ -22,7 +22,9 @@ class Evaluate(Stage):
     # key: it changes where the scores are computed, not what they are.
     fan_out: Any = field(default=None, compare=False, repr=False)
     name: ClassVar[str] = "evaluate"
-    version: ClassVar[int] = 1
+    # 2: report.md caveats an MMLU subset among full-MMLU results and says whose categories it
+    # uses; non-finite scores are an error, not the first choice
+    version: ClassVar[int] = 2
     report_files: ClassVar[tuple[str, ...]] = ("metrics.json", "report.md")  # the scores, and their timing
 
     def key_config(self, config):
@@ -56,7 +58,9 @@ class Report(Stage):
     """base vs quantized vs expert, with the published results, in report.md + summary.json."""
 
     name: ClassVar[str] = "report"
-    version: ClassVar[int] = 4  # 3: where and in what dtype each evaluation scored; 4: results.png, majority row
+    # 3: where and in what dtype each evaluation scored; 4: results.png, majority row; 5: MMLU notes
+    # (a subset is not comparable with published full-MMLU results; the paper's categories, not lm-eval's)
+    version: ClassVar[int] = 5
 
     def key_config(self, config):
         return {k: v for k, v in config.canonical().items() if k != "artifacts_dir"}

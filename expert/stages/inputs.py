@@ -30,7 +30,9 @@ class ImportModel(Stage):
 @dataclass(frozen=True)
 class FormatPubMedQA(Stage):
     name: ClassVar[str] = "format_pubmedqa"
-    version: ClassVar[int] = 1
+    # 2: max_prompt_tokens cuts train prompts only (dev and test keep the full abstract, as the
+    # published results score it); the full PQA-L's test split is checked against the official one
+    version: ClassVar[int] = 2
     fingerprinted_fields: ClassVar[tuple[str, ...]] = ("source", "extra_train_source")
 
     def fetch(self, config, workspace):
@@ -45,7 +47,7 @@ class FormatPubMedQA(Stage):
         from expert.benchmarks.pubmedqa import format_pubmedqa
 
         tokenizer = None
-        if config.max_prompt_tokens:  # the budget is in tokens of the model being tuned
+        if config.max_prompt_tokens:  # the train split's budget is in tokens of the model being tuned
             from expert.modeling import load_tokenizer
 
             tokenizer = load_tokenizer(upstream["model"])

@@ -1,4 +1,4 @@
-"""evaluate(): files written, ids, subsets, progress, report and plot, errors."""
+"""evaluate(): files written, ids, subsets, progress, report and plot, errors (non-finite scores too)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from expert.errors import ConfigError, DataError
+from expert.errors import ConfigError, DataError, ModelError
 from expert.evaluation import EvalConfig, evaluate
 from expert.evaluation import runner
 from expert.evaluation.runner import load_model as runner_load_model, mmlu_num_shots
@@ -65,7 +65,8 @@ def test_mmlu_shots_come_from_the_formatters_stats(llama_dir, mmlu_dir, tmp_path
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# MMLU (1-shot): tiny\n")
     assert "Not like-for-like: the published results are 5-shot and this run is 1-shot" in report
-    assert "| **tiny** (1-shot) |" in report and "| LLaMA-65B (5-shot) |" in report
+    assert "this run scored n=2 of MMLU's 14,042 test questions" in report  # a subset, too
+    assert "| **tiny** (1-shot, n=2) |" in report and "| LLaMA-65B (5-shot, n=14,042) |" in report
 
 
 @pytest.mark.parametrize("text, message", [
@@ -144,3 +145,42 @@ def test_auto_dtype_scores_in_bf16_where_the_cpu_multiplies_it(llama_dir, pubmed
     cpu = torch.device("cpu")
     assert scoring_dtype("float32", cpu) == "float32" and scoring_dtype("float16", cpu) == "float16"
     assert scoring_dtype("auto", torch.device("cuda")) == "auto"  # the checkpoint's 16 bits there
+
+
+def poisoned_load(*args, **kwargs):
+    """The model as loaded, then with NaN in its final norm: what a float16 overflow leaves behind."""
+    loaded = runner_load_model(*args, **kwargs)
+    with torch.no_grad():
+        loaded.model.model.norm.weight.fill_(float("nan"))
+    return loaded
+
+
+def test_non_finite_scores_are_an_error_naming_the_questions_and_the_dtype_fix(llama_dir, pubmedqa_dir, tmp_path,
+                                                                                monkeypatch):
+    # Before: every NaN row quietly became "yes", the majority baseline's numbers.
+    monkeypatch.setattr(runner, "load_model", poisoned_load)
+    ids = pubmedqa_frame()["id"].tolist()
+    with pytest.raises(ModelError, match=rf"{len(ids)} of {len(ids)} questions got a non-finite .*scored in "
+                                         rf"float32 \(ids {', '.join(ids)}\).*Set eval.dtype: bfloat16 or float32"):
+        evaluate(EvalConfig(device="cpu", dtype="float32"), "pubmedqa", llama_dir, pubmedqa_dir, tmp_path / "out")
+    assert not (tmp_path / "out" / "metrics.json").exists()  # no plausible-looking numbers left behind
+
+
+def test_check_finite_names_only_the_bad_questions_and_counts_the_rest():
+    nan, inf = float("nan"), float("inf")
+    runner.check_finite(["a", "b"], [[-1.0, -2.0], [-3.0, -0.5]], "float16")  # finite: nothing to say
+    with pytest.raises(ModelError, match=r"^2 of 3 questions .* in float16 \(ids b, c\)"):
+        runner.check_finite(["a", "b", "c"], [[-1.0, -2.0], [-1.0, nan], [-inf, -1.0]], "float16")
+    with pytest.raises(ModelError, match=r"12 of 12 .*\(ids 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 2 more\)"):
+        runner.check_finite([str(i) for i in range(12)], [[nan]] * 12, "bfloat16")
+
+
+def test_non_finite_scores_fail_the_cli_in_one_paragraph(llama_dir, pubmedqa_dir, tmp_path, monkeypatch, capsys):
+    from expert.cli import main
+
+    monkeypatch.setattr(runner, "load_model", poisoned_load)
+    assert main(["eval", "--model", str(llama_dir), "--benchmark", "pubmedqa", "--data", str(pubmedqa_dir),
+                 "--out", str(tmp_path / "out"), "--set", "device=cpu"]) == 2  # ExpertError's exit status
+    err = capsys.readouterr().err  # progress bars (model loading, scoring) come first
+    assert err.splitlines()[-1].startswith("expert: error: 7 of 7 questions got a non-finite")
+    assert "Traceback" not in err

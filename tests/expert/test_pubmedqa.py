@@ -1,7 +1,9 @@
-"""PubMedQA formatting: the official split, prompts, truncation, both input layouts, bad input."""
+"""PubMedQA formatting: the official split and its digest check, prompts, train-only truncation, both input
+layouts, bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -12,7 +14,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from expert.benchmarks.pubmedqa import LABELS, PubMedQAConfig, format_pubmedqa, load_records, official_split
+from expert.benchmarks import pubmedqa
+from expert.benchmarks.pubmedqa import (LABELS, PubMedQAConfig, check_official_test, format_pubmedqa, load_records,
+                                        official_split, pmid_digest)
 from expert.benchmarks.schema import PUBMEDQA_SCHEMA
 from expert.errors import ConfigError, DataError
 from tests.fixtures.data import (
@@ -142,6 +146,44 @@ def test_hf_parquet_layout_gives_the_same_files(tmp_path):
         assert read(tmp_path / "a", split) == read(tmp_path / "b", split)
 
 
+@pytest.mark.parametrize("order, fails", [("as the authors store them", False), ("reversed", True)])
+def test_a_full_pqa_l_in_another_order_is_refused(tmp_path, monkeypatch, order, fails):
+    # The official split shuffles the records as stored: a copy (e.g. a hub parquet) that stores
+    # the full PQA-L in another order would silently give another test split. A synthetic
+    # 1,000-record set stands in for the real one: its digests take the shipped ones' place.
+    records = synthetic_dataset((552, 338, 110))
+    test = authors_split(records, 0)[2]
+    monkeypatch.setattr(pubmedqa, "PQA_L_PMIDS_SHA256", pmid_digest(records))
+    monkeypatch.setattr(pubmedqa, "OFFICIAL_TEST_PMIDS_SHA256", pmid_digest(test))
+    stored = dict(reversed(records.items())) if order == "reversed" else records
+    source = write_pubmedqa_hf(tmp_path / "hf", stored)
+    if fails:
+        with pytest.raises(DataError, match=r"holds the 1,000 PQA-L questions, but in an unexpected order.*"
+                                            r"Use the authors' ori_pqal.json") as err:
+            format_pubmedqa(PubMedQAConfig(), source, tmp_path / "out")
+        assert str(source) in str(err.value)
+    else:
+        format_pubmedqa(PubMedQAConfig(), source, tmp_path / "out")
+        assert read(tmp_path / "out", "test")["id"] == test
+
+
+def test_official_test_check_compares_digests_of_the_full_pqa_l_only():
+    pmids, test = ["3", "1", "2", "4"], ["4", "1"]
+    full, official = pmid_digest(pmids), pmid_digest(["1", "4"])
+    assert pmid_digest(["1", "4"]) == pmid_digest(["4", "1"])  # a set's digest: order does not count
+    check_official_test("src", pmids, test, full, official)
+    with pytest.raises(DataError, match="src holds the 1,000 PQA-L questions, but in an unexpected order"):
+        check_official_test("src", pmids, ["2", "1"], full, official)
+    check_official_test("src", pmids[:3], ["2", "1"], full, official)  # not the full PQA-L: nothing to check
+
+
+def test_shipped_digests_are_sha256_of_the_sorted_pmids():
+    # sha256 of "\n".join(sorted PMIDs): 64 hex digits, the format pmid_digest writes.
+    for digest in (pubmedqa.PQA_L_PMIDS_SHA256, pubmedqa.OFFICIAL_TEST_PMIDS_SHA256):
+        assert len(digest) == 64 and int(digest, 16) >= 0
+    assert pmid_digest(["2", "10"]) == hashlib.sha256(b"10\n2").hexdigest()
+
+
 def test_extra_pqa_a_records_join_train_only(tmp_path):
     records = pubmedqa_records(12)
     extra = pubmedqa_records(5, labels=("yes", "no"), first_pmid=20_000_000)
@@ -173,32 +215,76 @@ def tiny_tokenizer(kind: str, texts: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
 
 
-@pytest.mark.parametrize("kind", ["wordlevel", "bpe+bos"])
-def test_truncation_cuts_only_the_abstract(tmp_path, kind):
+def long_abstract_records(every: int = 3) -> tuple[dict, set]:
     records = pubmedqa_records(12)
-    long_ids = set(list(records)[::3])
+    long_ids = set(list(records)[::every])
     for pmid in long_ids:
         records[pmid]["CONTEXTS"] = [f"Long section {s} reports {s * 7} events among the patients." for s in range(40)]
+    return records, long_ids
+
+
+def budget_tokenizer(kind: str, records: dict) -> PreTrainedTokenizerFast:
     texts = [" ".join(r["CONTEXTS"]) + " " + r["QUESTION"] for r in records.values()]
-    texts.append("Abstract: Question: Answer: yes no maybe")
-    tokenizer = tiny_tokenizer(kind, texts)
-    config = PubMedQAConfig(max_prompt_tokens=90)
+    return tiny_tokenizer(kind, texts + ["Abstract: Question: Answer: yes no maybe"])
+
+
+@pytest.mark.parametrize("kind", ["wordlevel", "bpe+bos"])
+def test_truncation_cuts_only_the_abstract_of_train_prompts(tmp_path, kind):
+    records, long_ids = long_abstract_records()
+    tokenizer = budget_tokenizer(kind, records)
     source = write_pubmedqa_json(tmp_path / "p.json", records=records)
-    stats = format_pubmedqa(config, source, tmp_path / "out", tokenizer)
+    stats = format_pubmedqa(PubMedQAConfig(max_prompt_tokens=90), source, tmp_path / "out", tokenizer)
     answer = max(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in LABELS)
+    train = pq.read_table(tmp_path / "out" / "train.parquet").to_pylist()
     truncated = set()
-    for split in ("train", "dev", "test"):
+    for row in train:
+        rec = records[row["id"]]
+        assert len(tokenizer(row["prompt"])["input_ids"]) + answer + 1 <= 90
+        assert row["prompt"].endswith(f"\nQuestion: {rec['QUESTION']}\nAnswer:")
+        abstract = row["prompt"][len("Abstract: "):-len(f"\nQuestion: {rec['QUESTION']}\nAnswer:")]
+        assert "\n".join(rec["CONTEXTS"]).startswith(abstract) and len(abstract) > 20
+        assert row["contexts"] == rec["CONTEXTS"]  # the column keeps the full abstract
+        if row["truncated"]:
+            truncated.add(row["id"])
+    assert truncated == long_ids & {r["id"] for r in train} and truncated  # the fixture puts some in train
+    assert stats["splits"]["train"]["truncated"] == len(truncated)
+    assert stats["max_prompt_tokens"] == 90 and stats["max_prompt_tokens_splits"] == ["train"]
+
+
+def test_dev_and_test_prompts_keep_the_full_abstract_under_a_budget(tmp_path):
+    # The budget bounds training memory; the published results that test is ranked against
+    # (and lm-eval) score the whole abstract, so dev and test must not lose its end.
+    records, long_ids = long_abstract_records(every=2)
+    tokenizer = budget_tokenizer("wordlevel", records)
+    source = write_pubmedqa_json(tmp_path / "p.json", records=records)
+    stats = format_pubmedqa(PubMedQAConfig(max_prompt_tokens=90), source, tmp_path / "out", tokenizer)
+    held_out = read(tmp_path / "out", "dev")["id"] + read(tmp_path / "out", "test")["id"]
+    assert long_ids & set(held_out)  # the fixture puts long abstracts where a cut would show
+    for split in ("dev", "test"):
         for row in pq.read_table(tmp_path / "out" / f"{split}.parquet").to_pylist():
             rec = records[row["id"]]
-            assert len(tokenizer(row["prompt"])["input_ids"]) + answer + 1 <= 90
-            assert row["prompt"].endswith(f"\nQuestion: {rec['QUESTION']}\nAnswer:")
-            abstract = row["prompt"][len("Abstract: "):-len(f"\nQuestion: {rec['QUESTION']}\nAnswer:")]
-            assert "\n".join(rec["CONTEXTS"]).startswith(abstract) and len(abstract) > 20
-            assert row["contexts"] == rec["CONTEXTS"]  # the column keeps the full abstract
-            if row["truncated"]:
-                truncated.add(row["id"])
-    assert truncated == long_ids
-    assert sum(stats["splits"][s]["truncated"] for s in ("train", "dev", "test")) == len(long_ids)
+            full = "Abstract: " + "\n".join(rec["CONTEXTS"]) + f"\nQuestion: {rec['QUESTION']}\nAnswer:"
+            assert (row["prompt"], row["truncated"]) == (full, False)
+        assert stats["splits"][split]["truncated"] == 0
+    assert max(len(tokenizer(p)["input_ids"]) for p in read(tmp_path / "out", "test")["prompt"]) > 90
+
+
+def test_full_abstract_dev_prompts_still_encode_within_train_max_length(tmp_path):
+    # Training's dev loss reads dev.parquet: a dev prompt now longer than train.max_length is
+    # cut on the left (the question and answer survive), counted, and never an error.
+    from expert.train.data import IGNORE, encode_split, read_split
+
+    records, long_ids = long_abstract_records(every=2)
+    tokenizer = budget_tokenizer("wordlevel", records)
+    source = write_pubmedqa_json(tmp_path / "p.json", records=records)
+    format_pubmedqa(PubMedQAConfig(max_prompt_tokens=90), source, tmp_path / "out", tokenizer)
+    rows = read_split(tmp_path / "out" / "test.parquet")  # the larger held-out split: more long rows
+    split = encode_split(tokenizer, rows, max_length=90)
+    assert split.truncated == len(long_ids & set(rows["id"])) > 0
+    for example, answer in zip(split.examples, rows["answer"]):
+        assert len(example.input_ids) <= 90
+        labelled = [t for t in example.labels if t != IGNORE]
+        assert labelled == tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def test_budget_too_small_for_the_question_is_a_config_error(tmp_path):

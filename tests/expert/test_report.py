@@ -1,4 +1,4 @@
-"""The pipeline report: summary.json shape, nested details flattened, dev scores per checkpoint."""
+"""The pipeline report: summary.json shape, nested details flattened, dev scores per checkpoint, MMLU caveats."""
 
 import json
 
@@ -65,6 +65,26 @@ def mmlu_report(tmp_path, base_shots, expert_shots):
     out.mkdir()
     write_pipeline_report(upstream, {"name": "t"}, out)
     return (out / "report.md").read_text()
+
+
+def test_an_mmlu_subset_is_flagged_against_published_full_mmlu_numbers(tmp_path):
+    # 2 questions per subject (the default preset): 114 of 14,042. The expert's 30% on 114
+    # questions has a standard error of sqrt(0.3 * 0.7 / 114) = 4.3 points.
+    report = mmlu_report(tmp_path, 5, 5)
+    assert ("Not like-for-like with published MMLU results: this run scored n=114 of MMLU's 14,042 test questions "
+            "(eval.mmlu_subjects, eval.mmlu_max_per_subject; standard error about \u00b14.3 points) and the published "
+            "results all of them.") in report
+    assert "Categories as in the MMLU paper (hendrycks/test categories.py); lm-eval puts anatomy in STEM" in report
+
+
+def test_mmlu_on_the_full_test_set_needs_no_subset_note(tmp_path):
+    mmlu = {"average": 0.3, "subject_mean": 0.28, "n": 14_042, "categories": {"STEM": 0.25}, "num_shots": 5}
+    upstream = {f"mmlu/{n}": artifact(tmp_path, f"mmlu/{n}", {"metrics.json": mmlu}) for n in ("base", "expert")}
+    (tmp_path / "out").mkdir()
+    write_pipeline_report(upstream, {"name": "t"}, tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| questions | 14042 | 14042 |" in report and "Not like-for-like" not in report
+    assert "lm-eval puts anatomy in STEM" in report  # the categories are the paper's either way
 
 
 def test_mmlu_heading_says_the_recorded_shots(tmp_path):

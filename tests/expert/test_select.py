@@ -49,3 +49,14 @@ def test_dev_loss_is_what_its_description_says():
     assert row["dev_loss"] == (1.5 + 4.0) / 2  # the gold answer's summed NLL, averaged over the questions
     described = SelectConfig.model_fields["metric"].description
     assert "summed over its tokens (no EOS), averaged over the dev questions" in described, described
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1", "dev_loss"])
+def test_a_checkpoint_whose_scores_are_nan_loses_on_every_metric(metric):
+    """Predicted from, all-NaN scores answer "yes" everywhere: the majority class, a plausible
+    accuracy (here the best one) from a diverged checkpoint."""
+    frame = pd.DataFrame({"choices": [["yes", "no", "maybe"]] * 4, "answer": ["yes", "yes", "yes", "no"]})
+    diverged = _row(20, Path("step-20"), frame, [[NAN, NAN, NAN]] * 3 + [[NAN, -1.0, -2.0]])
+    sound = _row(10, Path("step-10"), frame, [[-1.0, -0.5, -3.0]] * 2 + [[-0.5, -1.0, -3.0]] * 2)
+    assert sound["accuracy"] == 0.25
+    assert pick_best([diverged, sound], metric)["step"] == 10
