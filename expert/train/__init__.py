@@ -6,10 +6,10 @@
 
 Modules: `config` (TrainConfig), `data` (tokenize, mask, length-bucketed batches), `lora`
 (LoRA wrapping, optimizer, schedule), `memory` (micro-batch and checkpointing, given or 'auto'),
-`step` (one optimizer step, dev loss), `loop` (the run), `checkpoint` (save/resume), `logging`
-(progress bar, callback, TensorBoard, JSONL, loss plot), `distributed` (what changes on several
-processes: ddp, fsdp), `launch` (torchrun from the stage, failures as ExpertError), `worker`
-(torchrun's entry point).
+`step` (one optimizer step, dev loss), `loop` (the run), `checkpoint` (save, load, verify),
+`resume` (which checkpoint and precision a restarted run resumes with), `logging` (progress bar,
+callback, TensorBoard, JSONL, loss plot), `distributed` (what changes on several processes: ddp,
+fsdp), `launch` (torchrun from the stage, failures as ExpertError), `worker` (torchrun's entry point).
 """
 
 from expert.train.config import TrainConfig

@@ -166,8 +166,12 @@ class TrainConfig(StageConfig):
 
     def canonical(self) -> dict:
         # The scale-out fields and compile are left out at their defaults, so the cache keys and
-        # checkpoints of runs made before those fields existed stay valid.
+        # checkpoints of runs made before those fields existed stay valid. log_every_steps is left
+        # out always: it changes only the logs (report files), and a new value must not retrain.
+        # lean_activations stays in: its gradients agree with PEFT's only to rounding, its
+        # dropout masks are drawn otherwise, and it changes what micro-batch 'auto' picks.
         canon = super().canonical()
+        del canon["log_every_steps"]
         if self.processes == 1 and self.strategy == "single":
             del canon["processes"], canon["strategy"]
         if not self.compile:

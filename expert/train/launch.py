@@ -47,8 +47,10 @@ def launch(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
 
     check_before_start(config, model_dir, device)
     spec = work_dir / "launch.json"
-    spec.write_text(json.dumps({"config": config.canonical(), "model_dir": str(model_dir), "data_dir": str(data_dir),
-                                "out_dir": str(out_dir), "work_dir": str(work_dir), "device": device}))
+    # Every field, not the canonical (key) form: the ranks need log_every_steps too.
+    spec.write_text(json.dumps({"config": config.model_dump(mode="json"), "model_dir": str(model_dir),
+                                "data_dir": str(data_dir), "out_dir": str(out_dir), "work_dir": str(work_dir),
+                                "device": device}))
     stream = _Stream(progress)
     code = _run(command(config.processes, spec, work_dir / "torchrun"), stream)
     if code:

@@ -126,10 +126,32 @@ class QuietLogger:
 
 def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
     """Keep the records up to `last_step` (the resumed checkpoint); later ones are redone."""
-    records = []
-    if path.is_file() and last_step:
-        records = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= last_step]
+    records = _read_records(path) if path.is_file() and last_step else []
+    records = [r for r in records if r["step"] <= last_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The records of a JSONL log up to its first line that does not decode to one.
+
+    A crash can tear the last line (a short write when the disk fills, NUL bytes after a power
+    loss); the log must not stop the run from resuming. What follows a torn line is dropped: it
+    is the tail the crash left, whose steps come after the checkpoint and are logged again."""
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            log.warning("%s: line %d does not read (%s), as a crash leaves a torn write; dropping it and "
+                        "the %d line(s) after it", path, number, exc, sum(1 for x in lines[number:] if x.strip()))
+            break
+        records.append(record)
     return records
 
 

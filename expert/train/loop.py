@@ -3,10 +3,11 @@
     summary = train(TrainConfig(), model_dir, data_dir, out_dir, work_dir)
 
 `work_dir` outlives a crash: checkpoints, train_log.jsonl and tensorboard/ are written there
-as the run goes, and a restarted run resumes from the last complete checkpoint with the same
-data order, optimizer, schedule and RNG, so it ends with the same adapter an uninterrupted
-run would have (bit for bit on CPU). Only at the end is `out_dir` filled: every checkpoint,
-final/ (the last adapter), the logs, loss.png and summary.json.
+as the run goes, and a restarted run resumes from the last complete checkpoint that reads back
+whole (`expert.train.resume`) with the same data order, precision, optimizer, schedule and RNG,
+so it ends with the same adapter an uninterrupted run would have (bit for bit on CPU). Only at
+the end is `out_dir` filled: every checkpoint, final/ (the last adapter), the logs, loss.png and
+summary.json.
 
 With `processes` > 1, `train` starts that many ranks with torchrun (`expert.train.launch`),
 each of which runs `run_rank`; rank 0 alone writes work_dir and out_dir, in the same formats.
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 
 from expert.errors import DataError, ExpertError
-from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_marker,
-                                     read_state, save_checkpoint)
+from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_state,
+                                     save_checkpoint)
 from expert.train.config import TrainConfig
 from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
                                 unbucketed_padding_fraction)
@@ -31,6 +32,7 @@ from expert.train.distributed import Ranks, shard_base
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
 from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
+from expert.train.resume import pick_checkpoint, resumed_precision
 from expert.train.step import Runner
 
 
@@ -58,6 +60,9 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
            progress: Progress | None, device: str, ranks: Ranks = Ranks()) -> dict | None:
     rows = read_split(data_dir / "train.parquet")  # data first: a missing file fails before a long load
     dev_rows = _dev_rows(data_dir / "dev.parquet") if config.dev_loss else None
+    # What to resume from, and in which precision, before the long load: a refusal comes at once.
+    picked = pick_checkpoint(work_dir / "checkpoints", config, ranks)
+    precision = resumed_precision(config, _device(device), picked)
     model, tokenizer = _load_base(model_dir, device, config.strategy)
     train_set = _encode(tokenizer, rows, config.max_length, ranks)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
@@ -69,7 +74,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     if ranks.strategy == "fsdp":
         shard_base(model, ranks, device)
     answers = max(e.answer_tokens for e in train_set.examples)
-    memory = _memory_plan(work_dir, config, model, max(train_set.lengths), answers, ranks)
+    memory = _memory_plan(picked, config, model, max(train_set.lengths), answers, ranks)
     micro = memory.micro_batch_size
     plan = BatchPlan(train_set.lengths, step_sizes(config.effective_batch_size, micro, config.processes),
                      config.epochs, config.seed, config.max_steps)
@@ -80,10 +85,11 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
                  f"; {ranks.world} processes, {ranks.strategy}" if ranks.many else "", plan.padding_fraction())
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, plan.total_steps)
-    state = _resume(work_dir, config, model, optimizer, scheduler, ranks)
+    state = _resume(picked, model, optimizer, scheduler, ranks)
     state["memory"] = memory.as_dict()
+    state["precision"] = precision
     runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm, ranks,
-                    config.precision)
+                    precision)
     if ranks.main:
         log.info("matmuls in %s (train.precision %s)", runner.precision_name, config.precision)
     logger = TrainLogger(work_dir, plan.total_steps, state["step"], config.log_every_steps, runner.device, progress,
@@ -146,18 +152,22 @@ def _encode(tokenizer, rows: dict[str, list[str]], max_length: int, ranks: Ranks
     return split
 
 
-def _memory_plan(work_dir: Path, config: TrainConfig, model, longest: int, answers: int,
+def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, longest: int, answers: int,
                  ranks: Ranks) -> MemoryPlan:
-    """The resumed run's own choice (the data order depends on it), else a fresh one."""
-    found = complete_checkpoints(work_dir / "checkpoints")
-    if found and read_marker(found[-1][1]).get("config") == config.canonical():
-        saved = read_state(found[-1][1]).get("memory")
-        if saved:
-            plan = MemoryPlan.from_dict(saved)
-            set_checkpointing(model, plan.gradient_checkpointing)
-            return plan
+    """The resumed checkpoint's own choice (the data order depends on it), else a fresh one."""
+    saved = read_state(picked[1]).get("memory") if picked else None
+    if saved:
+        plan = MemoryPlan.from_dict(saved)
+        set_checkpointing(model, plan.gradient_checkpointing)
+        return plan
     device = next(p for p in model.parameters() if p.requires_grad).device
     return plan_memory(model, config, longest, device, ranks, answer_tokens=answers)
+
+
+def _device(device: str) -> torch.device:
+    from expert.modeling import resolve_device
+
+    return resolve_device(device)
 
 
 def _dev_rows(path: Path) -> dict[str, list[str]]:
@@ -194,20 +204,15 @@ def _fresh_state() -> dict:
     return {"step": 0, "tokens": 0, "train_seconds": 0.0, "last_loss": None, "dev_losses": {}, "resumed_from": []}
 
 
-def _resume(work_dir: Path, config: TrainConfig, model, optimizer, scheduler, ranks: Ranks) -> dict:
-    """Restore the last complete checkpoint of this config in work_dir, if any; else a fresh state."""
-    found = complete_checkpoints(work_dir / "checkpoints")
-    if not found:
+def _resume(picked: tuple[int, Path] | None, model, optimizer, scheduler, ranks: Ranks) -> dict:
+    """Restore the checkpoint `pick_checkpoint` chose, if any; else a fresh state."""
+    if picked is None:
         return _fresh_state()
-    step, path = found[-1]
-    if read_marker(path).get("config") != config.canonical():
-        ranks.barrier()  # every rank has read the folder before rank 0 empties it
-        if ranks.main:
-            log.warning("checkpoints in %s belong to another training config; starting over", work_dir)
-            shutil.rmtree(work_dir / "checkpoints")
-        return _fresh_state()
+    step, path = picked
     state = load_checkpoint(path, model, optimizer, scheduler, ranks.rank)
     state["resumed_from"] = [*state.get("resumed_from", []), step]
+    if "precision" not in state:  # written by a version that did not record it: summary.json says so
+        state.setdefault("precision_unrecorded_steps", step)
     if ranks.main:
         log.info("resuming from checkpoint %s (step %d)", path, step)
     return state
@@ -289,5 +294,13 @@ def _summary(config, state, plan, train_set, dev_set, runner, checkpoints) -> di
         "trainable_params": trainable,
         "resumed_from": state["resumed_from"],
         "device": str(runner.device),
-        "precision": runner.precision_name,
+        "precision": _precision_text(runner.precision_name, state.get("precision_unrecorded_steps")),
     }
+
+
+def _precision_text(name: str, unrecorded: int | None) -> str:
+    """What the matmuls computed in, over the whole run: a resume pins it (expert.train.resume),
+    except from a checkpoint of an older version, which did not record its own."""
+    if not unrecorded:
+        return name
+    return f"{name} from step {unrecorded + 1} (steps 1-{unrecorded}: not recorded)"

@@ -31,6 +31,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if native else None
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as `device` runs it: "bfloat16" or "float32" (what a checkpoint records)."""
+    return "bfloat16" if autocast_dtype(precision, device) == torch.bfloat16 else "float32"
+
+
 class Runner:
     """Forward/backward/update of one optimizer step, and the dev loss."""
 

@@ -130,6 +130,24 @@ def test_a_rank_killed_mid_run_is_named_and_the_rerun_resumes_to_the_same_adapte
         [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_mb")} for r in records(reference)]
 
 
+def test_ranks_skip_a_damaged_last_checkpoint_together_and_take_a_new_log_every_steps(ddp, llama_dir, data_dir,
+                                                                                      tmp_path, monkeypatch):
+    monkeypatch.setenv(KILL_ENV, "1:5")  # checkpoints at 2 and 4
+    with pytest.raises(ExpertError):
+        run(DDP, llama_dir, data_dir, tmp_path)
+    monkeypatch.delenv(KILL_ENV)
+    checkpoints = tmp_path / "work" / "checkpoints"
+    (checkpoints / "step-000004" / "optimizer.safetensors").write_bytes(b"")  # as a power loss can leave it
+    # A new log_every_steps: not in the key, so the same work resumes, and every rank gets the value.
+    out, calls, lines = run({**DDP, "log_every_steps": 3}, llama_dir, data_dir, tmp_path)
+    assert calls[0] == (2, 9) and json.loads((out / "summary.json").read_text())["resumed_from"] == [2]
+    assert any("step-000004 is damaged" in line for line in lines), lines[-20:]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == [".bad-step-000004"]
+    ours, theirs = adapter(out), adapter(ddp[0])
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 6, 9]
+
+
 def test_auto_splits_each_step_into_uneven_micro_batches_shared_evenly_and_gives_the_one_process_run(
         llama_dir, data_dir, tmp_path, monkeypatch):
     # A step of 18 with 'auto' on 2 processes (at most 8 each on a CPU): 4 micro-batches of 5, 5, 4, 4,

@@ -278,3 +278,204 @@ def test_the_same_adapter_is_saved_byte_for_byte_whatever_the_hash_seed(tmp_path
         configs.add(((saved / "adapter_config.json").read_text(), (saved / "adapter_model.safetensors").read_bytes()))
     assert len(configs) == 1
     assert json.loads(configs.pop()[0])["target_modules"] == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+# ---------------------------------------------------------------- what a crash can leave behind
+
+def crash_run(config, llama_dir, data_dir, root, step=5):
+    """Train `config` in root/work until the crash after `step` (checkpoints every 2 steps)."""
+    with pytest.raises(Crash):
+        train(config, llama_dir, data_dir, root / "out", root / "work", progress=crash_at(step), device="cpu")
+    return root / "work" / "checkpoints"
+
+
+def empty_file(folder):
+    (folder / "optimizer.safetensors").write_bytes(b"")  # what an un-fsynced file can be after a power loss
+
+
+def flip_last_byte(folder):
+    path = folder / "adapter_model.safetensors"  # same size, one weight changed
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def tear_marker(folder):
+    path = folder / MARKER
+    path.write_text(path.read_text()[:40])
+
+
+@pytest.mark.parametrize("damage", [empty_file, flip_last_byte, tear_marker])
+def test_a_damaged_last_checkpoint_is_set_aside_and_the_one_before_resumed(reference, llama_dir, data_dir,
+                                                                         tmp_path, caplog, damage):
+    checkpoints = crash_run(TrainConfig(**RUN), llama_dir, data_dir, tmp_path)
+    damage(checkpoints / "step-000004")
+    with caplog.at_level("WARNING", logger="expert"):
+        summary = train(TrainConfig(**RUN), llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["resumed_from"] == [2]
+    assert summary["steps"] == 9
+    assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(reference[0] / "final"))
+    assert "step-000004" in caplog.text and ".bad-step-000004" in caplog.text
+    assert (checkpoints / ".bad-step-000004").is_dir()  # kept for a look, never tried again
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [2, 4, 6, 8, 9]  # step 4 made again
+    assert not list((tmp_path / "out" / "checkpoints").glob(".bad-*"))
+
+
+def as_older_version_wrote_it(folder):
+    """A checkpoint as the version before file sizes and precision were recorded wrote it."""
+    marker = json.loads((folder / MARKER).read_text())
+    del marker["files"]
+    marker["config"]["log_every_steps"] = 1  # that version keyed it
+    (folder / MARKER).write_text(json.dumps(marker))
+    state = json.loads((folder / STATE).read_text())
+    del state["precision"]
+    (folder / STATE).write_text(json.dumps(state))
+
+
+def test_checkpoints_of_the_older_format_resume_and_a_damaged_one_is_still_caught(reference, llama_dir, data_dir,
+                                                                                  tmp_path):
+    checkpoints = crash_run(TrainConfig(**RUN), llama_dir, data_dir, tmp_path)
+    for step in ("step-000002", "step-000004"):
+        as_older_version_wrote_it(checkpoints / step)
+    older = tmp_path / "older"
+    shutil.copytree(tmp_path / "work", older / "work")
+
+    train(TrainConfig(**RUN), llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["resumed_from"] == [4]
+    assert written["precision"].endswith("from step 5 (steps 1-4: not recorded)")  # no claim it cannot back
+    assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(reference[0] / "final"))
+
+    (older / "work" / "checkpoints" / "step-000004" / "rng.safetensors").write_bytes(b"")  # no sizes to compare
+    train(TrainConfig(**RUN), llama_dir, data_dir, older / "out", older / "work", device="cpu")
+    assert json.loads((older / "out" / "summary.json").read_text())["resumed_from"] == [2]
+    assert (older / "work" / "checkpoints" / ".bad-step-000004").is_dir()
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename_and_their_sizes_and_digests_recorded(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from expert.train import checkpoint
+    from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to name what was fsynced")
+    events = []
+    real_fsync, real_rename = os.fsync, Path.rename
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(Path, "rename", lambda self, target: events.append(("rename", str(self), str(target)))
+                        or real_rename(self, target))
+    config = TrainConfig(lora_r=2)
+    model = attach_lora(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=1, num_attention_heads=4)), config)
+    optimizer = make_optimizer(config, model)
+    final = checkpoint.save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer,
+                                       make_scheduler(config, optimizer, 4), {}, {})
+
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 1 and events[renames[0]][2] == str(final)
+    tmp = events[renames[0]][1]
+    synced_before = {e[1] for e in events[:renames[0]] if e[0] == "fsync"}
+    assert {f"{tmp}/{p.name}" for p in final.iterdir()} | {tmp} <= synced_before
+    assert ("fsync", str(final.parent)) in events[renames[0]:]
+    recorded = json.loads((final / MARKER).read_text())["files"]
+    assert set(recorded) == {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors",
+                             "rng.safetensors"}  # not trainer_state.json: it holds timings
+    for name, desc in recorded.items():
+        data = (final / name).read_bytes()
+        assert desc == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert checkpoint.verify_checkpoint(final) is None
+    (final / "rng.safetensors").write_bytes((final / "rng.safetensors").read_bytes()[:-1])
+    assert "rng.safetensors has" in checkpoint.verify_checkpoint(final)
+
+
+def tear_log(work):
+    log_file = work / "train_log.jsonl"
+    text = log_file.read_text()
+    log_file.write_text(text[:len(text) - len(text.splitlines()[-1]) // 2 - 1])  # the last line cut in half
+
+
+def test_a_torn_last_line_of_the_train_log_does_not_stop_the_resume(reference, llama_dir, data_dir, tmp_path, caplog):
+    crash_run(TrainConfig(**RUN), llama_dir, data_dir, tmp_path)
+    tear_log(tmp_path / "work")
+    with caplog.at_level("WARNING", logger="expert"):
+        train(TrainConfig(**RUN), llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["resumed_from"] == [4]
+    assert str(tmp_path / "work" / "train_log.jsonl") in caplog.text
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "memory_mb")}
+                          for x in path.read_text().splitlines()]
+    assert strip(tmp_path / "out" / "train_log.jsonl") == strip(reference[0] / "train_log.jsonl")
+
+
+@pytest.mark.parametrize("tail", [b'{"step": 5, "lo', b"\0" * 64, b'{"step": 5, "loss": \xff\xfe}\n', b"[]\n"],
+                         ids=["half a line", "NUL bytes", "not UTF-8", "not a record"])
+def test_the_log_is_read_up_to_its_first_line_that_does_not_decode(tmp_path, tail):
+    from expert.train.logging import _truncate_jsonl
+
+    path = tmp_path / "train_log.jsonl"
+    good = [{"step": 1, "loss": 2.0}, {"step": 2, "dev_loss": 1.5}, {"step": 3, "loss": 1.0}]
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in good) + tail + b'{"step": 4}\n')
+    assert _truncate_jsonl(path, 2) == good[:2]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == good[:2]
+
+
+def native_bf16(monkeypatch, native):
+    """As on a machine whose CPU has (or lacks) native bf16 matmuls, whatever this one has."""
+    from expert.train import step
+
+    monkeypatch.setattr(step, "cpu_has_native_bf16", lambda: native)
+
+
+def test_a_resume_keeps_computing_in_the_precision_of_its_checkpoint(llama_dir, data_dir, tmp_path, monkeypatch):
+    config = TrainConfig(**{**RUN, "max_steps": 6})  # precision auto
+    native_bf16(monkeypatch, False)
+    train(config, llama_dir, data_dir, tmp_path / "ref" / "out", tmp_path / "ref" / "work", device="cpu")
+    crash_run(config, llama_dir, data_dir, tmp_path, step=3)  # float32 on the machine without bf16
+
+    native_bf16(monkeypatch, True)  # resumed where auto would pick bf16
+    train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["resumed_from"] == [2] and written["precision"] == "float32"
+    assert_bitwise_equal(adapter(tmp_path / "out" / "final"), adapter(tmp_path / "ref" / "out" / "final"))
+
+
+def test_bf16_checkpoints_are_not_resumed_in_float32_and_the_error_says_what_to_do(llama_dir, data_dir, tmp_path,
+                                                                                  monkeypatch):
+    config = TrainConfig(**{**RUN, "max_steps": 6})
+    native_bf16(monkeypatch, True)
+    checkpoints = crash_run(config, llama_dir, data_dir, tmp_path, step=3)
+
+    native_bf16(monkeypatch, False)
+    with pytest.raises(ExpertError) as error:
+        train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    message = str(error.value)
+    assert str(checkpoints / "step-000002") in message and "bfloat16" in message
+    assert "--force train" in message and "train.precision" in message
+    assert [s for s, _ in list_checkpoints(tmp_path / "work")] == [2]  # nothing thrown away
+
+    native_bf16(monkeypatch, True)  # back on a machine with bf16: it resumes
+    train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["resumed_from"] == [2] and written["precision"] == "bfloat16 autocast"
+
+
+def test_log_every_steps_is_not_in_the_key_and_a_new_value_resumes(llama_dir, data_dir, tmp_path):
+    from expert.stages.tuning import Train
+
+    assert TrainConfig(log_every_steps=5).canonical() == TrainConfig().canonical()
+    assert Train().key_config(TrainConfig(log_every_steps=5)) == Train().key_config(TrainConfig())
+    # Not the same computation (other dropout masks, gradients equal only to rounding): stays keyed.
+    assert TrainConfig(lean_activations=False).canonical() != TrainConfig().canonical()
+
+    crash_run(TrainConfig(**{**RUN, "max_steps": 6}), llama_dir, data_dir, tmp_path, step=3)
+    train(TrainConfig(**{**RUN, "max_steps": 6, "log_every_steps": 3}), llama_dir, data_dir, tmp_path / "out",
+          tmp_path / "work", device="cpu")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["resumed_from"] == [2]
+    logged = [r["step"] for r in map(json.loads, (tmp_path / "out" / "train_log.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert logged == [1, 2, 3, 6]  # every step before the resume, every third after
