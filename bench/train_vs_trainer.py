@@ -15,11 +15,13 @@ a memory cap do). The weights are float32 on both sides; the peer's matmuls run 
 (Trainer's CPU default), ours under bf16 autocast where the CPU multiplies bf16 natively
 (`train.precision: auto`). Like for like: `--ours-float32` adds ours in float32, `--peer-bf16`
 the peer with `bf16=True` (bf16 autocast), both in the same run; `--ours-plain` adds ours
-without lean activations (expert/train/lean.py).
+without lean activations (expert/train/lean.py), `--ours-compile` ours with `train.compile`.
 
 The metric is useful (non-padding) tokens per second of the training loop: the same tokens on
 both sides divided by the loop's time (Trainer: on_train_begin .. on_train_end; ours: the sum
-of its step times, checkpoint writing excluded). The quality check is the answer-token loss on
+of its step times, checkpoint writing excluded). `after_first_step` gives the same without each
+side's first optimizer step, which pays one-off costs (compiling, first allocations): what a run
+longer than these 8 steps approaches. The quality check is the answer-token loss on
 the dev split of every final adapter and of the untrained model, by the same function: each
 side must have moved it below the untrained model's, ours must be at most 2% above the peer's at
 the same precision, and in float32 (the same computation on both sides) the two within 2%.
@@ -62,7 +64,8 @@ def main() -> None:
     with work_dir("bench-train-") as work:
         subset = _subset(data_dir, work / "data", args.examples, args.dev_examples, args.seed)
         order = ("peer", "ours") + (("peer-bf16",) if args.peer_bf16 else ()) + \
-            (("ours-plain",) if args.ours_plain else ()) + (("ours-float32",) if args.ours_float32 else ())
+            (("ours-plain",) if args.ours_plain else ()) + (("ours-float32",) if args.ours_float32 else ()) + \
+            (("ours-compile",) if args.ours_compile else ())
         runs: dict[str, list[dict]] = {side: [] for side in order}
         for round_ in range(args.rounds):
             for side in order if round_ % 2 == 0 else order[::-1]:
@@ -71,7 +74,8 @@ def main() -> None:
                     row = _peer(args, model_dir, subset, work / f"{side}-{round_}", bf16=side == "peer-bf16")
                 else:
                     row = _ours(args, model_dir, subset, work / f"{side}-{round_}", lean=side != "ours-plain",
-                                precision="float32" if side == "ours-float32" else args.ours_precision)
+                                precision="float32" if side == "ours-float32" else args.ours_precision,
+                                compile_=side == "ours-compile")
                 runs[side].append(row)
                 print(json.dumps(row), flush=True)
         untrained = _untrained_dev_loss(args, model_dir, subset)
@@ -102,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run the peer with TrainingArguments(bf16=True): bf16 autocast, ours' precision")
     p.add_argument("--ours-plain", action="store_true",
                    help="also run ours without lean activations (expert.train.lean): what they add")
+    p.add_argument("--ours-compile", action="store_true",
+                   help="also run ours with train.compile (torch.compile of each decoder layer; its first step "
+                        "compiles: see tokens_per_s_after_first_step)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     p.add_argument("--rounds", type=int, default=1, help="peer+ours pairs, alternating the order")
     p.add_argument("--seed", type=int, default=0)
@@ -140,23 +147,34 @@ def _encoded(tokenizer, data_dir: Path, split: str, max_length: int):
     return encode_split(tokenizer, read_split(data_dir / f"{split}.parquet"), max_length)
 
 
-def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, precision: str = "auto") -> dict:
+def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, precision: str = "auto",
+          compile_: bool = False) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from expert.train import train
 
-    config = _config(args).model_copy(update={"precision": precision, "lean_activations": lean})
+    config = _config(args).model_copy(update={"precision": precision, "lean_activations": lean, "compile": compile_})
     summary = train(config, model_dir, data_dir, work / "out", work / "work", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     model = PeftModel.from_pretrained(base, work / "out" / "final")
     tokens = sum(_encoded(tokenizer, data_dir, "train", args.max_length).lengths) * args.epochs
     written = json.loads((work / "out" / "summary.json").read_text())
+    steps = [(r["tokens"], r["seconds"]) for r in map(json.loads, (work / "out" / "train_log.jsonl").read_text()
+                                                      .splitlines()) if "loss" in r]
     return {"seconds": summary["train_seconds"], "tokens": tokens, "steps": summary["steps"],
             "memory_plan": written["memory"], "precision": written["precision"],
-            "tokens_per_s": tokens / summary["train_seconds"], "final_loss": summary["final_loss"],
-            "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+            "tokens_per_s": tokens / summary["train_seconds"], **_after_first_step(steps),
+            "final_loss": summary["final_loss"], "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+
+
+def _after_first_step(steps: list[tuple[int, float]]) -> dict:
+    """Throughput without each side's first optimizer step, which pays one-off costs (compiling, first
+    allocations): what a longer run approaches. `steps`: (useful tokens, seconds) per step."""
+    rest = steps[1:]
+    return {"first_step_seconds": steps[0][1],
+            "tokens_per_s_after_first_step": sum(t for t, _ in rest) / sum(s for _, s in rest) if rest else None}
 
 
 def _peer(args, model_dir: Path, data_dir: Path, work: Path, bf16: bool = False) -> dict:
@@ -197,19 +215,37 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path, bf16: bool = False)
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             self.start = time.perf_counter()
+            self.ends = []
+
+        def on_step_end(self, *a, **k):
+            self.ends.append(time.perf_counter())
 
         def on_train_end(self, *a, **k):
             self.seconds = time.perf_counter() - self.start
 
+    class CountingCollator(DataCollatorForSeq2Seq):
+        """The useful tokens of each micro-batch, in the order the Trainer draws them."""
+        counts: list = []
+
+        def __call__(self, features, *a, **k):
+            self.counts.append(sum(len(f["input_ids"]) for f in features))
+            return super().__call__(features, *a, **k)
+
     clock = Clock()
+    collator = CountingCollator(tokenizer, padding=True, label_pad_token_id=-100)
+    collator.counts = []
     trainer = Trainer(model=model, args=training, train_dataset=dataset, callbacks=[clock],
-                      processing_class=tokenizer, optimizers=(optimizer, schedule),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+                      processing_class=tokenizer, optimizers=(optimizer, schedule), data_collator=collator)
     trainer.train()
+    ticks = [clock.start, *clock.ends]
+    per_step = [sum(collator.counts[i * args.accumulation:(i + 1) * args.accumulation]) for i in range(len(clock.ends))]
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     tokens = sum(train_set.lengths) * args.epochs
     return {"seconds": clock.seconds, "tokens": tokens, "steps": trainer.state.global_step,
-            "tokens_per_s": tokens / clock.seconds, "final_loss": losses[-1] if losses else None,
+            "tokens_per_s": tokens / clock.seconds,
+            **_after_first_step([(n, b - a) for n, a, b in zip(per_step, ticks, ticks[1:])]),
+            "tokens_counted": sum(collator.counts),  # by the collator: the per-step split's check
+            "final_loss": losses[-1] if losses else None,
             "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
 
 
@@ -287,8 +323,9 @@ def _result(args, runs: dict[str, list[dict]], untrained: float) -> dict:
         "equal_precision": equal,
         **{f"ours_{what}": {"tokens_per_s": mean(side, "tokens_per_s"), "dev_loss": mean(side, "dev_loss"),
                             "ratio": mean(side, "tokens_per_s") / peer}
-           for side, what in (("ours-plain", "without_lean_activations"), ("ours-float32", "in_float32"))
-           if runs.get(side)},
+           for side, what in (("ours-plain", "without_lean_activations"), ("ours-float32", "in_float32"),
+                              ("ours-compile", "compiled")) if runs.get(side)},
+        "after_first_step": _after_first(runs),
         "runs": runs,
         "machine": describe_machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -296,6 +333,23 @@ def _result(args, runs: dict[str, list[dict]], untrained: float) -> dict:
         "command": _command(args),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def _after_first(runs: dict[str, list[dict]]) -> dict:
+    """Each side's throughput without its first optimizer step (compiling, first allocations), and
+    the ratios at equal precision: what a run longer than this benchmark's few steps approaches."""
+    def mean(side):
+        values = [r["tokens_per_s_after_first_step"] for r in runs.get(side, [])]
+        return sum(values) / len(values) if values and None not in values else None
+
+    sides = {side: mean(side) for side in runs}
+    pairs = {"float32": ("ours-float32", "peer"), "ours (default) vs peer (default)": ("ours", "peer"),
+             "ours compiled vs peer (default)": ("ours-compile", "peer")}
+    if runs.get("ours") and "bfloat16" in runs["ours"][0]["precision"]:  # else the CPU has no native bf16
+        pairs |= {"bf16": ("ours", "peer-bf16"), "bf16, ours compiled": ("ours-compile", "peer-bf16")}
+    ratios = {name: sides[o] / sides[p] for name, (o, p) in pairs.items() if sides.get(o) and sides.get(p)}
+    return {"tokens_per_s": sides, "ratio": ratios,
+            "what": "useful tokens/s of optimizer steps 2..N (each side's first step left out)"}
 
 
 def _command(args) -> str:

@@ -1,7 +1,7 @@
 """Training progress: a tqdm bar, a `progress(done, total)` callback, log lines, TensorBoard, JSONL.
 
-Every `log_every` optimizer steps one record {step, epoch, loss, lr, tokens_per_s, memory_mb,
-grad_norm} goes to the `expert.train` logger, to `train_log.jsonl` and to TensorBoard
+Every `log_every` optimizer steps one record {step, epoch, loss, lr, tokens_per_s, tokens,
+seconds, memory_mb, grad_norm} goes to the `expert.train` logger, to `train_log.jsonl` and to TensorBoard
 (`tensorboard/`); dev losses go to the same places. `plot_loss` draws `loss.png` from the JSONL.
 On resume, records after the resumed step are dropped from the JSONL and purged from
 TensorBoard, and the steps since the last record that the checkpoint holds (`pending`) open
@@ -64,6 +64,7 @@ class TrainLogger:
         record = {
             "step": step, "epoch": round(epoch, 4), "loss": sum(losses) / len(losses), "lr": lr,
             "tokens_per_s": sum(tokens_sum) / max(sum(secs), 1e-9),
+            "tokens": sum(tokens_sum), "seconds": round(sum(secs), 6),  # of the steps since the last record
             "memory_mb": round(peak_memory_mb(self.device), 1),
             "grad_norm": grad_norm,
         }

@@ -52,15 +52,36 @@ def _bench(script: str, out: Path, *args: str) -> dict:
 
 def test_train_vs_trainer(inputs, tmp_path):
     result = _bench("train_vs_trainer.py", tmp_path / "train.json", "--model", str(inputs["model"]),
-                    "--data", str(inputs["data"]), "--examples", "8", "--dev-examples", "4", "--max-length", "128",
-                    "--ours-float32", "--peer-bf16", "--learning-rate", "0.01")  # a step that moves the loss
+                    "--data", str(inputs["data"]), "--examples", "16", "--dev-examples", "4", "--max-length", "128",
+                    "--ours-float32", "--peer-bf16", "--learning-rate", "0.01")  # steps that move the loss
     # Both sides trained the same examples and were scored on the same dev examples.
     peer, ours = result["runs"]["peer"][0], result["runs"]["ours"][0]
-    assert peer["tokens"] == ours["tokens"] > 0 and result["dev_loss"]["examples"] == 4, result["runs"]
+    assert peer["tokens"] == ours["tokens"] == peer["tokens_counted"] > 0 and result["dev_loss"]["examples"] == 4
+    # Two steps each: the second one's throughput is each side's, the ratios at equal precision.
+    assert peer["steps"] == ours["steps"] == 2 and all(
+        r["tokens_per_s_after_first_step"] > 0 < r["first_step_seconds"] for rows in result["runs"].values() for r in rows)
+    assert {"float32", "ours (default) vs peer (default)"} <= result["after_first_step"]["ratio"].keys()
     assert result["quality_ok"] is True, (result["dev_loss"], result["equal_precision"])
     assert set(result["runs"]) == {"peer", "ours", "peer-bf16", "ours-float32"}
     assert "float32" in result["equal_precision"]  # bf16 too where this CPU multiplies bf16 natively
     assert result["dev_loss"]["untrained"] > max(r["dev_loss"] for rows in result["runs"].values() for r in rows)
+
+
+def test_train_ceiling(inputs, tmp_path):
+    measured = tmp_path / "measured.json"  # a train_vs_trainer result, float32 sides only
+    measured.write_text(json.dumps({"equal_precision": {"float32": {"ours": 300.0, "peer": 150.0}}}))
+    out = tmp_path / "ceiling.json"
+    _run([sys.executable, str(ROOT / "bench" / "train_ceiling.py"), "--model", str(inputs["model"]), "--data",
+          str(inputs["data"]), "--examples", "8", "--max-length", "128", "--seconds", "0.05",
+          "--measured", str(measured), "--out", str(out)])
+    result = json.loads(out.read_text())
+    f32, bf16 = result["float32"], result["bf16"]
+    # The peer's head runs over every token, ours over the answers: more matmul work, a lower ceiling.
+    assert f32["peer_ceiling"] < f32["ours_ceiling"] and f32["peer_extra_matmul_work"] > 0
+    assert f32["ratio_measured"] == 2.0 and f32["ours_of_ceiling"] == pytest.approx(300.0 / f32["ours_ceiling"])
+    assert "measured" not in bf16 and bf16["ours_ceiling"] > 0
+    assert result["batch"]["examples"] == 8 and 0 < result["batch"]["labelled_per_useful"] < 1
+    assert str(tmp_path) not in result["command"] and result["command"].startswith("python bench/train_ceiling.py")
 
 
 def test_scale(inputs, tmp_path):

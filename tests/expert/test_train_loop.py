@@ -64,6 +64,9 @@ def test_run_writes_every_output(reference):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 10))
     assert [r["step"] for r in records if "dev_loss" in r] == [2, 4, 6, 8, 9]
     assert all(r["tokens_per_s"] > 0 and r["memory_mb"] > 0 for r in records if "loss" in r)
+    steps = [r for r in records if "loss" in r]  # one step a record: its own tokens and time
+    assert all(r["tokens"] > 0 and abs(r["tokens"] / r["seconds"] - r["tokens_per_s"]) <= 0.01 * r["tokens_per_s"]
+               for r in steps)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     written = json.loads((out / "summary.json").read_text())
@@ -113,7 +116,7 @@ def test_resume_after_crash_continues_and_matches_uninterrupted_run(reference, l
                          adapter(out / "checkpoints" / "step-000006"))
     ours = (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
     theirs = (out / "train_log.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "memory_mb")}
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "seconds", "memory_mb")}
                            for x in lines]
     assert strip(ours) == strip(theirs)  # no duplicated or missing steps, same losses
 
@@ -407,7 +410,7 @@ def test_a_torn_last_line_of_the_train_log_does_not_stop_the_resume(reference, l
         train(TrainConfig(**RUN), llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["resumed_from"] == [4]
     assert str(tmp_path / "work" / "train_log.jsonl") in caplog.text
-    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "memory_mb")}
+    strip = lambda path: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "seconds", "memory_mb")}
                           for x in path.read_text().splitlines()]
     assert strip(tmp_path / "out" / "train_log.jsonl") == strip(reference[0] / "train_log.jsonl")
 
