@@ -90,22 +90,18 @@ def toy_data(tmp_path_factory):
     return write_toy_data(tmp_path_factory.mktemp("data"))
 
 
-def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint_bit_for_bit(llama_dir, toy_data, tmp_path):
-    kill_after = random.Random().randint(3, 8)  # a random step; printed on failure
+def _train_and_kill(llama_dir, toy_data, tmp_path, kill_after: int) -> tuple:
+    """Start the toy run in a process of its own and kill -9 it once it has done `kill_after` steps;
+    the arguments that run it again."""
     progress = tmp_path / "progress"
     args = (llama_dir, toy_data, tmp_path, progress, json.dumps(RUN))
     proc = spawn(TRAIN_SCRIPT, *args, 0.3)
     wait_for(lambda: progress.is_file() and progress.read_text() and int(progress.read_text()) >= kill_after, proc)
     kill9(proc)
-    assert not (tmp_path / "out").exists(), "outputs are written only at the end"
-    done = [step for step, _ in list_checkpoints(tmp_path / "work")]
-    assert done and done[-1] >= 2, f"killed after step {kill_after}: complete checkpoints {done}"
+    return args
 
-    finish(spawn(TRAIN_SCRIPT, *args, 0))  # the same command again
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["resumed_from"] == [done[-1]], f"killed after step {kill_after}"
-    assert summary["steps"] == 9
 
+def _assert_ends_as_an_uninterrupted_run(llama_dir, toy_data, tmp_path, kill_after: int) -> None:
     reference = tmp_path / "reference"
     train(TrainConfig(**RUN), llama_dir, toy_data, reference / "out", reference / "work", device="cpu")
     ours, theirs = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors"), \
@@ -115,16 +111,26 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint_bit_for_b
         assert (ours[name] == theirs[name]).all(), f"{name} differs (killed after step {kill_after})"
 
 
+def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint_bit_for_bit(llama_dir, toy_data, tmp_path):
+    kill_after = random.Random().randint(3, 8)  # a random step; printed on failure
+    args = _train_and_kill(llama_dir, toy_data, tmp_path, kill_after)
+    assert not (tmp_path / "out").exists(), "outputs are written only at the end"
+    done = [step for step, _ in list_checkpoints(tmp_path / "work")]
+    assert done and done[-1] >= 2, f"killed after step {kill_after}: complete checkpoints {done}"
+
+    finish(spawn(TRAIN_SCRIPT, *args, 0))  # the same command again
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["resumed_from"] == [done[-1]], f"killed after step {kill_after}"
+    assert summary["steps"] == 9
+    _assert_ends_as_an_uninterrupted_run(llama_dir, toy_data, tmp_path, kill_after)
+
+
 def test_kill_then_a_damaged_last_checkpoint_and_a_torn_log_resume_from_the_checkpoint_before(llama_dir, toy_data,
                                                                                               tmp_path):
     # What a power loss can leave after the kill: the newest checkpoint's marker and rename kept but
     # a tensor file empty (no fsync before), and the log's last line cut in half.
     kill_after = random.Random().randint(4, 8)  # a random step; printed on failure
-    progress = tmp_path / "progress"
-    args = (llama_dir, toy_data, tmp_path, progress, json.dumps(RUN))
-    proc = spawn(TRAIN_SCRIPT, *args, 0.3)
-    wait_for(lambda: progress.is_file() and progress.read_text() and int(progress.read_text()) >= kill_after, proc)
-    kill9(proc)
+    args = _train_and_kill(llama_dir, toy_data, tmp_path, kill_after)
     done = list_checkpoints(tmp_path / "work")
     assert len(done) >= 2, f"killed after step {kill_after}: complete checkpoints {done}"
     (done[-1][1] / "optimizer.safetensors").write_bytes(b"")
@@ -135,14 +141,7 @@ def test_kill_then_a_damaged_last_checkpoint_and_a_torn_log_resume_from_the_chec
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["resumed_from"] == [done[-2][0]], f"killed after step {kill_after}"
     assert (done[-1][1].parent / f".bad-{done[-1][1].name}").is_dir()
-
-    reference = tmp_path / "reference"
-    train(TrainConfig(**RUN), llama_dir, toy_data, reference / "out", reference / "work", device="cpu")
-    ours, theirs = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors"), \
-        load_file(reference / "out" / "final" / "adapter_model.safetensors")
-    assert ours.keys() == theirs.keys() and ours
-    for name in ours:  # tolerance 0: bitwise identical on the CPU
-        assert (ours[name] == theirs[name]).all(), f"{name} differs (killed after step {kill_after})"
+    _assert_ends_as_an_uninterrupted_run(llama_dir, toy_data, tmp_path, kill_after)
 
 
 # ---------------------------------------------------------------- kill -9 while an artifact is written
