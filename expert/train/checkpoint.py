@@ -20,7 +20,6 @@ marker; one that fails is moved aside (`set_aside`) by the run that finds it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from expert.artifacts import file_digest
 
 MARKER = "checkpoint.json"
 STATE = "trainer_state.json"
@@ -122,7 +123,7 @@ def set_aside(path: Path) -> Path:
 
 
 def _describe(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"size": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def _check_file(path: Path, expected: dict[str, Any]) -> str | None:
@@ -131,17 +132,9 @@ def _check_file(path: Path, expected: dict[str, Any]) -> str | None:
     size = path.stat().st_size
     if size != expected.get("size"):
         return f"{path.name} has {size} bytes, the marker says {expected.get('size')}"
-    if "sha256" in expected and _sha256(path) != expected["sha256"]:
+    if "sha256" in expected and file_digest(path) != expected["sha256"]:
         return f"{path.name} differs from the marker's sha256"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_folder(folder: Path) -> None:
