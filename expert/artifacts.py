@@ -307,6 +307,33 @@ def verify_tree(root: Path) -> list[tuple[Path, str | None]]:
     return [(p, verify(p, full=True)) for p in folders]
 
 
+# What else a store's stage folders hold, by name prefix, and what it is.
+_LEFTOVERS = {
+    ".work-": "an unfinished build's resumable work (training checkpoints): a run of the same config resumes "
+              "from it; delete it to reclaim the space if that config will not run again",
+    ".tmp-": "what a killed build left: the next build in this stage removes it (or delete it)",
+    ".trash-": "an old folder a killed rebuild was replacing: the next build in this stage removes it (or delete it)",
+}
+
+
+def leftovers(root: Path) -> list[tuple[Path, str, int]]:
+    """(folder, what it is, bytes) of every non-artifact folder in the store's stage folders at or
+    under `root`: resumable work and crash debris, which verify leaves alone but a user may want
+    to see (a 33B GPTQ build killed midway leaves ~17 GB)."""
+    root = Path(root)
+    if (root / MANIFEST).is_file() or _is_key(root.name):  # one artifact: it holds none
+        return []
+    stage_dirs = [root] if any(p.name.startswith(tuple(_LEFTOVERS)) for p in root.glob(".*")) else \
+        sorted(p for p in root.glob("*") if p.is_dir())
+    found = []
+    for stage_dir in stage_dirs:
+        for path in sorted(stage_dir.glob(".*")):
+            what = next((text for prefix, text in _LEFTOVERS.items() if path.name.startswith(prefix)), None)
+            if what and path.is_dir():
+                found.append((path, what, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())))
+    return found
+
+
 def _is_key(name: str) -> bool:
     return len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
 

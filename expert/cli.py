@@ -230,11 +230,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from expert.artifacts import verify_tree
+    from expert.artifacts import leftovers, verify_tree
 
     results = [result for path in args.paths for result in verify_tree(path)]
     for folder, problem in results:
         print(f"{'ok' if problem is None else 'BAD'}  {folder}" + (f": {problem}" if problem else ""))
+    for folder, what, size in (item for path in args.paths for item in leftovers(path)):
+        print(f"note  {folder} ({size / 2**20:,.1f} MiB): {what}")
     bad = [folder for folder, problem in results if problem]
     if bad:
         raise ExpertError(f"{len(bad)} of {len(results)} artifact(s) failed verification; delete them (the next "

@@ -264,6 +264,19 @@ def test_expert_verify_passes_a_sound_store_and_names_every_bad_folder(tmp_path,
     out = capsys.readouterr().out
     assert f"BAD  {partial}" in out and "no manifest.json" in out and f"ok  {good.path}" in out
     assert main(["verify", str(tmp_path / "nowhere")]) == 2
+    capsys.readouterr()
+
+    # Resumable work and crash debris are not artifacts: named with their size, not failed.
+    partial.rmdir()
+    work = store.root / "s" / ".work-fedcba9876543210"
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "adapter.safetensors").write_bytes(b"\0" * 2**20)
+    (store.root / "s" / ".tmp-fedcba9876543210-1234abcd").mkdir()
+    for where in (store.root, store.root / "s"):
+        assert main(["verify", str(where)]) == 0
+        out = capsys.readouterr().out
+        assert f"note  {work} (1.0 MiB): an unfinished build's resumable work" in out
+        assert f".tmp-fedcba9876543210-1234abcd (0.0 MiB): what a killed build left" in out
 
 
 # ---------------------------------------------------------------- a full disk
