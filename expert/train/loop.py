@@ -24,7 +24,7 @@ import torch
 
 from expert.errors import DataError, ExpertError
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_state,
-                                     save_checkpoint)
+                                     save_checkpoint, set_aside, verify_checkpoint)
 from expert.train.config import TrainConfig
 from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
                                 unbucketed_padding_fraction)
@@ -244,7 +244,7 @@ def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
 def _finish(config: TrainConfig, work_dir: Path, out_dir: Path, state: dict, plan: BatchPlan,
             train_set: EncodedSplit, dev_set: EncodedSplit | None, records: list[dict], runner: Runner) -> dict:
     """Copy checkpoints, final adapter and logs into out_dir; write loss.png and summary.json."""
-    found = list_checkpoints(work_dir)
+    found = _sound_checkpoints(list_checkpoints(work_dir))
     if not found or found[-1][0] != plan.total_steps:
         raise RuntimeError(f"training in {work_dir} did not reach its last step {plan.total_steps}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +261,22 @@ def _finish(config: TrainConfig, work_dir: Path, out_dir: Path, state: dict, pla
     log.info("trained %d steps (%.2f epochs) in %.0f s, final loss %.4f; adapter in %s", summary["steps"],
              summary["epochs"], summary["train_seconds"], summary["final_loss"], out_dir / "final")
     return short_summary(summary)
+
+
+def _sound_checkpoints(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """The checkpoints that read back whole. Selection scores every one, and an earlier one may
+    have been damaged since it was written (a resumed run wrote it before a crash): it is set
+    aside with a warning rather than copied into the outputs (the last one is checked too, and
+    then missing, which stops the run: a rerun resumes from the one before it)."""
+    sound = []
+    for step, path in found:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            sound.append((step, path))
+            continue
+        log.warning("checkpoint %s is damaged (%s): moved it to %s and left it out of the outputs",
+                    path, problem, set_aside(path).name)
+    return sound
 
 
 def short_summary(summary: dict) -> dict:

@@ -324,6 +324,21 @@ def test_a_damaged_last_checkpoint_is_set_aside_and_the_one_before_resumed(refer
     assert not list((tmp_path / "out" / "checkpoints").glob(".bad-*"))
 
 
+def test_an_earlier_checkpoint_damaged_during_the_run_stays_out_of_the_outputs(llama_dir, data_dir, tmp_path, caplog):
+    """Selection scores every checkpoint: one that no longer reads back whole is set aside, not copied."""
+    def damage_step_2(done, total):
+        if done == 5:
+            flip_last_byte(tmp_path / "work" / "checkpoints" / "step-000002")
+
+    with caplog.at_level("WARNING", logger="expert"):
+        train(TrainConfig(**RUN), llama_dir, data_dir, tmp_path / "out", tmp_path / "work", progress=damage_step_2,
+              device="cpu")
+    assert [s for s, _ in list_checkpoints(tmp_path / "out")] == [4, 6, 8, 9]
+    assert "step-000002 is damaged" in caplog.text and "left it out of the outputs" in caplog.text
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["checkpoints"] == [
+        "step-000004", "step-000006", "step-000008", "step-000009"]
+
+
 def as_older_version_wrote_it(folder):
     """A checkpoint as the version before file sizes and precision were recorded wrote it."""
     marker = json.loads((folder / MARKER).read_text())
