@@ -39,6 +39,9 @@ from expert.locks import exclusive, exclusive_if_free
 
 log = logging.getLogger(__name__)
 
+WORK_PREFIX = ".work-"  # + key: a build's resumable work (training checkpoints)
+_DEBRIS = (".tmp-", ".trash-")  # + key + "-" + a random suffix: what a killed build leaves
+
 MANIFEST = "manifest.json"
 EXTERNAL = "external"  # the stage name of refs to folders made outside the store
 KEY_LENGTH = 16
@@ -176,7 +179,7 @@ class ArtifactStore:
         It is keyed like the artifact, so a restarted run with the same inputs finds it, and it
         is deleted once the artifact is published.
         """
-        return self.root / request.stage / f".work-{request.key}"
+        return self.root / request.stage / f"{WORK_PREFIX}{request.key}"
 
     def get(self, request: StageRequest) -> Artifact | None:
         """The complete artifact for `request`, or None if missing, partial or corrupt."""
@@ -309,28 +312,25 @@ def verify_tree(root: Path) -> list[tuple[Path, str | None]]:
 
 # What else a store's stage folders hold, by name prefix, and what it is.
 _LEFTOVERS = {
-    ".work-": "an unfinished build's resumable work (training checkpoints): a run of the same config resumes "
-              "from it; delete it to reclaim the space if that config will not run again",
-    ".tmp-": "what a killed build left: the next build in this stage removes it (or delete it)",
-    ".trash-": "an old folder a killed rebuild was replacing: the next build in this stage removes it (or delete it)",
+    WORK_PREFIX: "an unfinished build's resumable work (training checkpoints): a run of the same config resumes "
+                 "from it; delete it to reclaim the space if that config will not run again",
+    _DEBRIS[0]: "what a killed build left: the next build in this stage removes it (or delete it)",
+    _DEBRIS[1]: "an old folder a killed rebuild was replacing: the next build in this stage removes it (or delete it)",
 }
 
 
 def leftovers(root: Path) -> list[tuple[Path, str, int]]:
     """(folder, what it is, bytes) of every non-artifact folder in the store's stage folders at or
-    under `root`: resumable work and crash debris, which verify leaves alone but a user may want
-    to see (a 33B GPTQ build killed midway leaves ~17 GB)."""
+    under `root` (the store or one stage folder): resumable work and crash debris, which verify
+    leaves alone but a user may want to see (a 33B GPTQ build killed midway leaves ~17 GB)."""
     root = Path(root)
     if (root / MANIFEST).is_file() or _is_key(root.name):  # one artifact: it holds none
         return []
-    stage_dirs = [root] if any(p.name.startswith(tuple(_LEFTOVERS)) for p in root.glob(".*")) else \
-        sorted(p for p in root.glob("*") if p.is_dir())
     found = []
-    for stage_dir in stage_dirs:
-        for path in sorted(stage_dir.glob(".*")):
-            what = next((text for prefix, text in _LEFTOVERS.items() if path.name.startswith(prefix)), None)
-            if what and path.is_dir():
-                found.append((path, what, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())))
+    for path in sorted([*root.glob(".*"), *root.glob("*/.*")]):
+        what = next((text for prefix, text in _LEFTOVERS.items() if path.name.startswith(prefix)), None)
+        if what and path.is_dir():
+            found.append((path, what, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())))
     return found
 
 
@@ -372,7 +372,6 @@ def _write_json_durably(path: Path, value: Any) -> None:
         os.fsync(f.fileno())
 
 
-_DEBRIS = (".tmp-", ".trash-")  # + key + "-" + a random suffix
 
 
 def _remove_debris(stage_dir: Path, key: str) -> None:

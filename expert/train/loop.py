@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from expert.errors import DataError, ExpertError
+from expert.modeling import resolve_device
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_state,
                                      save_checkpoint, set_aside, verify_checkpoint)
 from expert.train.config import TrainConfig
@@ -62,7 +63,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     dev_rows = _dev_rows(data_dir / "dev.parquet") if config.dev_loss else None
     # What to resume from, and in which precision, before the long load: a refusal comes at once.
     picked = pick_checkpoint(work_dir / "checkpoints", config, ranks)
-    precision = resumed_precision(config, _device(device), picked)
+    precision = resumed_precision(config, resolve_device(device), picked)
     model, tokenizer = _load_base(model_dir, device, config.strategy)
     train_set = _encode(tokenizer, rows, config.max_length, ranks)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
@@ -164,12 +165,6 @@ def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, lo
     return plan_memory(model, config, longest, device, ranks, answer_tokens=answers)
 
 
-def _device(device: str) -> torch.device:
-    from expert.modeling import resolve_device
-
-    return resolve_device(device)
-
-
 def _dev_rows(path: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist; the dev loss needs it. Format the data again, "
@@ -184,7 +179,7 @@ def _load_base(model_dir: Path, device: str, strategy: str):
     its shards move to the GPU; an nf4 base is quantized on the rank's GPU, stored as the
     compute dtype so that FSDP can shard it (the 4-bit model must fit one card while loading).
     """
-    from expert.modeling import load_model, model_kind, resolve_base, resolve_device, resolve_dtype
+    from expert.modeling import load_model, model_kind, resolve_base, resolve_dtype
 
     if strategy != "fsdp" or model_kind(model_dir) == "nf4":
         return load_model(model_dir, training=True, device=device, shardable=strategy == "fsdp")
