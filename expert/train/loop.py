@@ -30,11 +30,12 @@ from expert.train.config import TrainConfig
 from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
                                 unbucketed_padding_fraction)
 from expert.train.distributed import Ranks, shard_base
+from expert.train.frozen import cast_frozen_linears
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
 from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
 from expert.train.resume import pick_checkpoint, resumed_precision
-from expert.train.step import Runner
+from expert.train.step import Runner, autocast_dtype
 
 
 def train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,
@@ -69,6 +70,8 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
     model = attach_lora(model, config)
+    if ranks.strategy != "fsdp":  # FSDP flattens the base's weights into shards of one dtype: leave them
+        cast_frozen_linears(model, autocast_dtype(precision, resolve_device(device)))
     model.train()
     ranks.same_weights([p for p in model.parameters() if p.requires_grad])
     ranks.seed_dropout(config.seed)

@@ -225,7 +225,8 @@ def test_precision_picks_what_the_matmuls_compute_in(tmp_path, monkeypatch):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_run_computes_in_its_precision_and_says_so(llama_dir, data_dir, tmp_path, precision, monkeypatch):
     """The matmuls of training steps and dev losses run in the configured precision (seen by a hook on
-    a projection), and summary.json records it; bf16 learns as float32 does."""
+    a projection, with the frozen weight's stored dtype: bf16 under autocast, expert/train/frozen.py),
+    and summary.json records it; bf16 learns as float32 does."""
     import expert.train.loop as loop
 
     seen = set()
@@ -234,13 +235,14 @@ def test_a_run_computes_in_its_precision_and_says_so(llama_dir, data_dir, tmp_pa
     def attach_and_watch(model, config):
         model = attach(model, config)
         proj = model.get_base_model().model.layers[0].mlp.up_proj.base_layer
-        proj.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        proj.register_forward_hook(lambda module, args, out: seen.add((out.dtype, module.weight.dtype)))
         return model
 
     monkeypatch.setattr(loop, "attach_lora", attach_and_watch)
     config = TrainConfig(**{**RUN, "epochs": 1, "precision": precision, "target_modules": "all-linear"})
     summary = train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
-    assert seen == {torch.float32 if precision == "float32" else torch.bfloat16}
+    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    assert seen == {(dtype, dtype)}
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert written["precision"] == ("float32" if precision == "float32" else "bfloat16 autocast")
     assert summary["final_dev_loss"] < written["dev_loss"]["2"]  # it learns

@@ -1,0 +1,125 @@
+"""Frozen linear weights stored in the autocast dtype (expert/train/frozen.py): bitwise the same training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from expert.train.frozen import cast_frozen_linears
+from expert.train.lean import make_lean
+
+
+def tiny(tied: bool, layers: int = 2) -> torch.nn.Module:
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, vocab_size=96, attn_implementation="sdpa",
+                         tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                                target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # lora_B starts at zero; a non-zero B gives A real gradients
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.train()
+    return model
+
+
+def step(model, autocast: bool = True):
+    ids = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["peft", "lean"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_under_autocast_the_loss_and_gradients_are_bitwise_those_of_casting_every_call(lean, tied):
+    model = tiny(tied)
+    if lean:
+        make_lean(model)
+    cast = copy.deepcopy(model)
+    n = cast_frozen_linears(cast, torch.bfloat16)
+    # 2 layers x 7 linear layers (q and v inside their LoRA wrappers), plus the head when it is its own
+    assert n == 2 * 7 + (0 if tied else 1)
+    for _ in range(2):  # twice: the second step reuses nothing the first one cached
+        want, got = step(model), step(cast)
+        assert torch.equal(got[0], want[0])
+        assert got[1].keys() == want[1].keys() and want[1]
+        for name in want[1]:
+            assert torch.equal(got[1][name], want[1][name]), name
+
+
+def test_only_frozen_plain_linear_weights_change_dtype():
+    model = tiny(tied=True)
+    cast_frozen_linears(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.k_proj.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.layers.1.mlp.down_proj.weight"] == torch.bfloat16
+    # trained LoRA weights, norms and the embeddings (which the tied head shares) stay float32
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] == torch.float32
+    assert dtypes["base_model.model.model.layers.0.input_layernorm.weight"] == torch.float32
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+
+
+def test_without_autocast_nothing_changes_and_other_linear_kinds_are_left():
+    class Quantized(torch.nn.Linear):  # as bitsandbytes' Linear4bit: a subclass whose weight is its own
+        pass
+
+    model = tiny(tied=False)
+    assert cast_frozen_linears(model, None) == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    holder = torch.nn.Sequential(Quantized(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    holder.requires_grad_(False)
+    holder[2].weight.requires_grad_(True)  # a trained linear keeps its dtype: autocast caches its cast
+    assert cast_frozen_linears(holder, torch.bfloat16) == 1
+    assert [m.weight.dtype for m in holder] == [torch.float32, torch.bfloat16, torch.float32]
+
+
+def test_a_bf16_training_run_ends_with_the_adapter_of_casting_every_call(tmp_path, monkeypatch):
+    """Through train(): the same adapter bit for bit with the frozen weights stored in bf16 or cast
+    by autocast on every call (the cast switched off), dropout on."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise comparisons need the same kernels
+    try:
+        _two_runs(tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _two_runs(tmp_path, monkeypatch):
+    import expert.train.loop as loop
+    from safetensors.torch import load_file
+
+    from expert.train import TrainConfig, train
+    from tests.expert.train_fixtures import write_toy_data
+    from tests.fixtures.models import tiny_llama_dir
+
+    model_dir, data_dir = tiny_llama_dir(tmp_path / "llama"), write_toy_data(tmp_path / "data", 8, 2)
+    config = TrainConfig(epochs=1, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3,
+                         lora_dropout=0.1, precision="bfloat16", target_modules="all-linear")
+    calls = []
+    cast = loop.cast_frozen_linears
+
+    def counted(model, dtype):
+        calls.append(cast(model, dtype))
+        return calls[-1]
+
+    adapters = {}
+    for name, fn in (("cast", counted), ("every call", lambda model, dtype: 0)):
+        monkeypatch.setattr(loop, "cast_frozen_linears", fn)
+        train(config, model_dir, data_dir, tmp_path / name / "out", tmp_path / name / "work", device="cpu")
+        adapters[name] = load_file(tmp_path / name / "out" / "final" / "adapter_model.safetensors")
+    assert calls and calls[0] > 0
+    assert adapters["cast"].keys() == adapters["every call"].keys() and adapters["cast"]
+    for key, value in adapters["cast"].items():
+        assert torch.equal(value, adapters["every call"][key]), key
