@@ -149,16 +149,13 @@ def _encoded(tokenizer, data_dir: Path, split: str, max_length: int):
 
 def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, precision: str = "auto",
           compile_: bool = False) -> dict:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from expert.train import train
 
     config = _config(args).model_copy(update={"precision": precision, "lean_activations": lean, "compile": compile_})
     summary = train(config, model_dir, data_dir, work / "out", work / "work", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    model = PeftModel.from_pretrained(base, work / "out" / "final")
     tokens = sum(_encoded(tokenizer, data_dir, "train", args.max_length).lengths) * args.epochs
     written = json.loads((work / "out" / "summary.json").read_text())
     steps = [(r["tokens"], r["seconds"]) for r in map(json.loads, (work / "out" / "train_log.jsonl").read_text()
@@ -166,7 +163,8 @@ def _ours(args, model_dir: Path, data_dir: Path, work: Path, lean: bool = True, 
     return {"seconds": summary["train_seconds"], "tokens": tokens, "steps": summary["steps"],
             "memory_plan": written["memory"], "precision": written["precision"],
             "tokens_per_s": tokens / summary["train_seconds"], **_after_first_step(steps),
-            "final_loss": summary["final_loss"], "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+            "final_loss": summary["final_loss"],
+            "dev_loss": _adapter_dev_loss(model_dir, work / "out" / "final", tokenizer, data_dir, args)}
 
 
 def _after_first_step(steps: list[tuple[int, float]]) -> dict:
@@ -237,6 +235,8 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path, bf16: bool = False)
     trainer = Trainer(model=model, args=training, train_dataset=dataset, callbacks=[clock],
                       processing_class=tokenizer, optimizers=(optimizer, schedule), data_collator=collator)
     trainer.train()
+    adapter = work / "peer-adapter"
+    model.save_pretrained(adapter)
     ticks = [clock.start, *clock.ends]
     per_step = [sum(collator.counts[i * args.accumulation:(i + 1) * args.accumulation]) for i in range(len(clock.ends))]
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -246,7 +246,7 @@ def _peer(args, model_dir: Path, data_dir: Path, work: Path, bf16: bool = False)
             **_after_first_step([(n, b - a) for n, a, b in zip(per_step, ticks, ticks[1:])]),
             "tokens_counted": sum(collator.counts),  # by the collator: the per-step split's check
             "final_loss": losses[-1] if losses else None,
-            "dev_loss": _dev_loss(model, tokenizer, data_dir, args)}
+            "dev_loss": _adapter_dev_loss(model_dir, adapter, tokenizer, data_dir, args)}
 
 
 def _untrained_dev_loss(args, model_dir: Path, data_dir: Path) -> float:
@@ -255,6 +255,20 @@ def _untrained_dev_loss(args, model_dir: Path, data_dir: Path) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     return _dev_loss(model, AutoTokenizer.from_pretrained(model_dir), data_dir, args)
+
+
+def _adapter_dev_loss(model_dir: Path, adapter: Path, tokenizer, data_dir: Path, args) -> float:
+    """The dev loss of a saved adapter on a fresh float32 base, without autocast: both sides the same way.
+
+    Not the peer's trained model object itself: with bf16=True, accelerate leaves that model's
+    forward wrapped in bf16 autocast after training, which would score the peer in bf16 and
+    ours in float32.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    return _dev_loss(PeftModel.from_pretrained(base, adapter), tokenizer, data_dir, args)
 
 
 def _dev_loss(model, tokenizer, data_dir: Path, args) -> float:
