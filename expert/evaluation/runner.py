@@ -29,6 +29,7 @@ from expert.evaluation.loading import load_model
 from expert.evaluation.metrics import mmlu_metrics, pubmedqa_metrics
 from expert.evaluation.plots import plot_mmlu
 from expert.evaluation.report import benchmark_title, write_report
+from expert.evaluation.resume import resumable, score_keeping_subjects
 from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
 from expert.fanout import FanOut
 
@@ -42,16 +43,19 @@ log = logging.getLogger(__name__)
 
 def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path, out_dir: Path,
              adapter_dir: Path | None = None, progress: Progress | None = None,
-             run_name: str | None = None, fan_out: FanOut | None = None) -> dict:
+             run_name: str | None = None, fan_out: FanOut | None = None, work_dir: Path | None = None) -> dict:
     """Score `model_dir` (+ `adapter_dir`) on `benchmark`, write the outputs, return metrics.
 
     `fan_out`: score in independent pieces run through it (see pieces.py); the outputs are
     those of one process, except metrics["timing"], which then lists the pieces.
+    `work_dir`: a folder that outlives a crash; MMLU keeps each finished subject's scores there,
+    and a rerun with the same folder scores only the rest (resume.py).
     """
     benchmark = check_benchmark(benchmark)
     frame = load_questions(config, benchmark, Path(data_dir))
     if fan_out is None:
-        scores, mode, timing = _score_here(config, benchmark, Path(model_dir), adapter_dir, frame, progress)
+        scores, mode, timing = _score_here(config, benchmark, Path(model_dir), adapter_dir, frame, progress,
+                                           work_dir)
     else:
         from expert.evaluation.pieces import score_in_pieces
 
@@ -74,13 +78,39 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
 
 
 def _score_here(config: EvalConfig, benchmark: str, model_dir: Path, adapter_dir: Path | None,
-                frame: pd.DataFrame, progress: Progress | None) -> tuple[list[list[float]], dict, dict]:
+                frame: pd.DataFrame, progress: Progress | None,
+                work_dir: Path | None = None) -> tuple[list[list[float]], dict, dict]:
     loaded = load_model(model_dir, adapter_dir and Path(adapter_dir), config.device, config.dtype)
+    dtype = str(loaded.dtype).replace("torch.", "")
     started = time.perf_counter()
-    scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
+    kept: list[int] = []
+    if work_dir is not None and resumable(benchmark, config.prefix_cache, frame):
+        def score(rows: pd.DataFrame, on_scored):
+            return score_frame(loaded.model, loaded.tokenizer, rows, config, benchmark, progress, on_scored)
+
+        scores, mode, kept = score_keeping_subjects(frame, Path(work_dir), {"device": loaded.device.type,
+                                                                            "dtype": dtype}, score)
+        mode = _with_kept(mode, loaded, frame.iloc[kept], config)
+    else:
+        scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
     seconds = time.perf_counter() - started
-    return scores, mode, {"scoring_s": round(seconds, 3), "questions_per_s": round(len(frame) / seconds, 3),
-                          "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")}
+    timing = {"scoring_s": round(seconds, 3), "questions_per_s": round((len(frame) - len(kept)) / seconds, 3),
+              "device": str(loaded.device), "dtype": dtype}
+    if kept:  # the speed above is of the questions scored now, in this attempt
+        timing["resumed_questions"] = len(kept)
+    return scores, mode, timing
+
+
+def _with_kept(mode: dict | None, loaded, kept: pd.DataFrame, config: EvalConfig) -> dict:
+    """The scoring mode of the whole evaluation, when `kept` questions were scored by an earlier attempt."""
+    if mode is None:  # every subject came from the earlier attempt
+        mode = {"one_pass_questions": 0, "prefix_cache": True, "batch_size": config.batch_size,
+                "max_length": config.max_length or model_max_length(loaded.model, loaded.tokenizer)}
+    if len(kept):
+        questions = encode_questions(loaded.tokenizer, kept["prompt"].tolist(),
+                                     [[" " + c for c in choices] for choices in kept["choices"]])
+        mode = {**mode, "one_pass_questions": mode["one_pass_questions"] + sum(one_pass(q) for q in questions)}
+    return mode
 
 
 def predict(choices: list[list[str]], scores: list[list[float]]) -> list[str]:
@@ -180,8 +210,11 @@ def mmlu_num_shots(data_dir: Path) -> int | None:
 
 
 def score_frame(model, tokenizer, frame: pd.DataFrame, config: EvalConfig, benchmark: str,
-                progress: Progress | None = None) -> tuple[list[list[float]], dict]:
-    """Log-likelihood of every choice of every row; plus how the scoring ran."""
+                progress: Progress | None = None,
+                on_scored: Callable[[int, list[float]], None] | None = None) -> tuple[list[list[float]], dict]:
+    """Log-likelihood of every choice of every row; plus how the scoring ran.
+
+    `on_scored(row, scores)` as each row is done (in the scoring's order, not the frame's)."""
     from tqdm.auto import tqdm
 
     questions = encode_questions(tokenizer, frame["prompt"].tolist(),
@@ -195,7 +228,9 @@ def score_frame(model, tokenizer, frame: pd.DataFrame, config: EvalConfig, bench
     bar = tqdm(total=total, desc=f"eval {benchmark}", unit="q")
     done = [0]
 
-    def tick(_question: int) -> None:
+    def tick(question: int, row: list[float]) -> None:
+        if on_scored is not None:
+            on_scored(question, row)
         done[0] += 1
         bar.update(1)
         # ~100 calls at most: each may become a Prefect artifact update.

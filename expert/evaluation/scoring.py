@@ -133,12 +133,14 @@ def _make_passes(index: int, question: Question, max_length: int) -> list[_Pass]
 
 def score_questions(model, questions: Sequence[Question], *, max_length: int, batch_size: int = 8,
                     groups: Sequence[Sequence[int]] | None = None,
-                    on_question_done: Callable[[int], None] | None = None,
+                    on_question_done: Callable[[int, list[float]], None] | None = None,
                     fixed_shapes: bool | None = None) -> list[list[float]]:
     """Log-likelihood of every choice of every question: result[q][c].
 
     `groups` lists questions that share a prompt prefix; each group's longest common token
-    prefix is run once and its KV cache reused (None: no prefix caching). `fixed_shapes` pads
+    prefix is run once and its KV cache reused (None: no prefix caching); every group is planned
+    and batched on its own, so a group scored alone gets the scores it gets among the others.
+    `on_question_done(q, result[q])` as each question's last choice is scored. `fixed_shapes` pads
     packs and prefix caches to a few shapes, with the padding masked out (None: on a GPU).
     The scores do not change: padded slots are never attended to and never scored.
     """
@@ -154,7 +156,7 @@ def score_questions(model, questions: Sequence[Question], *, max_length: int, ba
             scores[p.question][choice] = value
         left[p.question] -= 1
         if left[p.question] == 0 and on_question_done is not None:
-            on_question_done(p.question)
+            on_question_done(p.question, scores[p.question])
 
     mask_kind = _mask_kind(model)
     if fixed_shapes is None:

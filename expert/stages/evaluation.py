@@ -50,7 +50,8 @@ class Evaluate(Stage):
         from expert.evaluation import evaluate
 
         return evaluate(config, self.benchmark, model_dir=upstream["model"], data_dir=upstream["data"],
-                        out_dir=out, adapter_dir=upstream.get("adapter"), progress=progress, fan_out=self.fan_out)
+                        out_dir=out, adapter_dir=upstream.get("adapter"), progress=progress, fan_out=self.fan_out,
+                        work_dir=work_dir)
 
 
 @dataclass(frozen=True)

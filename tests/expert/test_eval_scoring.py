@@ -231,8 +231,10 @@ def test_every_question_reported_done_once(loaded):
     prompts = pubmedqa_frame()["prompt"].tolist()
     questions = encode_questions(loaded.tokenizer, prompts, [[" yes", " no plugh"]] * len(prompts))
     done = []
-    score_questions(loaded.model, questions, max_length=256, batch_size=4, on_question_done=done.append)
-    assert sorted(done) == list(range(len(prompts)))
+    scores = score_questions(loaded.model, questions, max_length=256, batch_size=4,
+                             on_question_done=lambda q, row: done.append((q, list(row))))
+    assert sorted(q for q, _ in done) == list(range(len(prompts)))
+    assert all(row == scores[q] for q, row in done)  # each question's whole row, as returned
 
 
 def test_model_max_length_reads_the_config(loaded):
