@@ -6,12 +6,14 @@ test split, which this stage never reads. The base model is loaded once; adapter
 swapped in one after another. Ties go to the earlier step (less training, same dev score);
 a NaN score (a diverged checkpoint) loses to every number.
 Given a fan-out, each checkpoint is scored as an independent piece instead (one model load
-each), with the same rows.
+each), with the same rows. In one process each checkpoint's row is kept in the stage's work
+folder as it is scored, so a rerun after a crash scores only the checkpoints still missing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -24,6 +26,9 @@ from expert.errors import ExpertError
 from expert.fanout import FanOut, Piece
 
 METRICS = ("accuracy", "macro_f1", "dev_loss")
+ROW_FIELDS = ("step", *METRICS, "n", "path")  # one checkpoint's row of scores.json (path left out there)
+KEPT_ROWS = "dev-scores"  # in the stage's work folder: each scored checkpoint's row, for a rerun after a crash
+log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -37,14 +42,14 @@ class SelectConfig(StageConfig):
 
 def select_checkpoint(config: SelectConfig, eval_config, model_dir: Path, train_dir: Path, data_dir: Path,
                       out_dir: Path, progress: Callable[[int, int], None] | None = None,
-                      fan_out: FanOut | None = None) -> dict:
+                      fan_out: FanOut | None = None, work_dir: Path | None = None) -> dict:
     from expert.train import list_checkpoints
 
     checkpoints = list_checkpoints(Path(train_dir))
     if not checkpoints:
         raise ExpertError(f"{train_dir} holds no complete checkpoint to select from; rerun the train stage")
     dev_config = eval_config.model_copy(update={"pubmedqa_split": "dev"})
-    rows = score_checkpoints(dev_config, Path(model_dir), checkpoints, Path(data_dir), progress, fan_out)
+    rows = score_checkpoints(dev_config, Path(model_dir), checkpoints, Path(data_dir), progress, fan_out, work_dir)
     best = pick_best(rows, config.metric)
     out_dir = Path(out_dir)
     adapter = out_dir / "adapter"
@@ -61,34 +66,69 @@ def select_checkpoint(config: SelectConfig, eval_config, model_dir: Path, train_
 
 
 def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, Path]], data_dir: Path,
-                      progress=None, fan_out: FanOut | None = None) -> list[dict]:
-    """One dev row per checkpoint, in order; `fan_out`: each checkpoint an independent piece."""
+                      progress=None, fan_out: FanOut | None = None, work_dir: Path | None = None) -> list[dict]:
+    """One dev row per checkpoint, in order; `fan_out`: each checkpoint an independent piece.
+
+    `work_dir` (one process): each checkpoint's row is kept there as it is scored, and a rerun
+    after a crash scores only the checkpoints still missing (every checkpoint is scored on its
+    own, so a kept row is the row an uninterrupted run computes)."""
     if fan_out is not None:
         return _score_in_pieces(dev_config, model_dir, checkpoints, data_dir, fan_out, progress)
     from peft import PeftModel
 
     from expert.evaluation.loading import load_model
+    from expert.evaluation.resume import write_kept
     from expert.evaluation.runner import load_questions, score_frame
 
     frame = load_questions(dev_config, "pubmedqa", data_dir)
     loaded = load_model(model_dir, None, dev_config.device, dev_config.dtype)
-    model = None
-    rows = []
+    precision = {"device": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", "")}
+    kept_dir = Path(work_dir) / KEPT_ROWS if work_dir is not None else None
+    if kept_dir is not None:
+        kept_dir.mkdir(parents=True, exist_ok=True)
+    model, current, rows = None, None, []
     for i, (step, path) in enumerate(checkpoints):
-        name = f"step{step}"
-        if model is None:
-            model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name, is_trainable=False)
-        else:
-            model.load_adapter(path, adapter_name=name, is_trainable=False)
-        model.set_adapter(name)
-        model.to(loaded.device).eval()
-        scores, _ = score_frame(model, loaded.tokenizer, frame, dev_config, "pubmedqa")
-        rows.append(_row(step, path, frame, scores))
-        if i:
-            model.delete_adapter(f"step{checkpoints[i - 1][0]}")
+        row = _kept_row(kept_dir, step, path, frame, precision) if kept_dir is not None else None
+        if row is None:
+            name = f"step{step}"
+            if model is None:
+                model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(path, adapter_name=name, is_trainable=False)
+            model.set_adapter(name)
+            if current is not None:
+                model.delete_adapter(current)
+            current = name
+            model.to(loaded.device).eval()
+            scores, _ = score_frame(model, loaded.tokenizer, frame, dev_config, "pubmedqa")
+            row = _row(step, path, frame, scores)
+            if kept_dir is not None:
+                write_kept(kept_dir / f"step{step}.json", {"step": step, "path": str(path),
+                                                           "ids": frame["id"].tolist(), **precision, "row": row})
+        rows.append(row)
         if progress:
             progress(i + 1, len(checkpoints))
     return rows
+
+
+def _kept_row(folder: Path, step: int, path: Path, frame, precision: dict[str, str]) -> dict | None:
+    """The row an earlier attempt kept for this checkpoint, when it was scored as this run would."""
+    from expert.evaluation.resume import precision_problem, read_kept
+
+    def problem(saved) -> str | None:
+        if not isinstance(saved, dict) or saved.get("step") != step or saved.get("path") != str(path):
+            return f"it holds another checkpoint than step {step} at {path}"
+        if saved.get("ids") != frame["id"].tolist():
+            return "its dev question ids are not the ones this selection asks"
+        if not isinstance(saved.get("row"), dict) or set(saved["row"]) != set(ROW_FIELDS):
+            return f"its row does not hold {', '.join(ROW_FIELDS)}"
+        return precision_problem(saved, precision)
+
+    saved = read_kept(folder / f"step{step}.json", f"checkpoint step {step}", problem)
+    if saved is None:
+        return None
+    log.info("step %d: dev scores kept by an earlier attempt (%s)", step, folder)
+    return saved["row"]
 
 
 def score_checkpoint(dev_config, model_dir: str, step: int, path: str, data_dir: str) -> dict:

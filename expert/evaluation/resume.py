@@ -72,7 +72,7 @@ def score_keeping_subjects(frame: pd.DataFrame, work_dir: Path, precision: dict[
             got.setdefault(name, {})[i] = list(row)
             if len(got[name]) == len(rows_of[name]):
                 rows = rows_of[name]
-                _write(folder / file_name(name), {"subject": name, "ids": [ids[r] for r in rows],
+                write_kept(folder / file_name(name), {"subject": name, "ids": [ids[r] for r in rows],
                                                   "scores": [got[name][r] for r in rows], **precision})
 
         fresh, mode = score(frame.iloc[todo].reset_index(drop=True), on_scored)
@@ -87,18 +87,25 @@ def file_name(subject: str) -> str:
 
 
 def _read(path: Path, subject: str, ids: list[str], precision: dict[str, str]) -> list[list[float]] | None:
+    saved = read_kept(path, f"subject {subject}", lambda saved: _problem(saved, subject, ids, precision))
+    return None if saved is None else saved["scores"]
+
+
+def read_kept(path: Path, what: str, problem: Callable[[object], str | None]) -> dict | None:
+    """A record kept by `write_kept`, or None (missing; unreadable or `problem(record)` says why
+    not: a warning that `what` is scored again)."""
     try:
         saved = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s); scoring subject %s again", path, error, subject)
+        log.warning("%s is unreadable (%s); scoring %s again", path, error, what)
         return None
-    problem = _problem(saved, subject, ids, precision)
-    if problem:
-        log.warning("not reusing %s: %s; scoring subject %s again", path, problem, subject)
+    why = problem(saved)
+    if why:
+        log.warning("not reusing %s: %s; scoring %s again", path, why, what)
         return None
-    return saved["scores"]
+    return saved
 
 
 def _problem(saved, subject: str, ids: list[str], precision: dict[str, str]) -> str | None:
@@ -106,9 +113,8 @@ def _problem(saved, subject: str, ids: list[str], precision: dict[str, str]) -> 
         return "it holds another subject"
     if saved.get("ids") != ids:
         return "its question ids are not the ones this evaluation asks"
-    for key, value in precision.items():
-        if saved.get(key) != value:
-            return f"it was scored with {key} {saved.get(key)!r}, this run has {value!r}"
+    if precision_problem(saved, precision):
+        return precision_problem(saved, precision)
     rows = saved.get("scores")
     if not isinstance(rows, list) or len(rows) != len(ids) or not all(
             isinstance(row, list) and row and all(isinstance(v, (int, float)) for v in row) for row in rows):
@@ -116,7 +122,16 @@ def _problem(saved, subject: str, ids: list[str], precision: dict[str, str]) -> 
     return None
 
 
-def _write(path: Path, record: dict) -> None:
+def precision_problem(saved: dict, precision: dict[str, str]) -> str | None:
+    """Why scores kept with `saved`'s device kind and dtype do not fit a run with `precision`."""
+    for key, value in precision.items():
+        if saved.get(key) != value:
+            return f"it was scored with {key} {saved.get(key)!r}, this run has {value!r}"
+    return None
+
+
+def write_kept(path: Path, record: dict) -> None:
+    """Write `record` as JSON by rename: a crash leaves the old file or the new one, never half of one."""
     # A NaN score is written as JSON's NaN, which Python reads back: the runner's finiteness check,
     # not this file, decides what a NaN means.
     tmp = path.with_name(f".tmp-{path.name}")

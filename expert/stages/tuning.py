@@ -79,4 +79,4 @@ class Select(Stage):
         from expert.select import select_checkpoint
 
         return select_checkpoint(config, self.eval_config, upstream["model"], upstream["train"],
-                                 upstream["data"], out, progress=progress, fan_out=self.fan_out)
+                                 upstream["data"], out, progress=progress, fan_out=self.fan_out, work_dir=work_dir)

@@ -48,7 +48,7 @@ def reference(llama_dir, mmlu_dir, tmp_path):
 def test_a_rerun_after_a_crash_scores_only_the_missing_subjects_and_ends_as_an_uninterrupted_run(
         llama_dir, mmlu_dir, tmp_path, monkeypatch, reference):
     work = tmp_path / "work"
-    real_write = resume._write
+    real_write = resume.write_kept
     written = []
 
     def write_then_crash(path, record):
@@ -56,11 +56,11 @@ def test_a_rerun_after_a_crash_scores_only_the_missing_subjects_and_ends_as_an_u
         written.append(record["subject"])
         raise Crash("killed right after the first subject was kept")
 
-    monkeypatch.setattr(resume, "_write", write_then_crash)
+    monkeypatch.setattr(resume, "write_kept", write_then_crash)
     with pytest.raises(Crash):
         evaluate(CONFIG, "mmlu", llama_dir, mmlu_dir, tmp_path / "first", work_dir=work)
     assert len(written) == 1 and len(list((work / resume.FOLDER).glob("*.json"))) == 1
-    monkeypatch.setattr(resume, "_write", real_write)
+    monkeypatch.setattr(resume, "write_kept", real_write)
 
     calls = scored_subjects(monkeypatch)
     evaluate(CONFIG, "mmlu", llama_dir, mmlu_dir, tmp_path / "second", work_dir=work)

@@ -60,3 +60,70 @@ def test_a_checkpoint_whose_scores_are_nan_loses_on_every_metric(metric):
     sound = _row(10, Path("step-10"), frame, [[-1.0, -0.5, -3.0]] * 2 + [[-0.5, -1.0, -3.0]] * 2)
     assert sound["accuracy"] == 0.25
     assert pick_best([diverged, sound], metric)["step"] == 10
+
+
+def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_path, monkeypatch, caplog):
+    """Each checkpoint's row is kept in the work folder as it is scored; a rerun after a crash
+    scores the rest and returns the rows of an uninterrupted selection; a kept row of another
+    dtype is scored again."""
+    import json
+    import logging
+
+    from expert import select
+    from expert.evaluation import EvalConfig
+    from expert.evaluation import resume, runner
+    from tests.expert.eval_fixtures import pubmedqa_frame, write_frame
+    from tests.expert.test_eval_adapter import save_adapter
+    from tests.fixtures.models import tiny_llama_dir
+
+    llama = tiny_llama_dir(tmp_path / "llama")
+    data = tmp_path / "data"
+    write_frame(pubmedqa_frame("dev").iloc[:4], data / "dev.parquet")
+    checkpoints = [(step, save_adapter(llama, tmp_path / f"step{step}", b)) for step, b in ((2, 0.02), (4, 0.05),
+                                                                                             (6, None))]
+    dev = EvalConfig(device="cpu", dtype="float32", batch_size=2, pubmedqa_split="dev")
+    whole = select.score_checkpoints(dev, llama, checkpoints, data)  # no work folder: nothing kept
+    assert len({r["dev_loss"] for r in whole}) == 3  # the checkpoints do score differently
+
+    class Crash(Exception):
+        pass
+
+    work = tmp_path / "work"
+    real_write = resume.write_kept
+    written = []
+
+    def write_then_crash(path, record):
+        real_write(path, record)
+        written.append(record["step"])
+        if len(written) == 2:
+            raise Crash("killed after the second checkpoint was scored")
+
+    monkeypatch.setattr(resume, "write_kept", write_then_crash)
+    with pytest.raises(Crash):
+        select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work)
+    monkeypatch.setattr(resume, "write_kept", real_write)
+    scored = []
+    real_score = runner.score_frame
+    monkeypatch.setattr(runner, "score_frame", lambda model, *a, **k: scored.append(model.active_adapter)
+                        or real_score(model, *a, **k))
+    assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
+    assert scored == ["step6"]
+
+    kept = work / select.KEPT_ROWS / "step2.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "dtype": "bfloat16"}))
+    scored.clear()
+    with caplog.at_level(logging.WARNING, logger="expert.evaluation.resume"):
+        assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
+    assert scored == ["step2"] and "scored with dtype 'bfloat16'" in caplog.text
+
+
+def test_the_select_stage_gives_its_work_folder(monkeypatch, tmp_path):
+    from expert import select
+    from expert.evaluation import EvalConfig
+    from expert.stages.tuning import Select
+
+    seen = {}
+    monkeypatch.setattr(select, "select_checkpoint", lambda *a, **k: seen.update(k) or {})
+    Select(eval_config=EvalConfig()).produce(SelectConfig(), {"model": tmp_path, "train": tmp_path, "data": tmp_path},
+                                             {}, tmp_path / "out", work_dir=tmp_path / "work")
+    assert seen["work_dir"] == tmp_path / "work"
