@@ -299,7 +299,7 @@ def _gptq_dense_cache_fits(model_dir: Path, device: torch.device, dtype: torch.d
     if device.type != "cpu" or dtype != torch.bfloat16:  # float16: CPUs emulate it, unmeasured
         return False
     dense = _gptq_dense_bytes(model_dir)
-    return dense is not None and dense <= _available_memory() // 2
+    return dense is not None and dense <= available_memory() // 2
 
 
 def _gptq_dense_bytes(model_dir: Path) -> int | None:
@@ -320,7 +320,7 @@ def _gptq_dense_bytes(model_dir: Path) -> int | None:
     return total
 
 
-def _available_memory(meminfo: str = "/proc/meminfo") -> int:
+def available_memory(meminfo: str = "/proc/meminfo") -> int:
     """MemAvailable in bytes; 0 where it cannot be read (then nothing extra is kept)."""
     try:
         with open(meminfo) as f:

@@ -1,13 +1,14 @@
 """Resumable MMLU scoring: each finished subject's log-likelihoods kept in the stage's work folder.
 
-Full MMLU is 14,042 questions: about an hour for SmolLM2-135M on 2 CPU cores, minutes for a
-33B model on a GPU, all of it lost to a crash (a killed worker, a preempted machine) before. With
-prefix caching on (eval.prefix_cache, the default) every subject is planned, cached and batched
-on its own (scoring.score_questions' groups), so a subject scored alone gets exactly the scores
-it gets in a whole run. So each subject's scores are written to `<work_dir>/mmlu-scores/` as its
-last question is scored (a temp file renamed into place), and a rerun of the same stage key loads
-them and scores only the subjects still missing: its outputs are those of an uninterrupted run.
-The artifact store deletes the work folder once the artifact is published.
+Full MMLU is 14,042 questions: about 25 minutes (estimated) for SmolLM2-135M on 2 CPU cores,
+minutes for a 33B model on a GPU, all of it lost to a crash (a killed worker, a preempted machine)
+before. With prefix caching on (eval.prefix_cache, the default) every subject is planned, cached
+and batched on its own (scoring.score_questions' groups), so a subject scored alone gets exactly
+the scores it gets in a whole run. So each subject's scores are written to
+`<work_dir>/mmlu-scores/` as its last question is scored (a temp file renamed into place), and a
+rerun of the same stage key loads them and scores only the subjects still missing: its outputs are
+those of an uninterrupted run. The artifact store deletes the work folder once the artifact is
+published.
 
 A kept subject is used only if it holds the question ids the evaluation asks now and was scored
 on the same device kind in the same dtype (eval.device and eval.dtype 'auto' resolve by machine);

@@ -30,7 +30,7 @@ from expert.train.config import TrainConfig
 from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
                                 unbucketed_padding_fraction)
 from expert.train.distributed import Ranks, shard_base
-from expert.train.frozen import cast_frozen_linears
+from expert.train.frozen import cast_frozen_linears, dense_gptq_bytes, dense_gptq_layers
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler
 from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
@@ -66,6 +66,8 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     picked = pick_checkpoint(work_dir / "checkpoints", config, ranks)
     precision = resumed_precision(config, resolve_device(device), picked)
     model, tokenizer = _load_base(model_dir, device, config.strategy)
+    if resolve_device(device).type == "cpu" and ranks.strategy != "fsdp":
+        _dense_gptq(model, autocast_dtype(precision, torch.device("cpu")) or model.dtype, ranks)
     train_set = _encode(tokenizer, rows, config.max_length, ranks)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
@@ -188,6 +190,24 @@ def _load_base(model_dir: Path, device: str, strategy: str):
         return load_model(model_dir, training=True, device=device, shardable=strategy == "fsdp")
     dtype = resolve_dtype("auto", resolve_device(device), resolve_base(model_dir))
     return load_model(model_dir, training=True, device="cpu", dtype=str(dtype).removeprefix("torch."))
+
+
+def _dense_gptq(model, dtype: torch.dtype, ranks: Ranks) -> None:
+    """A GPTQ base on the CPU, dequantized once where that fits half the available memory (frozen.py)."""
+    from expert.modeling import available_memory
+
+    needed = dense_gptq_bytes(model, dtype)
+    if not needed:
+        return
+    if needed > available_memory() // 2:
+        if ranks.main:
+            log.info("GPTQ base kept 4-bit: its weights dequantized once would take %.1f GiB, more than half the "
+                     "available memory; each step dequantizes them again instead", needed / 2**30)
+        return
+    layers, size = dense_gptq_layers(model, dtype)
+    if ranks.main:
+        log.info("GPTQ base on the CPU: %d layers dequantized once into %s (%.2f GiB), not on every step",
+                 layers, str(dtype).removeprefix("torch."), size / 2**30)
 
 
 def _pad_id(tokenizer) -> int:

@@ -142,7 +142,7 @@ def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, mo
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     monkeypatch.delenv("GPTQ_TORCH_CACHE_WEIGHTS", raising=False)
-    monkeypatch.setattr(modeling, "_available_memory", lambda: 1 << 40)  # whatever this machine has free
+    monkeypatch.setattr(modeling, "available_memory", lambda: 1 << 40)  # whatever this machine has free
     model, tok = load_model(setup.gptq, device="cpu", dtype="bfloat16")
     layers = _quant_layers(model)
     assert layers and all(type(m) is TorchLinear and m._cache_enabled for m in layers)
@@ -157,7 +157,7 @@ def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, mo
 
     # No room for the copy: gptqmodel's int4 kernel, the same model to bf16's rounding (on this
     # random tiny model either kernel in bf16 is ~0.2 at most from the torch kernel in float32).
-    monkeypatch.setattr(modeling, "_available_memory", lambda: 0)
+    monkeypatch.setattr(modeling, "available_memory", lambda: 0)
     int4, _ = load_model(setup.gptq, device="cpu", dtype="bfloat16")
     assert all(type(m).__name__ == "TorchAtenLinear" for m in _quant_layers(int4))
     with torch.inference_mode():
@@ -173,20 +173,20 @@ def test_gptq_dense_cache_only_in_bf16_and_within_memory(setup, monkeypatch):
     layers = sum(m.in_features * m.out_features for m in _quant_layers(load_model(setup.gptq)[0]))
     assert dense == 2 * layers  # 16 bits per weight, read from the checkpoint's headers alone
     cpu = torch.device("cpu")
-    monkeypatch.setattr(modeling, "_available_memory", lambda: 2 * dense)
+    monkeypatch.setattr(modeling, "available_memory", lambda: 2 * dense)
     assert modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
     assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float32)  # int4 kernel is faster there
     assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float16)  # emulated on CPUs, unmeasured
     assert not modeling._gptq_dense_cache_fits(setup.gptq, torch.device("cuda"), torch.bfloat16)
-    monkeypatch.setattr(modeling, "_available_memory", lambda: 2 * dense - 1)
+    monkeypatch.setattr(modeling, "available_memory", lambda: 2 * dense - 1)
     assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
 
 
 def test_available_memory_reads_meminfo(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
-    assert modeling._available_memory(str(meminfo)) == 20000000 * 1024
-    assert modeling._available_memory(str(tmp_path / "missing")) == 0
+    assert modeling.available_memory(str(meminfo)) == 20000000 * 1024
+    assert modeling.available_memory(str(tmp_path / "missing")) == 0
 
 
 @pytest.mark.parametrize("bits, group_size, fits", [

@@ -123,3 +123,62 @@ def _two_runs(tmp_path, monkeypatch):
     assert adapters["cast"].keys() == adapters["every call"].keys() and adapters["cast"]
     for key, value in adapters["cast"].items():
         assert torch.equal(value, adapters["every call"][key]), key
+
+
+# ---------------------------------------------------------------- a GPTQ base on the CPU
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tests.expert.quantize_fixtures import tiny_setup
+
+    return tiny_setup(tmp_path_factory)
+
+
+def gptq_loss(model, amp: bool):
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        return model(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16 autocast"])
+def test_a_gptq_layer_dequantized_once_multiplies_as_the_kernel_does(setup, amp):
+    from expert.modeling import load_model
+    from expert.train.frozen import dense_gptq_bytes, dense_gptq_layers
+
+    kernel, _ = load_model(setup.gptq, training=True, device="cpu")
+    dense, _ = load_model(setup.gptq, training=True, device="cpu")
+    dtype = torch.bfloat16 if amp else torch.float32
+    layers = dense.config.num_hidden_layers * 7
+    assert dense_gptq_bytes(dense, dtype) == sum(
+        m.in_features * m.out_features * dtype.itemsize for m in kernel.modules() if type(m).__name__ == "TorchLinear")
+    assert dense_gptq_layers(dense, dtype)[0] == layers
+    assert not any(type(m).__name__ == "TorchLinear" for m in dense.modules())
+    linears = [m for m in dense.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == layers and all(m.weight.dtype == dtype and not m.weight.requires_grad for m in linears)
+    kernel.train(), dense.train()
+    want, got = gptq_loss(kernel, amp), gptq_loss(dense, amp)
+    torch.testing.assert_close(got, want, rtol=1e-6 if not amp else 1e-3, atol=0)
+
+
+def test_training_on_a_gptq_base_dequantizes_it_once_where_it_fits(setup, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import expert.modeling as modeling
+    from expert.train import TrainConfig, train
+    from tests.expert.train_fixtures import write_toy_data
+
+    data = write_toy_data(tmp_path / "data", 8, 2)
+    # No dropout: PEFT's GPTQ LoRA layer and the lean one on a plain linear layer draw other masks
+    config = TrainConfig(epochs=1, micro_batch_size=2, effective_batch_size=4, learning_rate=5e-3,
+                         precision="float32", dev_loss=False, lora_dropout=0.0)
+    results = {}
+    for name, memory in (("dense", 1 << 40), ("4-bit", 0)):
+        monkeypatch.setattr(modeling, "available_memory", lambda memory=memory: memory)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="expert.train"):
+            results[name] = train(config, setup.gptq, data, tmp_path / name / "out", tmp_path / name / "work",
+                                  device="cpu")
+        said = "dequantized once" if name == "dense" else "kept 4-bit"
+        assert said in caplog.text, caplog.text
+    # the same weights multiplied: the same training to float32 rounding
+    assert results["dense"]["final_loss"] == pytest.approx(results["4-bit"]["final_loss"], rel=1e-5)
