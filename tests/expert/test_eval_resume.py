@@ -19,6 +19,21 @@ class Crash(Exception):
     pass
 
 
+def crash_after_writes(monkeypatch, n: int, key: str) -> list:
+    """From here on resume.write_kept writes each record, then raises Crash after the n-th: a kill
+    right after that record was kept. Returns the record[key] of each record written."""
+    real_write, written = resume.write_kept, []
+
+    def write_then_crash(path, record):
+        real_write(path, record)
+        written.append(record[key])
+        if len(written) == n:
+            raise Crash(f"killed right after record {n} was kept")
+
+    monkeypatch.setattr(resume, "write_kept", write_then_crash)
+    return written
+
+
 def scored_subjects(monkeypatch) -> list[list[str]]:
     """The subjects of every score_frame call from here on."""
     calls: list[list[str]] = []
@@ -48,19 +63,11 @@ def reference(llama_dir, mmlu_dir, tmp_path):
 def test_a_rerun_after_a_crash_scores_only_the_missing_subjects_and_ends_as_an_uninterrupted_run(
         llama_dir, mmlu_dir, tmp_path, monkeypatch, reference):
     work = tmp_path / "work"
-    real_write = resume.write_kept
-    written = []
-
-    def write_then_crash(path, record):
-        real_write(path, record)
-        written.append(record["subject"])
-        raise Crash("killed right after the first subject was kept")
-
-    monkeypatch.setattr(resume, "write_kept", write_then_crash)
+    written = crash_after_writes(monkeypatch, 1, "subject")
     with pytest.raises(Crash):
         evaluate(CONFIG, "mmlu", llama_dir, mmlu_dir, tmp_path / "first", work_dir=work)
     assert len(written) == 1 and len(list((work / resume.FOLDER).glob("*.json"))) == 1
-    monkeypatch.setattr(resume, "write_kept", real_write)
+    monkeypatch.undo()
 
     calls = scored_subjects(monkeypatch)
     evaluate(CONFIG, "mmlu", llama_dir, mmlu_dir, tmp_path / "second", work_dir=work)

@@ -71,8 +71,9 @@ def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_pat
 
     from expert import select
     from expert.evaluation import EvalConfig
-    from expert.evaluation import resume, runner
+    from expert.evaluation import runner
     from tests.expert.eval_fixtures import pubmedqa_frame, write_frame
+    from tests.expert.test_eval_resume import Crash, crash_after_writes
     from tests.expert.test_eval_adapter import save_adapter
     from tests.fixtures.models import tiny_llama_dir
 
@@ -85,23 +86,11 @@ def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_pat
     whole = select.score_checkpoints(dev, llama, checkpoints, data)  # no work folder: nothing kept
     assert len({r["dev_loss"] for r in whole}) == 3  # the checkpoints do score differently
 
-    class Crash(Exception):
-        pass
-
     work = tmp_path / "work"
-    real_write = resume.write_kept
-    written = []
-
-    def write_then_crash(path, record):
-        real_write(path, record)
-        written.append(record["step"])
-        if len(written) == 2:
-            raise Crash("killed after the second checkpoint was scored")
-
-    monkeypatch.setattr(resume, "write_kept", write_then_crash)
+    assert crash_after_writes(monkeypatch, 2, "step") == []
     with pytest.raises(Crash):
         select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work)
-    monkeypatch.setattr(resume, "write_kept", real_write)
+    monkeypatch.undo()
     scored = []
     real_score = runner.score_frame
     monkeypatch.setattr(runner, "score_frame", lambda model, *a, **k: scored.append(model.active_adapter)

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from expert.train.frozen import cast_frozen_linears
 from expert.train.lean import make_lean
+from tests.expert.test_train_lean import ids, loss_and_grads
 
 
 def tiny(tied: bool, layers: int = 2) -> torch.nn.Module:
@@ -28,15 +29,8 @@ def tiny(tied: bool, layers: int = 2) -> torch.nn.Module:
     return model
 
 
-def step(model, autocast: bool = True):
-    ids = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(1)  # the same dropout masks on both sides
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
+def step(model):
+    return loss_and_grads(model, ids(3, 17), autocast=True)  # seeded: the same dropout masks on both sides
 
 
 @pytest.mark.parametrize("lean", [False, True], ids=["peft", "lean"])
