@@ -63,10 +63,11 @@ def dense_gptq_layers(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, 
     each layer's weights again on every call, forward and backward (its own weight cache is off
     in training mode), then casts them to the input's dtype and multiplies densely. The base is
     frozen, so doing that once gives the matmuls the same weights: the 4-bit model's numbers, 16%
-    faster on the default pipeline's 8 steps of SmolLM2 (26.4 s against 30.8, 2 threads, bf16). The layers are
-    dequantized in training mode, as the kernel does while training. Layers that do more than
-    dequantize and multiply (an online Hadamard rotation of the input, an EoRA adapter) are left
-    as they are; so is a model on a GPU, where the 4-bit weights are the point.
+    faster on the default pipeline's 8 steps of SmolLM2 (26.4 s against 30.8, 2 threads, bf16).
+    The layers are dequantized in training mode, as the kernel does while training. Layers that do
+    more than dequantize and multiply (an online Hadamard rotation of the input, an EoRA adapter),
+    or whose dequantized weights are not [in, out], are left as they are; so is a model on a GPU,
+    where the 4-bit weights are the point.
 
     `dtype`: the run's autocast dtype (autocast would cast the weights to it), else the dtype of
     the model's activations (the kernel casts its weights to the input's dtype). The caller
@@ -80,6 +81,8 @@ def dense_gptq_layers(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, 
             child.train()  # the kernel's training layout (it switches its zero points on train())
             with torch.no_grad():
                 weights = child.dequantize_weight(num_itr=child.g_idx.shape[0] // child.in_features)
+            if tuple(weights.shape) != (child.in_features, child.out_features):  # padded: leave the kernel
+                continue
             dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                     device="meta")
             # gptqmodel multiplies x @ weights ([in, out]); a linear layer keeps [out, in]

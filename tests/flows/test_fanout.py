@@ -40,8 +40,13 @@ def dask_config(cluster, **fields) -> EvalConfig:
                                  "runner": {"kind": "dask", "address": cluster.scheduler_address}})
 
 
-def task_run_names(flow_run_id) -> list[str]:
-    return sorted(r.name for r in final_task_runs(flow_run_id) if r.state.is_completed())
+def task_run_names(flow_run_id, expected: list[str] = ()) -> list[str]:
+    """The completed task runs' names, once those `expected` have reached the server (a piece's
+    task run is reported by its dask worker, and may arrive after the flow has returned)."""
+    def arrived(runs) -> bool:
+        return set(expected) <= {r.name for r in runs} | {r.name.split(" (")[0] for r in runs}
+
+    return sorted(r.name for r in final_task_runs(flow_run_id, until=arrived) if r.state.is_completed())
 
 
 @flow
@@ -60,7 +65,8 @@ def test_fanned_out_evaluation_equals_one_process(prefect_harness, cluster, benc
 
     pieces = split["timing"].pop("pieces")
     assert len(pieces) == 2 and sum(p["questions"] for p in pieces) == whole["n"]  # one piece per worker
-    assert task_run_names(state.state_details.flow_run_id) == sorted(p["name"] for p in pieces)
+    names = sorted(p["name"] for p in pieces)
+    assert task_run_names(state.state_details.flow_run_id, names) == names
     if benchmark == "mmlu":  # 3 subjects in 3 categories: whole subjects per piece
         assert [p["name"].split(" (")[1] for p in pieces] == ["2 subjects, 8 questions)", "1 subject, 4 questions)"]
     assert {k: v for k, v in split.items() if k != "timing"} == {k: v for k, v in whole.items() if k != "timing"}
@@ -86,8 +92,8 @@ def test_fanned_out_selection_scores_equal_one_process(prefect_harness, cluster,
     whole = score_checkpoints(dev, llama_dir, checkpoints, pubmedqa_dir)  # one load, adapters swapped
     assert [r["step"] for r in split] == [2, 4, 6] and split == whole
     assert len({r["dev_loss"] for r in whole}) == 3  # the checkpoints do score differently
-    assert task_run_names(state.state_details.flow_run_id) == ["dev score step 2", "dev score step 4",
-                                                               "dev score step 6"]
+    steps = ["dev score step 2", "dev score step 4", "dev score step 6"]
+    assert task_run_names(state.state_details.flow_run_id, steps) == steps
 
 
 def test_an_unreachable_scheduler_names_the_setting_and_the_fixes(monkeypatch):
@@ -132,9 +138,9 @@ def test_evaluate_flow_with_the_dask_runner_and_the_same_cache_keys(prefect_harn
     config = dask_config(cluster)
     run = evaluate_model.with_options(flow_run_name="dask")
     state = run(str(llama_dir), data=data, evaluation=config, artifacts_dir=str(tmp_path / "a"), return_state=True)
-    names = task_run_names(state.state_details.flow_run_id)
-    assert [n.split(" (")[0] for n in names if n.startswith(("mmlu ", "pubmedqa shard"))] == [
-        "mmlu 1/2", "mmlu 2/2", "pubmedqa shard 1/2", "pubmedqa shard 2/2"]
+    pieces = ["mmlu 1/2", "mmlu 2/2", "pubmedqa shard 1/2", "pubmedqa shard 2/2"]
+    names = task_run_names(state.state_details.flow_run_id, pieces)
+    assert [n.split(" (")[0] for n in names if n.startswith(("mmlu ", "pubmedqa shard"))] == pieces
     paths = state.result()
 
     # The runner is not in the key: the in-process run finds the same artifacts and computes nothing.
