@@ -96,7 +96,14 @@ def _train_and_kill(llama_dir, toy_data, tmp_path, kill_after: int) -> tuple:
     progress = tmp_path / "progress"
     args = (llama_dir, toy_data, tmp_path, progress, json.dumps(RUN))
     proc = spawn(TRAIN_SCRIPT, *args, 0.3)
-    wait_for(lambda: progress.is_file() and progress.read_text() and int(progress.read_text()) >= kill_after, proc)
+
+    def reached() -> bool:
+        # One read: the child rewrites the file (truncate, then write), so a second read can find it
+        # empty (CI once did: ValueError on int('')).
+        text = progress.read_text() if progress.is_file() else ""
+        return text.strip().isdigit() and int(text) >= kill_after
+
+    wait_for(reached, proc)
     kill9(proc)
     return args
 
