@@ -67,6 +67,29 @@ def test_train_vs_trainer(inputs, tmp_path):
     assert result["dev_loss"]["untrained"] > max(r["dev_loss"] for rows in result["runs"].values() for r in rows)
 
 
+def test_the_peer_in_bf16_is_scored_in_float32_from_its_saved_adapter(inputs, tmp_path, monkeypatch):
+    """Trainer with bf16=True leaves the trained model's forward wrapped in accelerate's bf16
+    autocast: scored as that object, the peer's dev loss was a bf16 figure beside ours in float32
+    (read once as the peer losing quality in bf16). It must be its saved adapter's float32 loss."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import torch
+    import train_vs_trainer as bench
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = bench._parser().parse_args(["--examples", "8", "--dev-examples", "4", "--max-length", "128",
+                                       "--learning-rate", "0.01"])
+    data = bench._subset(inputs["data"], tmp_path / "data", 8, 4, 0)
+    threads = torch.get_num_threads()
+    try:
+        peer = bench._peer(args, inputs["model"], data, tmp_path / "peer", bf16=True)
+    finally:
+        torch.set_num_threads(threads)
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(inputs["model"], dtype="float32"),
+                                      tmp_path / "peer" / "peer-adapter")
+    assert peer["dev_loss"] == bench._dev_loss(fresh, AutoTokenizer.from_pretrained(inputs["model"]), data, args)
+
+
 def test_train_ceiling(inputs, tmp_path):
     measured = tmp_path / "measured.json"  # a train_vs_trainer result, float32 sides only
     measured.write_text(json.dumps({"equal_precision": {"float32": {"ours": 300.0, "peer": 150.0}}}))
