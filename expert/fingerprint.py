@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from expert.artifacts import file_digest
+from expert.atomic import write_text_atomic
 from expert.errors import ExpertError
 
 _SKIP_NAMES = {".git", "__pycache__", ".cache"}
@@ -64,9 +65,7 @@ class FingerprintCache:
         if not self.cache_file:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._memo))
-        os.replace(tmp, self.cache_file)
+        write_text_atomic(self.cache_file, json.dumps(self._memo))
 
 
 def _files_under(folder: Path):

@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from expert.atomic import write_text_atomic
 from expert.errors import DataError
 from expert.fingerprint import FingerprintCache
 from expert.hub import check_repo_id, with_retries
@@ -113,10 +114,8 @@ def _download(url: str, downloads: Path, attempts: int) -> Path:
                     while block := response.read(1 << 20):
                         out.write(block)
                 os.replace(tmp, target)
-                meta_tmp = folder / f".meta.{os.getpid()}.part"
-                meta_tmp.write_text(json.dumps({"url": shown, "etag": response.headers.get("ETag"),
-                                                "last_modified": response.headers.get("Last-Modified")}))
-                os.replace(meta_tmp, meta_file)
+                write_text_atomic(meta_file, json.dumps({"url": shown, "etag": response.headers.get("ETag"),
+                                                         "last_modified": response.headers.get("Last-Modified")}))
                 return target
         except urllib.error.HTTPError as exc:
             if exc.code == 304:

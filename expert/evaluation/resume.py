@@ -21,12 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+
+from expert.atomic import write_text_atomic
 
 FOLDER = "mmlu-scores"
 log = logging.getLogger(__name__)
@@ -135,6 +136,4 @@ def write_kept(path: Path, record: dict) -> None:
     """Write `record` as JSON by rename: a crash leaves the old file or the new one, never half of one."""
     # A NaN score is written as JSON's NaN, which Python reads back: the runner's finiteness check,
     # not this file, decides what a NaN means.
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record) + "\n")
