@@ -64,16 +64,18 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     dev_rows = _dev_rows(data_dir / "dev.parquet") if config.dev_loss else None
     # What to resume from, and in which precision, before the long load: a refusal comes at once.
     picked = pick_checkpoint(work_dir / "checkpoints", config, ranks)
-    precision = resumed_precision(config, resolve_device(device), picked)
+    torch_device = resolve_device(device)
+    precision = resumed_precision(config, torch_device, picked)
+    amp = autocast_dtype(precision, torch_device)
     model, tokenizer = _load_base(model_dir, device, config.strategy)
-    if resolve_device(device).type == "cpu" and ranks.strategy != "fsdp":
-        _dense_gptq(model, autocast_dtype(precision, torch.device("cpu")) or model.dtype, ranks)
+    if torch_device.type == "cpu" and ranks.strategy != "fsdp":
+        _dense_gptq(model, amp or model.dtype, ranks)
     train_set = _encode(tokenizer, rows, config.max_length, ranks)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
     model = attach_lora(model, config)
     if ranks.strategy != "fsdp":  # FSDP flattens the base's weights into shards of one dtype: leave them
-        cast_frozen_linears(model, autocast_dtype(precision, resolve_device(device)))
+        cast_frozen_linears(model, amp)
     model.train()
     ranks.same_weights([p for p in model.parameters() if p.requires_grad])
     ranks.seed_dropout(config.seed)
