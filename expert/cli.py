@@ -6,10 +6,16 @@
     expert format pubmedqa --source FILE_OR_URL --out DIR [--fold K]
     expert format mmlu --source DIR_OR_HF --out DIR
     expert eval --model DIR [--adapter DIR] --benchmark pubmedqa|mmlu --data DIR --out DIR [--set key=value]
+                [--no-resume]
     expert verify PATH ...                            check artifacts fully against their manifests
 
 A failure prints one paragraph and exits non-zero (2 for a problem with the input, 1 for
 anything unexpected); `--debug` shows the traceback.
+
+`expert eval` keeps each scored MMLU subject in a hidden `.OUT.work-KEY` folder beside --out, KEY
+naming the content of the model, adapter and data folders and the eval settings, so the same
+command after a crash scores only the subjects still missing. The folder is deleted once the
+outputs are written; `--no-resume` deletes it first.
 """
 
 from __future__ import annotations
@@ -120,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, type=Path)
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override an eval config field, e.g. --set mmlu_max_per_subject=20")
+    ev.add_argument("--no-resume", action="store_true",
+                    help="score every MMLU subject anew: delete what an interrupted run with these inputs kept")
     ev.set_defaults(handler=cmd_eval)
 
     ver = sub.add_parser("verify", parents=[common], help="check artifacts against their manifests, every byte")
@@ -212,6 +220,7 @@ def cmd_format_mmlu(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from expert.evaluation import EvalConfig, evaluate
+    from expert.evaluation.resume import FOLDER
     from expert.pipeline_config import apply_override
 
     raw: dict[str, Any] = {}
@@ -222,11 +231,42 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if path is not None and not path.is_dir():
             raise ExpertError(f"{role} '{path}' is not a folder")
     _check_out(args.out)  # the adapter folder is checked by the loader, before the model loads
+    # Only MMLU resumes (PubMedQA's batches span the split); its key reads the folders' content.
+    work = _eval_work_dir(args, config) if args.benchmark == "mmlu" else None
+    if work is not None and args.no_resume:
+        shutil.rmtree(work, ignore_errors=True)
+    kept = len(list((work / FOLDER).glob("*.json"))) if work is not None else 0
+    if kept:  # the runner logs this at INFO, which the command line does not show
+        print(f"resuming: {kept} MMLU subject(s) scored by an earlier attempt are kept in {work} "
+              "(--no-resume scores them again)", file=sys.stderr)
     metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
                                                           data_dir=args.data, out_dir=tmp,
-                                                          adapter_dir=args.adapter))
+                                                          adapter_dir=args.adapter, work_dir=work))
+    if work is not None:  # the outputs are in place: nothing is left to resume
+        shutil.rmtree(work, ignore_errors=True)
     keys = ("accuracy", "macro_f1", "average", "subject_mean", "n")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+
+
+def _eval_work_dir(args: argparse.Namespace, config) -> Path:
+    """The hidden folder beside --out where `evaluate` keeps each scored MMLU subject (resume.py).
+
+    A kept subject is checked only for its question ids, device kind and dtype, so the folder is
+    named by everything else that decides the scores, keyed as the pipeline's evaluate stage keys
+    its artifacts: the benchmark's eval settings and the content of the model, adapter and data
+    folders (new weights at the same path get another folder, never the old scores).
+    """
+    from expert.artifacts import WORK_PREFIX, StageRequest, content_id
+    from expert.stages.evaluation import Evaluate
+
+    workspace = _workspace()
+    stage = Evaluate(args.benchmark)
+    folders = {"model": args.model, "adapter": args.adapter, "data": args.data}
+    # Not stage.request: it keys the data by its artifact manifest, which a folder written by
+    # `expert format` lacks; folder_ref keys such a folder by its content instead.
+    upstream = {role: content_id(workspace.folder_ref(path)) for role, path in folders.items() if path is not None}
+    request = StageRequest(stage.name, stage.version, stage.key_config(config), upstream)
+    return args.out.parent / f".{args.out.name}{WORK_PREFIX}{request.key}"
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from expert.cli import main
+from tests.expert.eval_fixtures import MMLU_SUBJECTS, llama_dir, mmlu_dir  # noqa: F401
+from tests.expert.test_eval_resume import crash_after_writes, scored_subjects
 from tests.fixtures.data import write_mmlu_dir, write_pubmedqa_json
 
 
@@ -195,12 +198,12 @@ def test_eval_checks_the_adapter_before_loading_the_model_and_takes_eval_prefixe
     src = write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60)
     assert main(["format", "pubmedqa", "--source", str(src), "--out", str(tmp_path / "data")]) == 0
     (tmp_path / "adapter").mkdir()
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     argv = ["eval", "--model", str(model), "--benchmark", "pubmedqa", "--data", str(tmp_path / "data"),
             "--out", str(tmp_path / "eval")]
-    assert main(argv + ["--adapter", str(tmp_path / "adapter")]) == 2
+    with monkeypatch.context() as patch:  # not monkeypatch.undo(): that would drop EXPERT_ARTIFACTS too
+        patch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert main(argv + ["--adapter", str(tmp_path / "adapter")]) == 2
     assert "lacks adapter_config.json" in capsys.readouterr().err
-    monkeypatch.undo()
     assert main(argv + ["--set", "eval.batch_size=4", "--set", "mmlu_max_per_subject=2"]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["scoring"]["batch_size"] == 4
 
@@ -271,3 +274,69 @@ def test_verify_of_a_folder_outside_the_store_says_what_it_checks(tmp_path, caps
     assert main(["format", "mmlu", "--source", str(src), "--out", str(tmp_path / "out")]) == 0
     assert main(["verify", str(tmp_path / "out")]) == 2
     assert "verify checks the artifact store's folders, artifacts/<stage>/<key>" in capsys.readouterr().err
+
+
+def eval_argv(model, data, out, *extra) -> list[str]:
+    return ["eval", "--model", str(model), "--benchmark", "mmlu", "--data", str(data), "--out", str(out),
+            "--set", "device=cpu", "--set", "dtype=float32", "--set", "batch_size=2", *extra]
+
+
+def work_folders(out):
+    return sorted(out.parent.glob(f".{out.name}.work-*"))
+
+
+def killed_after_one_subject(monkeypatch, argv) -> list[str]:
+    """Run `argv`, killed right after its first MMLU subject was kept; the subjects kept."""
+    with monkeypatch.context() as patch:  # undone on leaving; the test's EXPERT_ARTIFACTS stays
+        written = crash_after_writes(patch, 1, "subject")
+        assert main(argv) == 1
+    return written
+
+
+def test_eval_killed_after_a_subject_resumes_with_the_same_command(llama_dir, mmlu_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    assert main(eval_argv(llama_dir, mmlu_dir, tmp_path / "reference")) == 0  # uninterrupted
+    out = tmp_path / "eval"
+    written = killed_after_one_subject(monkeypatch, eval_argv(llama_dir, mmlu_dir, out))
+    assert not out.exists() and len(work_folders(out)) == 1
+    capsys.readouterr()
+    calls = scored_subjects(monkeypatch)
+    assert main(eval_argv(llama_dir, mmlu_dir, out)) == 0
+    assert calls == [sorted(set(MMLU_SUBJECTS) - set(written))]  # the kept subject was not scored again
+    assert "resuming: 1 MMLU subject(s) scored by an earlier attempt" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"),
+                                  pd.read_parquet(tmp_path / "reference" / "predictions.parquet"))
+    assert work_folders(out) == [] and work_folders(tmp_path / "reference") == []
+
+
+@pytest.mark.parametrize("change", ["model weights at the same path", "adapter", "max_length"])
+def test_eval_after_a_kill_with_other_inputs_scores_every_subject(mmlu_dir, tmp_path, monkeypatch, change):
+    from tests.expert.test_eval_adapter import save_adapter
+    from tests.fixtures.models import tiny_llama_dir
+
+    model, out = tiny_llama_dir(tmp_path / "model", seed=0), tmp_path / "eval"
+    killed_after_one_subject(monkeypatch, eval_argv(model, mmlu_dir, out))
+    kept = work_folders(out)
+    extra = []
+    if change == "adapter":
+        extra = ["--adapter", str(save_adapter(model, tmp_path / "adapter", 0.05))]
+    elif change == "max_length":
+        extra = ["--set", "max_length=32"]  # shorter than the prompts: other scores
+    else:
+        tiny_llama_dir(model, seed=1)
+    calls = scored_subjects(monkeypatch)
+    assert main(eval_argv(model, mmlu_dir, out, *extra)) == 0
+    assert calls == [sorted(MMLU_SUBJECTS)]  # nothing scored for other inputs was reused
+    assert work_folders(out) == kept  # that work stays for a rerun of its own inputs
+
+
+def test_eval_no_resume_scores_everything_and_leaves_no_work_folder(llama_dir, mmlu_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    out = tmp_path / "eval"
+    killed_after_one_subject(monkeypatch, eval_argv(llama_dir, mmlu_dir, out))
+    assert len(work_folders(out)) == 1
+    capsys.readouterr()
+    calls = scored_subjects(monkeypatch)
+    assert main(eval_argv(llama_dir, mmlu_dir, out, "--no-resume")) == 0
+    assert calls == [sorted(MMLU_SUBJECTS)] and "resuming" not in capsys.readouterr().err
+    assert (out / "predictions.parquet").is_file() and work_folders(out) == []

@@ -178,6 +178,7 @@ def test_check_finite_names_only_the_bad_questions_and_counts_the_rest():
 def test_non_finite_scores_fail_the_cli_in_one_paragraph(llama_dir, pubmedqa_dir, tmp_path, monkeypatch, capsys):
     from expert.cli import main
 
+    monkeypatch.setenv("EXPERT_ARTIFACTS", str(tmp_path / "artifacts"))  # its fingerprint memo: not the checkout's
     monkeypatch.setattr(runner, "load_model", poisoned_load)
     assert main(["eval", "--model", str(llama_dir), "--benchmark", "pubmedqa", "--data", str(pubmedqa_dir),
                  "--out", str(tmp_path / "out"), "--set", "device=cpu"]) == 2  # ExpertError's exit status
