@@ -9,7 +9,9 @@ cannot be split (import, quantize, train) never leave the flow's own process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +62,6 @@ class DaskFanOut:
                 "set eval.runner.kind: local to score in this process") from None
 
     def __call__(self, pieces: list[Piece], on_done: Callable[[int], None] | None = None) -> list[Any]:
-        from prefect.futures import as_completed
         from prefect_dask import DaskTaskRunner
 
         results: list[Any] = [None] * len(pieces)
@@ -68,11 +69,9 @@ class DaskFanOut:
             threads = self.runner.threads_per_worker if self.runner.address is None else None
             futures = [runner.submit(run_piece.with_options(task_run_name=p.name), {"piece": p, "threads": threads})
                        for p in pieces]
-            index = {future.task_run_id: i for i, future in enumerate(futures)}
-            for future in as_completed(futures):
-                i = index[future.task_run_id]
+            for i in _finished(futures, pieces, self.runner.timeout_s):
                 try:
-                    results[i] = future.result()
+                    results[i] = futures[i].result()
                 except Exception as exc:  # leaving the runner cancels the other pieces
                     raise PieceFailed(f"piece '{pieces[i].name}' failed on the dask cluster: "
                                       f"{type(exc).__name__}: {exc}") from exc
@@ -87,6 +86,31 @@ class DaskFanOut:
         # pass, and each piece loads its own model. threads_per_worker is torch's, set per piece.
         return {"cluster_kwargs": {"n_workers": self.runner.local_workers, "processes": True,
                                    "threads_per_worker": 1}}
+
+
+def _finished(futures: list, pieces: list[Piece], timeout_s: float | None) -> Iterator[int]:
+    """Indices of `futures` as they finish; PieceFailed naming the rest once `timeout_s` is spent.
+
+    The deadline bounds the waiting only. (Prefect's `as_completed(timeout=)` cancels whatever
+    runs when it expires, the caller's own work between two results included, which would then
+    be reported as a failed piece.)
+    """
+    done: queue.SimpleQueue[int] = queue.SimpleQueue()  # filled from dask's event loop thread
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda _, i=i: done.put(i))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    unfinished = set(range(len(futures)))
+    while unfinished:
+        try:
+            i = done.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            names = ", ".join(f"'{pieces[i].name}'" for i in sorted(unfinished))
+            raise PieceFailed(
+                f"eval.runner.timeout_s: {len(unfinished)} of {len(pieces)} pieces unfinished after {timeout_s:g} "
+                f"s ({names}). The dask workers may be hung, gone or busy with other work: see the dask dashboard "
+                "and the pieces' task runs in the Prefect UI, then raise timeout_s or restart the workers.") from None
+        unfinished.discard(i)
+        yield i
 
 
 def fan_out(runner: RunnerConfig) -> DaskFanOut | None:

@@ -49,11 +49,18 @@ class RunnerConfig(StageConfig):
         "scores one checkpoint per piece.",
     )
 
+    timeout_s: float | None = Field(
+        None, gt=0,
+        description="dask: the longest the stage waits for all its pieces, in seconds (None: no limit). Past it "
+        "the stage fails naming the pieces still unfinished, instead of waiting for ever on a hung or lost "
+        "worker (a scheduler whose workers all left queues the pieces until one joins).",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> RunnerConfig:
         problems = []
         if self.kind == "local":
-            chosen = [f for f in ("address", "workers", "pieces") if getattr(self, f) is not None]
+            chosen = [f for f in ("address", "workers", "pieces", "timeout_s") if getattr(self, f) is not None]
             if chosen:
                 problems.append(f"{', '.join(chosen)}: used with kind 'dask' only; set kind: dask, or remove them")
         if self.address is not None and not _ADDRESS.match(self.address):

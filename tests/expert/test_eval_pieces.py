@@ -93,6 +93,8 @@ def test_a_failed_piece_is_named():
     ({**DASK, "workers": 2}, "give address .* or workers .*, not both"),
     ({"kind": "dask", "workers": 0}, "'eval.runner.workers': Input should be greater than or equal to 1"),
     ({"kind": "dask", "worker": 2}, "unknown key 'eval.runner.worker' \\(did you mean 'workers'\\?\\)"),
+    ({"timeout_s": 600}, "timeout_s: used with kind 'dask' only"),
+    ({**DASK, "timeout_s": 0}, "'eval.runner.timeout_s': Input should be greater than 0"),
 ])
 def test_runner_config_names_the_bad_field_and_the_fix(runner, message):
     with pytest.raises(ConfigError, match=message):

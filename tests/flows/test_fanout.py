@@ -120,6 +120,19 @@ def test_a_failed_piece_fails_with_its_name(prefect_harness, cluster):
     assert fan_out([pieces[0]]) == [[1]]  # outside a flow too
 
 
+def test_pieces_unfinished_at_the_deadline_fail_the_stage_naming_them(prefect_harness, cluster):
+    import subprocess
+    import time
+
+    fan_out = DaskFanOut(RunnerConfig(kind="dask", address=cluster.scheduler_address, timeout_s=2))
+    pieces = [Piece("quick piece", json.loads, {"s": "[1]"}),
+              Piece("hung piece", subprocess.call, {"args": ["sleep", "6"]})]  # a worker that does not answer
+    start = time.monotonic()
+    with pytest.raises(PieceFailed, match="eval.runner.timeout_s: 1 of 2 pieces unfinished after 2 s \\('hung piece'\\)"):
+        fan_out(pieces)
+    assert time.monotonic() - start < 5.5  # the stage gave up at its deadline, not when the piece ended
+
+
 def test_a_local_cluster_runs_one_piece_per_process_on_the_threads_asked_for(prefect_harness):
     import torch
 
