@@ -39,7 +39,8 @@ from expert.locks import exclusive, exclusive_if_free
 
 log = logging.getLogger(__name__)
 
-WORK_PREFIX = ".work-"  # + key: a build's resumable work (training checkpoints, scored MMLU subjects and checkpoints)
+WORK_PREFIX = ".work-"  # + key: a build's resumable work (GPTQ layers, training checkpoints, scored MMLU
+#   subjects and checkpoints)
 _DEBRIS = (".tmp-", ".trash-")  # + key + "-" + a random suffix: what a killed build leaves
 
 MANIFEST = "manifest.json"
@@ -313,8 +314,8 @@ def verify_tree(root: Path) -> list[tuple[Path, str | None]]:
 
 # What else a store's stage folders hold, by name prefix, and what it is.
 _LEFTOVERS = {
-    WORK_PREFIX: "an unfinished build's resumable work (training checkpoints, scored MMLU subjects and "
-                 "checkpoints): a run of the same config resumes from it; delete it to reclaim the space if that "
+    WORK_PREFIX: "an unfinished build's resumable work (GPTQ layers, training checkpoints, scored MMLU subjects "
+                 "and checkpoints): a run of the same config resumes from it; delete it to reclaim the space if that "
                  "config will not run again",
     _DEBRIS[0]: "what a killed build left: the next build in this stage removes it (or delete it)",
     _DEBRIS[1]: "an old folder a killed rebuild was replacing: the next build in this stage removes it (or delete it)",
@@ -387,7 +388,7 @@ def _remove_abandoned_debris(stage_dir: Path, key: str) -> None:
 
     A user whose build was killed often changes the config before the next run, so that key is
     never built again; its half-written folder (17 GB for a 33B GPTQ) would stay for good.
-    `.work-<key>` folders (training, MMLU evaluation, selection) are not debris: a run with that
+    `.work-<key>` folders (GPTQ, training, MMLU evaluation, selection) are not debris: a run with that
     config resumes from them.
     """
     others = {name.split("-")[1] for name in (p.name for p in stage_dir.iterdir())

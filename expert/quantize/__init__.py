@@ -12,6 +12,8 @@ check the group size and read the calibration set (no weights read, so bad setti
 seconds) -> perplexity of the unquantized model on dev texts, then free it -> GPTQ (loads and
 quantizes in place) -> save, free -> reload the saved folder as every later stage will, and
 measure its perplexity and per-layer error (beside gptqmodel's own per-module GPTQ loss).
+Given a work folder, GPTQ commits each layer there where gptqmodel can, and a rerun after a crash
+continues after the last one (`checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ __all__ = ["QuantizeConfig", "quantize"]
 
 
 def quantize(config: QuantizeConfig, model_dir: Path, data_dir: Path | None, out_dir: Path,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run the stage into `out_dir`; return the report's summary (small, JSON-ready)."""
+             progress: Callable[[int, int], None] | None = None, work_dir: Path | None = None) -> dict[str, Any]:
+    """Run the stage into `out_dir`; return the report's summary (small, JSON-ready).
+    `work_dir` keeps GPTQ's layer checkpoints through a crash (see run.py)."""
     # The run needs torch, transformers and gptqmodel (seconds to import); reading a config
     # (every `expert run`, every cached rerun) needs none of them, so they load on first use.
     from expert.quantize.run import quantize as run_stage
 
-    return run_stage(config, model_dir, data_dir, out_dir, progress)
+    return run_stage(config, model_dir, data_dir, out_dir, progress, work_dir)

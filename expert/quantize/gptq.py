@@ -12,22 +12,28 @@ is exact.
 
     check_group_size(model_dir, 64)             # before spending any time
     log = run_gptq(config, model_dir, samples, tokenizer, out)   # writes the quantized HF folder
+    log = run_gptq(..., work_dir=work, on_layer=tick)   # layer checkpoints in `work` (checkpoint.py)
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from expert.errors import ConfigError
 from expert.modeling import carry_code_consent, remote_code_trusted
+from expert.quantize.checkpoint import LayerProgress, forget, layer_checkpoint, mismatch_error
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
+
+_log = logging.getLogger(__name__)
 
 _WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
 _NOTEBOOK_ENV = "LOGBAR_DISABLE_NOTEBOOK_DETECTION"
@@ -41,7 +47,24 @@ def quantized_layer_sizes(model_dir: Path) -> dict[str, int]:
     discovery (optimum is what transformers loads GPTQ folders with): every linear layer of the
     repeated blocks, the set gptqmodel quantizes for Llama-family models.
     """
-    from optimum.gptq.utils import get_block_name_with_pattern, get_layers
+    from optimum.gptq.utils import get_layers
+
+    block_name, blocks = _blocks(model_dir)
+    sizes = {}
+    for i, block in enumerate(blocks):
+        for name, layer in get_layers(block).items():
+            sizes[f"{block_name}.{i}.{name}"] = int(layer.weight.shape[-1])
+    return sizes
+
+
+def block_count(model_dir: Path) -> int:
+    """How many repeated blocks (decoder layers) GPTQ goes through, one after the other."""
+    return len(_blocks(model_dir)[1])
+
+
+def _blocks(model_dir: Path) -> tuple[str, Any]:
+    """(name, module list) of the model's repeated blocks, on the meta device."""
+    from optimum.gptq.utils import get_block_name_with_pattern
     from transformers import AutoConfig, AutoModelForCausalLM
 
     trusted = remote_code_trusted(model_dir)
@@ -49,12 +72,7 @@ def quantized_layer_sizes(model_dir: Path) -> dict[str, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusted)
     block_name = get_block_name_with_pattern(model)
-    blocks = model.get_submodule(block_name)
-    sizes = {}
-    for i, block in enumerate(blocks):
-        for name, layer in get_layers(block).items():
-            sizes[f"{block_name}.{i}.{name}"] = int(layer.weight.shape[-1])
-    return sizes
+    return block_name, model.get_submodule(block_name)
 
 
 def check_group_size(model_dir: Path, group_size: int) -> None:
@@ -78,24 +96,26 @@ def check_group_size(model_dir: Path, group_size: int) -> None:
 
 
 def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, torch.Tensor]],
-             tokenizer: Any, out_dir: Path) -> list[dict[str, Any]]:
+             tokenizer: Any, out_dir: Path, work_dir: Path | None = None,
+             on_layer: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Quantize `model_dir` with `samples`, save model + tokenizer into `out_dir`; return
-    gptqmodel's per-module log (layer, module, GPTQ loss, damping)."""
-    from gptqmodel import GPTQModel
+    gptqmodel's per-module log (layer, module, GPTQ loss, damping).
 
+    `work_dir`: a folder that outlives a crash; where gptqmodel can (checkpoint.py), each
+    quantized layer is committed there and a rerun with the same folder continues after the
+    last one. `on_layer(done, total)` is called as each layer is quantized.
+    """
     calibration = [{"input_ids": s["input_ids"][0].tolist(), "attention_mask": s["attention_mask"][0].tolist()}
                    for s in samples]
     # gptqmodel's own offload folder is a TemporaryDirectory in $TMPDIR, which a killed run
     # never removes (a model's worth of weights); beside `out_dir`, a build's `.tmp-*` folder in
-    # the store, it shares the name the store's debris sweep removes.
+    # the store, it shares the name the store's debris sweep removes. With layer checkpoints
+    # gptqmodel spills into the checkpoint folder instead.
     spill = Path(out_dir).with_name(Path(out_dir).name + "-offload") if offload_to_disk(model_dir) else None
+    layers = LayerProgress(block_count(model_dir), on_layer)
     try:
         with cpu_workers(), quiet_progress():
-            model = GPTQModel.load(str(model_dir), gptqmodel_config(config, spill is not None, spill),
-                                   trust_remote_code=remote_code_trusted(model_dir))
-            # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's
-            # default (10) would silently drop short ones the report counts.
-            log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
+            model, log = _quantize(config, model_dir, calibration, tokenizer, spill, work_dir, layers)
             model.save(str(out_dir))
         del model
     finally:
@@ -104,6 +124,40 @@ def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, to
     carry_code_consent(model_dir, Path(out_dir))
     _drop_offload_settings(Path(out_dir))
     return _log_rows(log)
+
+
+def _quantize(config: QuantizeConfig, model_dir: Path, calibration: list[dict], tokenizer: Any,
+              spill: Path | None, work_dir: Path | None, layers: LayerProgress) -> tuple[Any, Any]:
+    """Load and quantize in place; (model, gptqmodel's log). Checkpoints left by another run
+    (other software versions or devices: gptqmodel refuses them before the first layer) are
+    removed and the run starts from the first layer."""
+    try:
+        return _load_and_quantize(config, model_dir, calibration, tokenizer, spill, work_dir, layers)
+    except mismatch_error() as exc:
+        if layers.first is not None:  # refused after quantizing: not a leftover, a real failure
+            raise
+        reason = str(exc)
+    # Outside the except block, whose traceback would keep the first model alive during the second.
+    _log.warning("GPTQ: the checkpoints in %s are not this run's (%s); removing them and quantizing "
+                 "from the first layer", work_dir, reason)
+    forget(work_dir)
+    gc.collect()
+    return _load_and_quantize(config, model_dir, calibration, tokenizer, spill, work_dir, layers)
+
+
+def _load_and_quantize(config: QuantizeConfig, model_dir: Path, calibration: list[dict], tokenizer: Any,
+                       spill: Path | None, work_dir: Path | None, layers: LayerProgress) -> tuple[Any, Any]:
+    from gptqmodel import GPTQModel
+
+    model = GPTQModel.load(str(model_dir), gptqmodel_config(config, spill is not None, spill),
+                           trust_remote_code=remote_code_trusted(model_dir))
+    model.layer_callback = layers
+    checkpoint = layer_checkpoint(work_dir, model)
+    # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's default
+    # (10) would silently drop short ones the report counts.
+    log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2,
+                         **({"checkpoint": checkpoint} if checkpoint else {}))
+    return model, log
 
 
 def gptqmodel_config(config: QuantizeConfig, offload: bool = True, offload_path: Path | None = None):

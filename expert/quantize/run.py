@@ -13,14 +13,14 @@ from typing import Any, Callable
 from expert.modeling import load_model, load_tokenizer
 from expert.quantize.calibration import calibration_texts, heldout_texts, tokenize_samples
 from expert.quantize.config import QuantizeConfig
-from expert.quantize.gptq import check_group_size, run_gptq
+from expert.quantize.gptq import block_count, check_group_size, run_gptq
 from expert.quantize.nf4 import NF4_SETTINGS, write_record
 from expert.quantize.report import layer_errors, perplexity, weights_bytes, write_report
 
 __all__ = ["quantize", "summary"]
 
 Progress = Callable[[int, int], None]
-_STEPS = 4  # baseline perplexity, quantize + save, reload + measure, report
+_STEPS = 4  # baseline perplexity, quantize + save, reload + measure, report; GPTQ adds one per layer
 _LAYER_ERROR_TEXTS = 8  # enough for a stable ratio; each text re-reads every original weight
 _LAYERS_NOTE = ("output rel. error: relative error of each quantized layer's output against the "
                 "original weight on the same input (held-out text through the quantized model). "
@@ -28,30 +28,37 @@ _LAYERS_NOTE = ("output rel. error: relative error of each quantized layer's out
 
 
 def quantize(config: QuantizeConfig, model_dir: Path, data_dir: Path | None, out_dir: Path,
-             progress: Progress | None = None) -> dict[str, Any]:
-    """Run the stage into `out_dir`; return the report's summary (small, JSON-ready)."""
+             progress: Progress | None = None, work_dir: Path | None = None) -> dict[str, Any]:
+    """Run the stage into `out_dir`; return the report's summary (small, JSON-ready).
+
+    `work_dir`: a folder that outlives a crash, where GPTQ commits each quantized layer where it
+    can (checkpoint.py); a rerun with the same folder continues after the last one.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tick = progress or (lambda done, total: None)
     report = _base_report(config, model_dir)
     begin = time.perf_counter()
-    calibration, gptq_log = None, []
+    calibration, gptq_log, layers = None, [], 0
     if config.method == "gptq":  # every check that can fail comes before minutes of work
         check_group_size(model_dir, config.group_size)
         calibration = _calibration(config, model_dir, data_dir, report)
+        layers = block_count(model_dir)
+    steps = _STEPS + layers
+    tick = (lambda done: progress(done, steps)) if progress else (lambda done: None)
     start = time.perf_counter()
     texts = heldout_texts(data_dir, config.perplexity_samples, config.seed)
     baseline = _measure(model_dir, texts, config.max_length)
     report["time_s"]["perplexity_unquantized"] = time.perf_counter() - start
-    tick(1, _STEPS)
+    tick(1)
     if calibration is not None:
         start = time.perf_counter()
-        gptq_log = run_gptq(config, model_dir, *calibration, out_dir)
+        gptq_log = run_gptq(config, model_dir, *calibration, out_dir, work_dir=work_dir,
+                            on_layer=lambda done, total: tick(1 + done))
         gc.collect()
         report["time_s"]["quantize_and_save"] = time.perf_counter() - start
     else:
         write_record(config, model_dir, out_dir)
-    tick(2, _STEPS)
+    tick(2 + layers)
     start = time.perf_counter()
     _measure_result(config, model_dir, out_dir, texts, baseline, report)
     _add_gptq_loss(report["layers"], gptq_log)
@@ -59,9 +66,9 @@ def quantize(config: QuantizeConfig, model_dir: Path, data_dir: Path | None, out
     # nf4 / none store no weights: the base is read (and, for nf4, quantized) at load time.
     report["size_bytes"]["after"] = weights_bytes(out_dir) if config.method == "gptq" else None
     report["time_s"]["total"] = time.perf_counter() - begin
-    tick(3, _STEPS)
+    tick(3 + layers)
     write_report(out_dir, report)
-    tick(4, _STEPS)
+    tick(steps)
     return summary(report)
 
 

@@ -45,7 +45,7 @@ class Quantize(Stage):
 
         if "calibration" in inputs:
             config = config.model_copy(update={"calibration": str(inputs["calibration"].path)})
-        return quantize(config, upstream["model"], upstream.get("data"), out, progress=progress)
+        return quantize(config, upstream["model"], upstream.get("data"), out, progress=progress, work_dir=work_dir)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from expert import artifacts
@@ -25,6 +26,7 @@ from expert.artifacts import MANIFEST, ArtifactStore, StageRequest, verify
 from expert.cli import main
 from expert.errors import ExpertError
 from expert.train import TrainConfig, list_checkpoints, train
+from tests.expert.quantize_fixtures import tiny_setup
 from tests.expert.train_fixtures import llama_dir, one_thread, write_toy_data  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,6 +151,40 @@ def test_kill_then_a_damaged_last_checkpoint_and_a_torn_log_resume_from_the_chec
     assert summary["resumed_from"] == [done[-2][0]], f"killed after step {kill_after}"
     assert (done[-1][1].parent / f".bad-{done[-1][1].name}").is_dir()
     _assert_ends_as_an_uninterrupted_run(llama_dir, toy_data, tmp_path, kill_after)
+
+
+# ---------------------------------------------------------------- kill -9 during GPTQ
+
+GPTQ_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from expert.quantize import QuantizeConfig, gptq, quantize
+gptq.offload_to_disk = lambda model_dir: True  # streamed, as on a GPU or for a large model
+base, data, out, work = map(Path, sys.argv[1:5])
+def progress(done, total):
+    if done == 3:  # the tiny Llama's second and last layer is quantized, the first committed
+        os.kill(os.getpid(), signal.SIGKILL)
+quantize(QuantizeConfig(group_size=32, num_samples=64, perplexity_samples=0), base, data, out, progress,
+         work_dir=work)
+"""
+
+
+def test_gptq_killed_after_a_layer_continues_after_it_and_ends_bit_for_bit(tmp_path, tmp_path_factory, monkeypatch):
+    from expert.quantize import QuantizeConfig, gptq, quantize
+
+    setup = tiny_setup(tmp_path_factory)  # its GPTQ folder: the same settings, never interrupted
+    proc = spawn(GPTQ_SCRIPT, setup.base, setup.data, tmp_path / "killed", tmp_path / "work")
+    proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == -signal.SIGKILL
+
+    monkeypatch.setattr(gptq, "offload_to_disk", lambda model_dir: True)
+    ticks = []
+    quantize(QuantizeConfig(group_size=32, num_samples=64, perplexity_samples=0), setup.base, setup.data,
+             tmp_path / "out", lambda done, total: ticks.append((done, total)), work_dir=tmp_path / "work")
+    # 4 steps + one per layer; (2, 6), the first layer, was done by the killed run
+    assert ticks == [(1, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    resumed, whole = load_file(tmp_path / "out" / "model.safetensors"), load_file(setup.gptq / "model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
 # ---------------------------------------------------------------- kill -9 while an artifact is written

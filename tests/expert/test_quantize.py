@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from expert.errors import ConfigError, DataError
 from expert.modeling import RECORD_FILE, load_model, resolve_base
@@ -16,7 +17,7 @@ from expert.quantize import QuantizeConfig, quantize
 from expert.quantize.calibration import calibration_texts, file_windows, tokenize_samples
 from expert.quantize.gptq import check_group_size, cpu_workers
 from expert.quantize.report import REPORT_JSON, REPORT_MD
-from tests.expert.quantize_fixtures import logits, relative_error, tiny_setup, write_task_data
+from tests.expert.quantize_fixtures import GROUP_SIZE, logits, relative_error, tiny_setup, write_task_data
 from tests.fixtures.models import tiny_llama_dir, tiny_tokenizer
 
 
@@ -239,3 +240,37 @@ def _tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path / "tok"))
+
+
+def test_checkpoints_that_are_not_this_runs_are_removed_and_gptq_starts_over(setup, tmp_path, monkeypatch, caplog):
+    from expert.quantize import gptq
+    from expert.quantize.checkpoint import CHECKPOINT_DIR
+
+    monkeypatch.setattr(gptq, "offload_to_disk", lambda model_dir: True)  # streamed: checkpoints apply
+    stale = tmp_path / "work" / CHECKPOINT_DIR
+    stale.mkdir(parents=True)  # a published generation whose files are gone: gptqmodel refuses it
+    (stale / "CURRENT").write_text(json.dumps({"generations": ["0" * 64], "version": 1}))
+    ticks = []
+    with caplog.at_level("INFO", logger="expert.quantize"):
+        quantize(QuantizeConfig(group_size=GROUP_SIZE, num_samples=64, perplexity_samples=0), setup.base,
+                 setup.data, tmp_path / "out", lambda done, total: ticks.append(done), work_dir=tmp_path / "work")
+    assert "are not this run's" in caplog.text and "GPTQ: layer 2/2 quantized" in caplog.text
+    assert ticks == [1, 2, 3, 4, 5, 6]  # every layer quantized here
+    assert (stale / "CURRENT").read_text() != json.dumps({"generations": ["0" * 64], "version": 1})
+    ours, whole = load_file(tmp_path / "out" / "model.safetensors"), load_file(setup.gptq / "model.safetensors")
+    assert all(torch.equal(ours[k], whole[k]) for k in whole)
+
+
+def test_a_model_loaded_whole_keeps_no_checkpoints_and_the_stage_gives_its_work_folder(setup, tmp_path,
+                                                                                       monkeypatch):
+    import expert.quantize as quantize_package
+    from expert.quantize.checkpoint import layer_checkpoint
+    from expert.stages.tuning import Quantize
+
+    whole = type("Loaded", (), {"quantize_config": type("Config", (), {"offload_to_disk": False})()})()
+    assert layer_checkpoint(tmp_path, whole) is None and layer_checkpoint(None, whole) is None
+    seen = {}
+    monkeypatch.setattr(quantize_package, "quantize", lambda *a, **k: seen.update(k) or {})
+    Quantize().produce(QuantizeConfig(), {"model": tmp_path, "data": tmp_path}, {}, tmp_path / "out",
+                       work_dir=tmp_path / "work")
+    assert seen["work_dir"] == tmp_path / "work"
