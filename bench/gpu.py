@@ -204,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of the checkpoint quantized and trained on: float16 as configs/gpu-33b.yaml's "
                         "LLaMA (trained under bf16 autocast, as the pipeline does), bfloat16 as gpu-8b.yaml's")
     p.add_argument("--gptq-sides", default="",
-                   help="run only these GPTQ sides (comma-separated among ours-gpupack, ours-cold, peer, ours); "
+                   help="run only these GPTQ sides (comma-separated among ours-gpupack, ours-cold, peer, ours, "
+                        "ours-checkpoint); "
                         "`ours` alone quantizes once and goes on to the training check: a short call")
     p.add_argument("--gptq-train-compile", action="store_true",
                    help="the GPTQ training check also with train.compile (row gptq_compiled: gptqmodel's "
@@ -212,7 +213,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-gpu-pack", action="store_true",
                    help="also run ours with gptqmodel's CUDA packing (pack_impl='gpu', side ours-gpupack), first, "
                         "before any side has built gptqmodel's CPU packing extension")
+    p.add_argument("--gptq-checkpoint", action="store_true",
+                   help="also run ours with the quantize stage's layer checkpoints (side ours-checkpoint, last): "
+                        "their time against ours, their disk use, and the same tensors")
     p.add_argument("--gptq-child", choices=("ours", "peer", "train"), help=argparse.SUPPRESS)
+    p.add_argument("--gptq-work", help=argparse.SUPPRESS)
     p.add_argument("--gptq-base", help=argparse.SUPPRESS)
     p.add_argument("--gptq-pack-impl", help=argparse.SUPPRESS)
     p.add_argument("--gptq-model", help=argparse.SUPPRESS)
@@ -758,7 +763,8 @@ def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
     for side in _gptq_sides(args):
         cmd = [sys.executable, __file__, "--out", str(work / side), "--gptq-child", side.split("-")[0],
                "--gptq-model", str(model_dir), "--lengths", args.lengths] + (["--smoke"] if args.smoke else []) \
-            + (["--gptq-pack-impl", "gpu"] if side == "ours-gpupack" else [])
+            + (["--gptq-pack-impl", "gpu"] if side == "ours-gpupack" else []) \
+            + (["--gptq-work", str(work / "checkpoints")] if side == "ours-checkpoint" else [])
         sides[side] = _gptq_process(cmd, side, out, args.gptq_timeout, env)
     row = {"model": f"8B-shaped (Llama-3) cut to {layers} layers, random {args.gptq_dtype} weights" if not args.smoke
            else "tiny", "layers": layers, "base_dtype": args.gptq_dtype, **{side: sides[side] for side in sides}}
@@ -774,18 +780,25 @@ def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
     if all("seconds" in sides.get(s, {}) for s in ("ours-gpupack", "peer")):
         row["gpupack_identical_tensors"] = _identical_tensors(work / "ours-gpupack", work / "peer")
         row["gpupack_ratio"] = round(sides["peer"]["seconds"] / sides["ours-gpupack"]["seconds"], 2)
+    if all("seconds" in sides.get(s, {}) for s in ("ours-checkpoint", "ours")):
+        # the stage's layer checkpoints (expert/quantize/checkpoint.py): their cost in time and disk
+        row["checkpoint_identical_tensors"] = _identical_tensors(work / "ours-checkpoint", work / "ours")
+        row["checkpoint_time_ratio"] = round(sides["ours-checkpoint"]["seconds"] / sides["ours"]["seconds"], 3)
+        row["checkpoint_disk_mib"] = round(sum(p.stat().st_size for p in (work / "checkpoints").rglob("*")
+                                               if p.is_file()) / 2**20, 1)
     if "seconds" in sides.get("ours", {}):
         row["train"] = _gptq_train(args, work, model_dir, out, env)
     return row
 
 
-GPTQ_SIDES = ("ours-gpupack", "ours-cold", "peer", "ours")
+GPTQ_SIDES = ("ours-gpupack", "ours-cold", "peer", "ours", "ours-checkpoint")
 
 
 def _gptq_sides(args) -> list[str]:
     """The GPTQ sides to run, in order: ours-cold, peer, ours (ours-gpupack first with
-    --gptq-gpu-pack), cut to --gptq-sides if given."""
-    sides = ["ours-gpupack"] * args.gptq_gpu_pack + ["ours-cold", "peer", "ours"]
+    --gptq-gpu-pack, ours-checkpoint last with --gptq-checkpoint), cut to --gptq-sides if given."""
+    sides = ["ours-gpupack"] * args.gptq_gpu_pack + ["ours-cold", "peer", "ours"] \
+        + ["ours-checkpoint"] * args.gptq_checkpoint
     if not args.gptq_sides:
         return sides
     wanted = args.gptq_sides.split(",")
@@ -887,10 +900,13 @@ def _gptq_child(args) -> dict:
             return config
 
         real_config = gptq_module.gptqmodel_config
+        # Layer checkpoints need a streamed model: always so on a GPU, and in --smoke as if on one.
+        streamed = mock.patch.object(gptq_module, "offload_to_disk", lambda model_dir: True) \
+            if args.gptq_work and device.type == "cpu" else contextlib.nullcontext()
         with mock.patch.object(gptq_module, "gptqmodel_config", with_pack_impl) if args.gptq_pack_impl \
-                else contextlib.nullcontext():
+                else contextlib.nullcontext(), streamed:
             run_gptq(QuantizeConfig(group_size=128, num_samples=len(samples), max_length=512, perplexity_samples=0),
-                     model_dir, samples, tok, out)
+                     model_dir, samples, tok, out, work_dir=Path(args.gptq_work) if args.gptq_work else None)
     else:
         from gptqmodel import GPTQModel, QuantizeConfig as PeerConfig
 

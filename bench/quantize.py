@@ -16,6 +16,11 @@ texts.
 
 Each side runs --rounds times (3 by default), alternating which goes first; the median run of
 each side is the figure and every run is kept in the result.
+
+--checkpoint adds the stage's GPTQ layer checkpoints (expert/quantize/checkpoint.py), which apply
+where the model is streamed from disk, as on every GPU: ours streamed with and without them
+(--rounds each, alternating), the disk they take, and a run killed with SIGKILL past half its
+layers then run again, whose weights must equal the uninterrupted run's (result key `checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import datetime
 import os
 import platform
 import resource
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +62,8 @@ def main() -> None:
         result["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
         if args.perplexity:
             result["perplexity"] = _perplexities(args, work)
+        if args.checkpoint:
+            result["checkpoint"] = _checkpoint(args, work)
     write_result(args.out, result)
 
 
@@ -70,9 +79,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first (median)")
     p.add_argument("--work", help="folder for the two quantized models, kept (default: a temp folder, removed)")
     p.add_argument("--out", default=str(ROOT / "bench/results/quantize_smollm2_cpu.json"))
+    p.add_argument("--checkpoint", action="store_true",
+                   help="also measure the stage's GPTQ layer checkpoints on a streamed model: time, memory, "
+                        "disk, and a kill + resume (result key `checkpoint`)")
     p.add_argument("--child", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--child-streamed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-work", help=argparse.SUPPRESS)
+    p.add_argument("--child-kill-after", type=int, default=0, help=argparse.SUPPRESS)
     return p
+
+
+def _checkpoint(args, work: Path) -> dict:
+    """Ours streamed with and without layer checkpoints, then killed after half its layers and resumed."""
+    from expert.quantize.gptq import block_count
+
+    runs: dict[str, list[dict]] = {"streamed": [], "checkpointed": []}
+    for round_ in range(args.rounds):
+        for side in ("streamed", "checkpointed") if round_ % 2 == 0 else ("checkpointed", "streamed"):
+            extra = ["--child-streamed"] + (["--child-work", str(work / f"ck-{round_}")] if side == "checkpointed"
+                                            else [])
+            runs[side].append(_run_child(args, "ours", work / f"{side}-{round_}", *extra))
+            print(f"checkpoint round {round_ + 1}: {side} {runs[side][-1]['seconds']:.1f} s", flush=True)
+    layers = block_count(Path(args.model))
+    # Killed as layer k is quantized, before it is committed: the rerun starts at layer k (1-based).
+    kill_after = layers // 2 + 1
+    killed = subprocess.run(_child_command(args, "ours", work / "killed", "--child-streamed", "--child-work",
+                                           str(work / "ck-resume"), "--child-kill-after", str(kill_after)),
+                            capture_output=True, text=True, env=_child_env("ours"))
+    if killed.returncode != -signal.SIGKILL:
+        raise SystemExit(f"the run to kill ended otherwise (exit {killed.returncode}):\n{killed.stderr[-4000:]}")
+    resumed = _run_child(args, "ours", work / "resumed", "--child-streamed", "--child-work", str(work / "ck-resume"))
+    median = {side: _median_run(rows) for side, rows in runs.items()}
+    return {
+        "time_ratio": median["checkpointed"]["seconds"] / median["streamed"]["seconds"],  # > 1: their cost
+        "peak_rss_mib": {side: row["peak_rss_mib"] for side, row in median.items()},
+        "disk_mib": sum(p.stat().st_size for p in (work / "ck-0").rglob("*") if p.is_file()) / 2**20,
+        "identical_tensors": _identical_tensors(work / "checkpointed-0", work / "streamed-0"),
+        "layers": layers, "killed_after_layers": kill_after,
+        "resumed": {"seconds": resumed["seconds"], "first_layer_quantized": resumed["first_layer_quantized"],
+                    "identical_tensors": _identical_tensors(work / "resumed", work / "streamed-0")},
+        "runs": runs,
+    }
 
 
 def _median_run(rows: list[dict]) -> dict:
@@ -80,15 +128,22 @@ def _median_run(rows: list[dict]) -> dict:
     return sorted(rows, key=lambda row: row["seconds"])[(len(rows) - 1) // 2]
 
 
-def _run_child(args, side: str, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--child-out", str(out), "--model", args.model,
-           "--data", args.data, "--samples", str(args.samples), "--max-length", str(args.max_length),
-           "--group-size", str(args.group_size)]
+def _run_child(args, side: str, out: Path, *extra: str) -> dict:
+    return run_child(_child_command(args, side, out, *extra), side, env=_child_env(side))[0]
+
+
+def _child_command(args, side: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, __file__, "--child", side, "--child-out", str(out), "--model", args.model,
+            "--data", args.data, "--samples", str(args.samples), "--max-length", str(args.max_length),
+            "--group-size", str(args.group_size), *extra]
+
+
+def _child_env(side: str) -> dict[str, str]:
     env = dict(os.environ)
     # gptqmodel cannot quantize on a 2-core machine without it; ours sets it by itself if unset.
     if side == "peer":
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
-    return run_child(cmd, side, env=env)[0]
+    return env
 
 
 def _child(args) -> dict:
@@ -99,13 +154,23 @@ def _child(args) -> dict:
 
     out = Path(args.child_out)
     imports_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ticks: list[int] = []
     if args.child == "ours":
-        from expert.quantize import QuantizeConfig, quantize
+        from expert.quantize import QuantizeConfig, gptq, quantize
+
+        if args.child_streamed:  # as gptqmodel runs on every GPU: block by block from disk
+            gptq.offload_to_disk = lambda model_dir: True
+
+        def progress(done: int, total: int) -> None:
+            ticks.append(done)  # 1: before GPTQ; then 1 + the layers quantized
+            if args.child_kill_after and done == 1 + args.child_kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
         start = time.perf_counter()
         config = QuantizeConfig(group_size=args.group_size, num_samples=args.samples,
                                 max_length=args.max_length, perplexity_samples=0)
-        quantize(config, Path(args.model), Path(args.data), out)
+        quantize(config, Path(args.model), Path(args.data), out, progress,
+                 work_dir=Path(args.child_work) if args.child_work else None)
         seconds = time.perf_counter() - start
     else:
         from gptqmodel import GPTQModel, QuantizeConfig as PeerConfig
@@ -123,7 +188,8 @@ def _child(args) -> dict:
         seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "rss_after_imports_mib": imports_kib / 1024,
-            "gptq_loss_mean": _mean_loss(out / "quant_log.csv")}
+            "gptq_loss_mean": _mean_loss(out / "quant_log.csv"),
+            "first_layer_quantized": ticks[1] - 1 if len(ticks) > 1 else None}  # 1-based; > 1 after a resume
 
 
 def _mean_loss(path: Path) -> float | None:
@@ -202,7 +268,7 @@ def _command(args) -> str:
                                  ("--max-length", args.max_length, 512),
                                  ("--group-size", args.group_size, 64), ("--perplexity", args.perplexity, 32)):
         cmd += f" {flag} {value}" if value != default else ""
-    return cmd
+    return cmd + (" --checkpoint" if args.checkpoint else "")
 
 
 if __name__ == "__main__":

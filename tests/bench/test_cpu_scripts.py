@@ -117,11 +117,17 @@ def test_scale(inputs, tmp_path):
 def test_quantize(inputs, tmp_path):
     result = _bench("quantize.py", tmp_path / "quantize.json", "--model", str(inputs["model"]),
                     "--data", str(inputs["data"]), "--samples", "8", "--max-length", "64", "--group-size", "32",
-                    "--perplexity", "4", "--rounds", "2")
+                    "--perplexity", "4", "--rounds", "2", "--checkpoint")
     assert [len(result["runs"][side]) for side in ("peer", "ours")] == [2, 2]  # the median of each side's runs
     assert result["ours"]["value"] in [run["seconds"] for run in result["runs"]["ours"]]
     same = result["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same  # our settings are gptqmodel's defaults
+    # The layer checkpoints: written, the same weights, and a run killed as it quantized layer 2 of 2
+    # resumed there (layer 1 committed, layer 2 not yet), ending with the same weights.
+    ck = result["checkpoint"]
+    assert ck["identical_tensors"]["identical"] == same["ours"] and ck["disk_mib"] > 0 < ck["time_ratio"], ck
+    assert (ck["layers"], ck["killed_after_layers"], ck["resumed"]["first_layer_quantized"]) == (2, 2, 2), ck
+    assert ck["resumed"]["identical_tensors"]["identical"] == same["ours"], ck
 
 
 def test_lean_memory(tmp_path):

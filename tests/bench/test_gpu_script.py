@@ -23,7 +23,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
            "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
-           "--gptq-train-compile"]
+           "--gptq-train-compile", "--gptq-checkpoint"]
     tmp = tmp_path / "tmp"  # the script's temp folders, which it must remove
     tmp.mkdir()
     # torch's compile cache stays where it was (it lives under the temp folder by default): a
@@ -95,6 +95,9 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert "GPU packing requested" in (tmp_path / "gptq_ours-gpupack.log").read_text()  # the setting got there
     same = gptq["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same
+    # The stage's layer checkpoints: written (streamed, as on a GPU), the same tensors, a time beside ours'.
+    assert gptq["checkpoint_identical_tensors"]["identical"] == same_count(gptq), gptq
+    assert gptq["checkpoint_disk_mib"] > 0 and gptq["checkpoint_time_ratio"] > 0, gptq
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log", "gptq_train.log"}
 
     # Ours' GPTQ output trained and scored as the pipeline does, beside an NF4 base of the same weights.
@@ -204,8 +207,8 @@ def test_gptq_sides_cut_the_quantization_runs(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import gpu
 
-    args = gpu._parser().parse_args(["--out", "x", "--gptq-gpu-pack"])
-    assert gpu._gptq_sides(args) == ["ours-gpupack", "ours-cold", "peer", "ours"]
+    args = gpu._parser().parse_args(["--out", "x", "--gptq-gpu-pack", "--gptq-checkpoint"])
+    assert gpu._gptq_sides(args) == ["ours-gpupack", "ours-cold", "peer", "ours", "ours-checkpoint"]
     args.gptq_sides = "ours"  # one quantization, then the training check on its output
     assert gpu._gptq_sides(args) == ["ours"]
     args.gptq_sides = "ours,per"
