@@ -5,7 +5,7 @@ GPTQ of a 33B model takes tens of minutes on a GPU, layer after layer. gptqmodel
 commit each finished layer (the packed weights and the next layer's calibration inputs) to a
 checkpoint folder and, run again with the same source weights, calibration, settings, software
 and devices, continue after the last committed layer. The weights come out bit-identical to an
-uninterrupted run (tests/expert/test_quantize.py checks it). Its limits, which decide when the
+uninterrupted run (tests/expert/test_faults.py kills one to check it). Its limits, which decide when the
 stage uses it: Llama-family (`llama`) and Qwen3-MoE models, and only when gptqmodel streams the
 checkpoint from disk (`offload_to_disk`, see gptq.py: every GPU run and every large CPU one; a
 small model on a CPU is loaded whole and quantized in a few minutes without it).
@@ -87,7 +87,6 @@ class LayerProgress:
     def __init__(self, total: int, on_layer: Callable[[int, int], None] | None = None):
         self.total, self.on_layer = total, on_layer
         self.first: int | None = None  # the first layer this process quantized
-        self.done = 0
         self._since = time.perf_counter()  # the previous layer's end (first: the call's start)
 
     def __call__(self, layer_idx: int, submodule_finalized: bool) -> None:
@@ -99,7 +98,6 @@ class LayerProgress:
             self.first = layer_idx
             if layer_idx:
                 log.info("GPTQ: resumed from a checkpoint; layers 1-%d were already quantized", layer_idx)
-        self.done = layer_idx + 1
-        log.info("GPTQ: layer %d/%d quantized (%.1f s)", self.done, self.total, seconds)
+        log.info("GPTQ: layer %d/%d quantized (%.1f s)", layer_idx + 1, self.total, seconds)
         if self.on_layer is not None:
-            self.on_layer(self.done, self.total)
+            self.on_layer(layer_idx + 1, self.total)
