@@ -6,8 +6,9 @@
 method "gptq" writes a GPTQ Hugging Face folder (safetensors, config.json with
 quantization_config, tokenizer; quantized with gptqmodel's own API, see `gptq.py`); "nf4" and
 "none" write only `quantization.json`, which `expert.modeling.load_model` follows to the base.
-Every method writes `quantization_report.json` and `.md`. The run lives in `run.py`. Steps, in
-the order that keeps at most one full-precision model in memory at a time:
+Every method writes `quantization_report.json` and `.md` (GPTQ also `.png`, its layers' errors
+by depth, `plots.py`). The run lives in `run.py`. Steps, in the order that keeps at most one
+full-precision model in memory at a time:
 check the group size and read the calibration set (no weights read, so bad settings fail in
 seconds) -> perplexity of the unquantized model on dev texts, then free it -> GPTQ (loads and
 quantizes in place) -> save, free -> reload the saved folder as every later stage will, and

@@ -102,13 +102,17 @@ def weights_bytes(folder: Path) -> int:
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
-    """Write `quantization_report.json` and a human-readable `quantization_report.md`."""
+    """Write `quantization_report.json`, a human-readable `quantization_report.md`, and where
+    layers were measured, their errors by depth in `quantization_report.png`."""
+    from expert.quantize.plots import REPORT_PNG, plot_layers
+
     out_dir = Path(out_dir)
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    (out_dir / REPORT_MD).write_text(render_markdown(report))
+    plot = plot_layers(report.get("layers") or [], out_dir / REPORT_PNG)
+    (out_dir / REPORT_MD).write_text(render_markdown(report, plot.name if plot else None))
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
     lines = [f"# Quantization report ({report['method']})", ""]
     settings = ", ".join(f"{k}={v}" for k, v in report["settings"].items())
     lines += [f"Settings: {settings}", ""]
@@ -131,15 +135,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"Perplexity not measured: {report.get('perplexity_note', 'skipped')}.", ""]
     else:
         lines += [f"Perplexity on {ppl['texts']} held-out texts ({ppl['tokens']} tokens): {ppl['source']}.", ""]
-    lines += _layer_table(report.get("layers") or [], report.get("layers_note", ""))
+    lines += _layer_table(report.get("layers") or [], report.get("layers_note", ""), plot)
     return "\n".join(lines) + "\n"
 
 
-def _layer_table(layers: list[dict[str, Any]], note: str) -> list[str]:
+def _layer_table(layers: list[dict[str, Any]], note: str, plot: str | None) -> list[str]:
     if not layers:
         return []
-    lines = ["## Per-layer reconstruction error", "", note, "",
-             "| layer | in | out | output rel. error | GPTQ loss |", "| --- | --- | --- | --- | --- |"]
+    lines = ["## Per-layer reconstruction error", "", note, ""]
+    lines += [f"![each kind of layer's error by depth]({plot})", ""] if plot else []
+    lines += ["| layer | in | out | output rel. error | GPTQ loss |", "| --- | --- | --- | --- | --- |"]
     for row in layers:
         err, loss = row["output_rel_error"], row.get("gptq_loss")
         lines.append(f"| {row['layer']} | {row['in_features']} | {row['out_features']} | "

@@ -16,6 +16,7 @@ from expert.modeling import RECORD_FILE, load_model, resolve_base
 from expert.quantize import QuantizeConfig, quantize
 from expert.quantize.calibration import calibration_texts, file_windows, tokenize_samples
 from expert.quantize.gptq import check_group_size, cpu_workers
+from expert.quantize.plots import REPORT_PNG, layer_series
 from expert.quantize.report import REPORT_JSON, REPORT_MD
 from tests.expert.quantize_fixtures import GROUP_SIZE, logits, relative_error, tiny_setup, write_task_data
 from tests.fixtures.models import tiny_llama_dir, tiny_tokenizer
@@ -104,7 +105,21 @@ def test_gptq_report(setup):
     # gptqmodel's own per-module loss sits beside the measured error, for every layer.
     assert all(row["gptq_loss"] is not None and row["gptq_loss"] >= 0 for row in layers), layers
     assert setup.summary["perplexity_quantized"] == ppl["quantized"]
-    assert "Per-layer reconstruction error" in (setup.gptq / REPORT_MD).read_text()
+    markdown = (setup.gptq / REPORT_MD).read_text()
+    assert "Per-layer reconstruction error" in markdown and f"]({REPORT_PNG})" in markdown
+    assert (setup.gptq / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_draws_a_line_per_kind_of_layer_across_the_blocks():
+    rows = [{"layer": f"model.layers.{block}.{kind}", "output_rel_error": 0.01 * (block + 1),
+             "gptq_loss": None if kind == "mlp.up_proj" else 0.5} for block in (1, 0) for kind in
+            ("self_attn.q_proj", "mlp.up_proj")]
+    rows += [{"layer": "lm_head", "output_rel_error": 0.3}, {"layer": "model.layers.2.mlp.up_proj",
+                                                               "output_rel_error": None}]  # not drawn
+    assert layer_series(rows) == {
+        "self_attn.q_proj": {"block": [1, 0], "error": [0.02, 0.01], "gptq_loss": [0.5, 0.5]},
+        "mlp.up_proj": {"block": [1, 0], "error": [0.02, 0.01], "gptq_loss": [None, None]}}
+    assert layer_series([{"layer": "lm_head", "output_rel_error": 0.3}]) == {}
 
 
 def test_gptq_reload_inference_and_training_kernels_agree(setup):
@@ -196,6 +211,7 @@ def test_none_records_the_base_as_is(setup, tmp_path):
     summary = quantize(QuantizeConfig(method="none", perplexity_samples=2), setup.base, setup.data, out)
     assert json.loads((out / RECORD_FILE).read_text())["method"] == "none"
     assert summary["perplexity_quantized"] == summary["perplexity_unquantized"]
+    assert not (out / REPORT_PNG).exists()  # no layers measured: nothing to draw
     model, tok = load_model(out)
     base, _ = load_model(setup.base)
     assert torch.equal(logits(model, tok), logits(base, tok))
