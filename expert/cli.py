@@ -337,11 +337,20 @@ def _tokenizer(folder: Path):
 
 
 def _write_into(out: Path, produce: Callable[[Path], Any]) -> Any:
-    """Produce into a temp folder beside `out`, then move the files in: no half-written outputs."""
-    tmp = _temp_beside(out)
+    """Produce into a temp folder beside `out`, then move the files in: no half-written outputs.
+
+    A new `out` appears whole, by one rename; into an existing one (other files kept) each file
+    is replaced by a rename, so a crash between two can leave old and new files side by side.
+    """
+    holder = _temp_beside(out)
+    tmp = holder / "out"  # made by mkdir, so the folder renamed into place has the usual permissions
     try:
+        tmp.mkdir()
         result = produce(tmp)
-        out.mkdir(exist_ok=True)
+        if not out.exists():
+            os.replace(tmp, out)
+            print(f"wrote {out}", file=sys.stderr)
+            return result
         for item in sorted(tmp.iterdir()):
             target = out / item.name
             if target.is_dir() and not item.is_dir():
@@ -352,7 +361,7 @@ def _write_into(out: Path, produce: Callable[[Path], Any]) -> Any:
         print(f"wrote {out}", file=sys.stderr)
         return result
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 if __name__ == "__main__":

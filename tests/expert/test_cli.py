@@ -340,3 +340,23 @@ def test_eval_no_resume_scores_everything_and_leaves_no_work_folder(llama_dir, m
     assert main(eval_argv(llama_dir, mmlu_dir, out, "--no-resume")) == 0
     assert calls == [sorted(MMLU_SUBJECTS)] and "resuming" not in capsys.readouterr().err
     assert (out / "predictions.parquet").is_file() and work_folders(out) == []
+
+
+def test_a_new_out_appears_by_one_rename_and_an_existing_one_keeps_its_other_files(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    src = write_pubmedqa_json(tmp_path / "ori_pqal.json", n=60)
+    out, real, renamed = tmp_path / "out", os.replace, []
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(b) or real(a, b))
+    argv = ["format", "pubmedqa", "--source", str(src), "--out", str(out)]
+    assert main(argv) == 0
+    # Whole or not at all: a kill between file-by-file moves would leave a folder that looks finished.
+    assert [p for p in renamed if str(p).startswith(str(out))] == [out]
+    (tmp_path / "made").mkdir()  # the permissions of any new folder, not a temp folder's 0700
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((tmp_path / "made").stat().st_mode)
+    (out / "notes.txt").write_text("mine")
+    renamed.clear()
+    assert main(argv) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "train.parquet").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
