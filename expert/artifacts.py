@@ -315,10 +315,11 @@ def verify_tree(root: Path) -> list[tuple[Path, str | None]]:
 # What else a store's stage folders hold, by name prefix, and what it is.
 _LEFTOVERS = {
     WORK_PREFIX: "an unfinished build's resumable work (GPTQ layers, training checkpoints, scored MMLU subjects "
-                 "and checkpoints): a run of the same config resumes from it; delete it to reclaim the space if that "
-                 "config will not run again",
-    _DEBRIS[0]: "what a killed build left: the next build in this stage removes it (or delete it)",
-    _DEBRIS[1]: "an old folder a killed rebuild was replacing: the next build in this stage removes it (or delete it)",
+                 "and checkpoints): a run of the same config resumes from it; `expert clean` removes it if that config "
+                 "will not run again",
+    _DEBRIS[0]: "what a killed build left: the next build in this stage removes it (or `expert clean`)",
+    _DEBRIS[1]: "an old folder a killed rebuild was replacing: the next build in this stage removes it (or "
+                "`expert clean`)",
 }
 
 

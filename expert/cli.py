@@ -8,6 +8,7 @@
     expert eval --model DIR [--adapter DIR] --benchmark pubmedqa|mmlu --data DIR --out DIR [--set key=value]
                 [--no-resume]
     expert verify PATH ...                            check artifacts fully against their manifests
+    expert clean [PATH ...] [--older-than DAYS] [--dry-run]   remove unfinished builds' leftovers
 
 A failure prints one paragraph and exits non-zero (2 for a problem with the input, 1 for
 anything unexpected); `--debug` shows the traceback.
@@ -134,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                      help="an artifact folder, a stage folder (artifacts/train) or the artifacts root")
     ver.set_defaults(handler=cmd_verify)
+
+    cl = sub.add_parser("clean", parents=[common],
+                        help="remove what unfinished builds left in the store (resumable work, crash debris)")
+    cl.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                    help="the artifacts root (default: $EXPERT_ARTIFACTS or ./artifacts) or a stage folder")
+    cl.add_argument("--older-than", type=float, default=0.0, metavar="DAYS",
+                    help="only what was last written over DAYS days ago (default: all of it)")
+    cl.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    cl.set_defaults(handler=cmd_clean)
     return parser
 
 
@@ -281,6 +291,24 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if bad:
         raise ExpertError(f"{len(bad)} of {len(results)} artifact(s) failed verification; delete them (the next "
                           "run rebuilds them) or restore them from a backup")
+
+
+def cmd_clean(args: argparse.Namespace) -> None:
+    from expert.cleanup import clean
+
+    if args.older_than < 0:
+        raise ExpertError(f"--older-than {args.older_than:g}: give a number of days, 0 or more")
+    paths = args.paths or [_workspace().root]
+    for path in paths:
+        if not path.is_dir():
+            raise ExpertError(f"'{path}' is not a folder; give the artifacts root or a stage folder (artifacts/train)")
+    total = 0
+    for folder, size, outcome in (item for path in paths for item in clean(path, args.older_than, args.dry_run)):
+        print(f"{outcome}  {folder} ({size / 2**20:,.1f} MiB)" + (": a running build holds it" if outcome == "in use"
+                                                                  else ""))
+        total += size if outcome != "in use" else 0
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {total / 2**20:,.1f} MiB", file=sys.stderr)
 
 
 @contextlib.contextmanager
