@@ -27,10 +27,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="p
 EXPERT = str(Path(sys.executable).with_name("expert"))
 
 
-def _default_sigint():
-    # The test runner may itself have been started with SIGINT ignored (a background job), and a
-    # child inherits that: give `expert` the default, as a terminal's foreground job has.
+def _default_signals():
+    # The test runner may itself have been started with SIGINT ignored (a background job) or
+    # SIGHUP ignored (under nohup), and a child inherits that: give `expert` the defaults, as a
+    # terminal's foreground job has.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
@@ -41,7 +43,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     with open(log, "w") as out:
         run = subprocess.Popen([EXPERT, "run", str(config)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
-                               preexec_fn=_default_sigint)
+                               preexec_fn=_default_signals)
     deadline = time.monotonic() + 240
     while "train: building" not in log.read_text():  # mid-run: a stage is computing
         if run.poll() is not None or time.monotonic() > deadline:
