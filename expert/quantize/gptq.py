@@ -12,7 +12,7 @@ is exact.
 
     check_group_size(model_dir, 64)             # before spending any time
     log = run_gptq(config, model_dir, samples, tokenizer, out)   # writes the quantized HF folder
-    log = run_gptq(..., work_dir=work, on_layer=tick)   # layer checkpoints in `work` (checkpoint.py)
+    log = run_gptq(..., work_dir=work, layers=LayerProgress(n, tick))   # layer checkpoints in `work`
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -97,13 +97,13 @@ def check_group_size(model_dir: Path, group_size: int) -> None:
 
 def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, torch.Tensor]],
              tokenizer: Any, out_dir: Path, work_dir: Path | None = None,
-             on_layer: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+             layers: LayerProgress | None = None) -> list[dict[str, Any]]:
     """Quantize `model_dir` with `samples`, save model + tokenizer into `out_dir`; return
     gptqmodel's per-module log (layer, module, GPTQ loss, damping).
 
     `work_dir`: a folder that outlives a crash; where gptqmodel can (checkpoint.py), each
     quantized layer is committed there and a rerun with the same folder continues after the
-    last one. `on_layer(done, total)` is called as each layer is quantized.
+    last one. `layers` reports each quantized layer (by default to the log only).
     """
     calibration = [{"input_ids": s["input_ids"][0].tolist(), "attention_mask": s["attention_mask"][0].tolist()}
                    for s in samples]
@@ -112,7 +112,7 @@ def run_gptq(config: QuantizeConfig, model_dir: Path, samples: list[dict[str, to
     # the store, it shares the name the store's debris sweep removes. With layer checkpoints
     # gptqmodel spills into the checkpoint folder instead.
     spill = Path(out_dir).with_name(Path(out_dir).name + "-offload") if offload_to_disk(model_dir) else None
-    layers = LayerProgress(block_count(model_dir), on_layer)
+    layers = layers or LayerProgress(block_count(model_dir))
     try:
         with cpu_workers(), quiet_progress():
             model, log = _quantize(config, model_dir, calibration, tokenizer, spill, work_dir, layers)

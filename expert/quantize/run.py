@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from expert.modeling import load_model, load_tokenizer
 from expert.quantize.calibration import calibration_texts, heldout_texts, tokenize_samples
+from expert.quantize.checkpoint import LayerProgress
 from expert.quantize.config import QuantizeConfig
 from expert.quantize.gptq import block_count, check_group_size, run_gptq
 from expert.quantize.nf4 import NF4_SETTINGS, write_record
@@ -53,7 +54,7 @@ def quantize(config: QuantizeConfig, model_dir: Path, data_dir: Path | None, out
     if calibration is not None:
         start = time.perf_counter()
         gptq_log = run_gptq(config, model_dir, *calibration, out_dir, work_dir=work_dir,
-                            on_layer=lambda done, total: tick(1 + done))
+                            layers=LayerProgress(layers, lambda done, total: tick(1 + done)))
         gc.collect()
         report["time_s"]["quantize_and_save"] = time.perf_counter() - start
     else:
