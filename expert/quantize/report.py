@@ -125,6 +125,9 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
     lines += [f"| weights before | {_mib(size['before'])} |", f"| weights after | {after} |"]
     for stage, seconds in report["time_s"].items():
         lines.append(f"| time: {stage} | {seconds:.1f} s |")
+    if report.get("resumed_at_layer"):
+        lines.append(f"| GPTQ resumed at layer | {report['resumed_at_layer']} (the layers before it came from an "
+                     "interrupted run's checkpoints; the times are this run's only) |")
     ppl = report.get("perplexity")
     if ppl:
         lines += [f"| perplexity, unquantized | {ppl['unquantized']:.3f} |",

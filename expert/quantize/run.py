@@ -53,8 +53,10 @@ def quantize(config: QuantizeConfig, model_dir: Path, data_dir: Path | None, out
     tick(1)
     if calibration is not None:
         start = time.perf_counter()
-        gptq_log = run_gptq(config, model_dir, *calibration, out_dir, work_dir=work_dir,
-                            layers=LayerProgress(layers, lambda done, total: tick(1 + done)))
+        progress_by_layer = LayerProgress(layers, lambda done, total: tick(1 + done))
+        gptq_log = run_gptq(config, model_dir, *calibration, out_dir, work_dir=work_dir, layers=progress_by_layer)
+        if progress_by_layer.first:  # the layers before came from an interrupted run's checkpoints
+            report["resumed_at_layer"] = progress_by_layer.first + 1
         gc.collect()
         report["time_s"]["quantize_and_save"] = time.perf_counter() - start
     else:

@@ -183,6 +183,9 @@ def test_gptq_killed_after_a_layer_continues_after_it_and_ends_bit_for_bit(tmp_p
              tmp_path / "out", lambda done, total: ticks.append((done, total)), work_dir=tmp_path / "work")
     # 4 steps + one per layer; (2, 6), the first layer, was done by the killed run
     assert ticks == [(1, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+    assert report["resumed_at_layer"] == 2 and "GPTQ resumed at layer | 2" in \
+        (tmp_path / "out" / "quantization_report.md").read_text()
     resumed, whole = load_file(tmp_path / "out" / "model.safetensors"), load_file(setup.gptq / "model.safetensors")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 

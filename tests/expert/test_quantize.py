@@ -87,6 +87,7 @@ def test_gptqmodel_config_carries_our_settings():
 def test_gptq_report(setup):
     report = json.loads((setup.gptq / REPORT_JSON).read_text())
     assert report["method"] == "gptq" and report["settings"]["group_size"] == 32
+    assert "resumed_at_layer" not in report  # quantized in one go
     assert set(report["versions"]) == {"transformers", "optimum", "gptqmodel"}
     assert report["calibration"]["samples"] == 64 and report["calibration"]["tokens"] > 64 * 20
     assert {"perplexity_unquantized", "quantize_and_save", "evaluate_quantized", "total"} <= set(report["time_s"])
