@@ -291,3 +291,23 @@ def test_a_model_loaded_whole_keeps_no_checkpoints_and_the_stage_gives_its_work_
     Quantize().produce(QuantizeConfig(), {"model": tmp_path, "data": tmp_path}, {}, tmp_path / "out",
                        work_dir=tmp_path / "work")
     assert seen["work_dir"] == tmp_path / "work"
+
+
+def test_a_model_gptqmodel_cannot_checkpoint_is_quantized_without_checkpoints(setup, tmp_path, monkeypatch,
+                                                                              caplog):
+    # e.g. Mistral or Qwen2 on a GPU: gptqmodel 7.6 checkpoints llama and qwen3_moe only, and its
+    # quantize() raises for any other model given a checkpoint config.
+    from gptqmodel.looper import gptq_checkpoint
+
+    from expert.quantize import gptq
+
+    def refuse(model, **kwargs):
+        raise NotImplementedError("checkpoint state adapters currently support llama and qwen3_moe")
+
+    monkeypatch.setattr(gptq, "offload_to_disk", lambda model_dir: True)
+    monkeypatch.setattr(gptq_checkpoint, "validate_checkpoint_support", refuse)
+    with caplog.at_level("INFO", logger="expert.quantize"):
+        quantize(QuantizeConfig(group_size=GROUP_SIZE, num_samples=64, perplexity_samples=0), setup.base,
+                 setup.data, tmp_path / "out", work_dir=tmp_path / "work")
+    assert "GPTQ keeps no layer checkpoints here (checkpoint state adapters currently support" in caplog.text
+    assert not (tmp_path / "work").exists() and list((tmp_path / "out").glob("*.safetensors"))
