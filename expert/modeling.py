@@ -20,13 +20,20 @@ A model folder is one of
   2. bitsandbytes `Linear4bit`, on CPUs with AVX512-BF16, repacks its weight into an
      inference-only layout on the first eval forward under no_grad; later training forwards
      give no gradient. We switch that repacking off for nf4 models, always (see `_nf4_safe`).
+
+GPTQ loads never wait on the network for gptqmodel's Machete kernel (Hopper GPUs), whose check
+downloads CUTLASS: offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) sets GPTQMODEL_OFFLINE=1, and
+a failed download retries the load once with it, so gptqmodel picks another kernel (see
+`_gptqmodel_network_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ import torch
 
 from expert.artifacts import file_digest
 from expert.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
 
 RECORD_FILE = "quantization.json"  # written by the quantize stage for nf4 / none
 # Written by the import stage beside a model's own Python code when model.trust_remote_code
@@ -111,9 +120,28 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     elif kind == "nf4":
         kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
     trusted = remote_code_trusted(base)
-    try:
+    if kind == "gptq" and (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")):
+        # Declared offline: gptqmodel must not try its CUTLASS download (urlopen without a
+        # timeout hangs behind a firewall that drops packets). A user's own value wins.
+        os.environ.setdefault("GPTQMODEL_OFFLINE", "1")
+
+    def from_pretrained():
         with _eager_gptq_dequant(kind == "gptq" and torch_device.type == "cpu"), _gptq_weight_cache(dense_cache):
-            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
+
+    try:
+        try:
+            model = from_pretrained()
+        except OSError as exc:
+            if kind != "gptq" or _env_true("GPTQMODEL_OFFLINE") or not _gptqmodel_network_error(exc):
+                raise
+            log.warning("gptqmodel could not download CUTLASS for its Machete kernel (%s); EXPERT retries "
+                        "with GPTQMODEL_OFFLINE=1, so that gptqmodel picks another kernel. To use Machete, "
+                        "set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout, or run once online (it is "
+                        "then cached under ~/.cache/gptqmodel)", exc)
+            # For the rest of the process: later loads must not wait on the network again.
+            os.environ["GPTQMODEL_OFFLINE"] = "1"
+            model = from_pretrained()
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -274,6 +302,31 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, training: bool, 
         # forward for group sizes it lacks: take the plain torch kernel instead.
         backend = "gptq_torch"
     return GPTQConfig(bits=stored["bits"], backend=backend)
+
+
+def _env_true(name: str) -> bool:
+    """An environment flag read as huggingface_hub reads HF_HUB_OFFLINE."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _gptqmodel_network_error(exc: OSError) -> bool:
+    """Whether `exc` is a network error raised inside gptqmodel: its kernel check for Machete (gptqmodel 7.6)
+    downloads CUTLASS outside the try that turns a failure into "kernel unavailable", so a
+    URLError escapes from_pretrained. With GPTQMODEL_OFFLINE=1 the same check fails softly."""
+    import urllib.error
+
+    package = sys.modules.get("gptqmodel")
+    if not isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        return False  # a disk's error, say: retrying would not help
+    if package is None or not getattr(package, "__file__", None):
+        return False
+    root = os.path.realpath(os.path.dirname(package.__file__)) + os.sep
+    tb = exc.__traceback__
+    while tb is not None:
+        if os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(root):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _aten_int4_fits(stored: dict[str, Any]) -> bool:
