@@ -458,7 +458,7 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
     initial_seconds = time.perf_counter() - started
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
-    memory = plan_memory(model, config, max(lengths), device,
+    memory = plan_memory(model, config, max(lengths), device, typical=int(statistics.median(lengths)),
                          answer_tokens=max(e.answer_tokens for e in examples))
     plan_seconds = time.perf_counter() - planned
     plan = BatchPlan(lengths, step_sizes(effective, memory.micro_batch_size), epochs=10, seed=0)

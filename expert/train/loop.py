@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     if ranks.strategy == "fsdp":
         shard_base(model, ranks, device)
     answers = max(e.answer_tokens for e in train_set.examples)
-    memory = _memory_plan(picked, config, model, max(train_set.lengths), answers, ranks)
+    memory = _memory_plan(picked, config, model, train_set.lengths, answers, ranks)
     micro = memory.micro_batch_size
     plan = BatchPlan(train_set.lengths, step_sizes(config.effective_batch_size, micro, config.processes),
                      config.epochs, config.seed, config.max_steps)
@@ -160,7 +161,7 @@ def _encode(tokenizer, rows: dict[str, list[str]], max_length: int, ranks: Ranks
     return split
 
 
-def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, longest: int, answers: int,
+def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, lengths: list[int], answers: int,
                  ranks: Ranks) -> MemoryPlan:
     """The resumed checkpoint's own choice (the data order depends on it), else a fresh one."""
     saved = read_state(picked[1]).get("memory") if picked else None
@@ -169,7 +170,8 @@ def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, lo
         set_checkpointing(model, plan.gradient_checkpointing)
         return plan
     device = next(p for p in model.parameters() if p.requires_grad).device
-    return plan_memory(model, config, longest, device, ranks, answer_tokens=answers)
+    return plan_memory(model, config, max(lengths), device, ranks, answer_tokens=answers,
+                       typical=int(statistics.median(lengths)))
 
 
 def _dev_rows(path: Path) -> dict[str, list[str]]:

@@ -7,13 +7,18 @@ training example fits the memory limit; a step of `effective_batch_size` example
 whatever the card) is then split into as few near-equal micro-batches as that allows
 (`expert.train.data.step_sizes`: 50 examples, at most 8 at a time, are 8+7+7+7+7+7+7). Bigger
 micro-batches keep a GPU busier, which matters most for a 4-bit base whose weights are
-dequantized once per micro-batch: on the H100 the 33B job at micro-batch 5 kept the GPU busy
-two thirds of the time (bench/README.md), and 10, the next divisor of 50, did not fit 24 GiB.
+dequantized once per micro-batch: on an H100 the 33B job ran 1.17x faster as 8+7+7+7+7+7+7
+than as micro-batches of 5, the largest divisor of 50 that fits 24 GiB (bench/README.md).
 Memory grows with the micro-batch, so the largest that fits is found by bisection.
 `gradient_checkpointing: auto` then leaves checkpointing off when that micro-batch fits
 without it: recomputing every layer's forward costs a third of a step's compute, paid only when
 memory is short. When it does not fit, the largest micro-batch that fits without checkpointing
-is timed against it, and the faster wins.
+is timed against it, both at the typical example's length (the median: most batches are near
+it), and the smaller one wins only when it is more than SPEED_MARGIN faster. A probe times one
+pass over one shape; costs it does not see (one per micro-batch, more of them the smaller the
+micro-batch) made the close call go the wrong way on the 8B preset: 7 examples without
+checkpointing, timed at the longest length 0.7% faster than 48 with it, ran at 3,600 tokens/s
+where 48 with checkpointing had run at 5,450-6,268 (H100, bench/README.md).
 
 On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length,
 each with as many labelled tokens as the most any example has (the vocabulary projection is
@@ -45,6 +50,7 @@ from expert.train.data import IGNORE, step_sizes
 from expert.train.distributed import Ranks
 
 HEADROOM = 0.9  # share of the limit a probe may reach: the allocator fragments, batches vary
+SPEED_MARGIN = 1.05  # how much faster a smaller micro-batch without checkpointing must time to win
 CPU_AUTO_MICRO = 8
 MAX_AUTO_MICRO = 64
 
@@ -68,9 +74,10 @@ class MemoryPlan:
 
 
 def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
-                ranks: Ranks = Ranks(), answer_tokens: int = 3) -> MemoryPlan:
+                ranks: Ranks = Ranks(), answer_tokens: int = 3, typical: int | None = None) -> MemoryPlan:
     """Resolve the 'auto' memory settings of `config` for `model` (LoRA attached) on `device`;
-    `longest`: the longest example's tokens, `answer_tokens`: the most labelled tokens of one."""
+    `longest`: the longest example's tokens (what must fit), `typical`: the median example's (what
+    a speed comparison is timed at; default `longest`), `answer_tokens`: the most labelled tokens of one."""
     micros = _micro_candidates(config, device)
     checkpointing = [config.gradient_checkpointing] if isinstance(config.gradient_checkpointing, bool) \
         else [True] if ranks.lockstep else [False, True]
@@ -97,10 +104,12 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
         # smaller micro-batch dequantizes a 4-bit base's weights for fewer tokens. Measured.
         plain = _largest([m for m in micros if m < chosen], lambda m: ranks.agree(fits(m, longest, False, limit)))
         if plain is not None:
-            measured = {f"{chosen} with checkpointing": fits.speed(chosen, longest, True, limit),
-                        f"{plain} without": fits.speed(plain, longest, False, limit)}
+            width = min(typical or longest, longest)
+            measured = {f"{chosen} with checkpointing": fits.speed(chosen, width, True, limit),
+                        f"{plain} without": fits.speed(plain, width, False, limit)}
             # Agreed, like every choice here: ranks that chose differently would split steps differently.
-            if ranks.agree(measured[f"{plain} without"] > measured[f"{chosen} with checkpointing"]):
+            faster = measured[f"{plain} without"] > SPEED_MARGIN * measured[f"{chosen} with checkpointing"]
+            if ranks.agree(faster):
                 chosen, use = plain, False
     peak = getattr(fits, "peaks", {}).get((chosen, longest, use))
     set_checkpointing(model, use)
