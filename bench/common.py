@@ -86,10 +86,19 @@ def print_child_result(result: dict) -> None:
     print(_TAG + json.dumps(result), flush=True)
 
 
+class ChildFailed(SystemExit):
+    """A child benchmark process that gave no result; `proc` holds all it printed (for its log)."""
+
+    def __init__(self, message: str, proc: subprocess.CompletedProcess):
+        super().__init__(message)
+        self.proc = proc
+
+
 def run_child(cmd: list[str], what: str, **run_kwargs) -> tuple[dict, subprocess.CompletedProcess]:
-    """Run a child benchmark process; its result, or SystemExit with its stderr when it has none."""
+    """Run a child benchmark process; its result, or ChildFailed (a SystemExit) with its stderr's
+    tail when it has none."""
     proc = subprocess.run(cmd, capture_output=True, text=True, **run_kwargs)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_TAG)]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise ChildFailed(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", proc)
     return json.loads(lines[-1][len(_TAG):]), proc

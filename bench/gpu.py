@@ -830,6 +830,10 @@ def _gptq_process(cmd: list[str], name: str, out: Path, timeout: int, env: dict)
         log.write_text(_text(late.stdout)[-20000:] + "\n--- stderr\n" + _text(late.stderr)[-20000:])
         return {"error": f"did not finish in {timeout} s"}
     except SystemExit as failed:
+        # The whole output goes to the log: the error's tail alone once hid where a child failed
+        # (gpu_h100_2026-11-27d.json: a URLError, but from which load?)
+        proc = getattr(failed, "proc", None)
+        log.write_text(str(failed) if proc is None else proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
         return {"error": str(failed)[-600:]}
 
 

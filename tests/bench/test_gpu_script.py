@@ -214,3 +214,15 @@ def test_gptq_sides_cut_the_quantization_runs(monkeypatch):
     args.gptq_sides = "ours,per"
     with pytest.raises(SystemExit, match="--gptq-sides: per unknown"):
         gpu._gptq_sides(args)
+
+
+def test_a_failed_gptq_child_leaves_its_whole_output_in_its_log(monkeypatch, tmp_path):
+    # A child's error in the result is its last 600 characters; where it failed must be in the log.
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    script = "import sys; print('loaded the trained adapter'); sys.stderr.write('File \"where.py\"\\n' + 'x' * 5000); sys.exit(3)"
+    row = gpu._gptq_process([sys.executable, "-c", script], "train", tmp_path, 60, dict(os.environ))
+    assert len(row["error"]) <= 600 and 'File "where.py"' not in row["error"]
+    log = (tmp_path / "gptq_train.log").read_text()
+    assert "loaded the trained adapter" in log and 'File "where.py"' in log and "x" * 5000 in log
