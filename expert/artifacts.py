@@ -222,6 +222,7 @@ class ArtifactStore:
                 return existing
             _remove_debris(target.parent, request.key)  # of a killed build: we hold the key's lock
             _remove_abandoned_debris(target.parent, request.key)
+            _note_other_work(target.parent, request.key)
             if replace:  # a forced rebuild starts over: not from checkpoints the code before a fix wrote
                 shutil.rmtree(self.work_dir(request), ignore_errors=True)
             self._write(request, producer, target, replace, reports)
@@ -334,8 +335,13 @@ def leftovers(root: Path) -> list[tuple[Path, str, int]]:
     for path in sorted([*root.glob(".*"), *root.glob("*/.*")]):
         what = next((text for prefix, text in _LEFTOVERS.items() if path.name.startswith(prefix)), None)
         if what and path.is_dir():
-            found.append((path, what, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())))
+            found.append((path, what, folder_bytes(path)))
     return found
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files in `folder`, at any depth."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def _is_key(name: str) -> bool:
@@ -399,6 +405,24 @@ def _remove_abandoned_debris(stage_dir: Path, key: str) -> None:
             if free:
                 log.info("removing what a killed build of %s/%s left", stage_dir.name, other)
                 _remove_debris(stage_dir, other)
+
+
+def _note_other_work(stage_dir: Path, key: str) -> None:
+    """Say, once per stage folder and process, what resumable work of other keys the stage holds.
+
+    It is kept on purpose (a run with that config resumes from it), so nothing removes it
+    unasked; but after a config change it is usually dead weight (a killed 33B GPTQ build keeps
+    ~17 GB), and the user should hear of it where they look: the run's log.
+    """
+    others = sorted(p for p in stage_dir.glob(f"{WORK_PREFIX}*") if p.is_dir() and p.name != f"{WORK_PREFIX}{key}")
+    if not others or (str(stage_dir), "other work") in _WARNED:
+        return
+    _WARNED.add((str(stage_dir), "other work"))
+    size = sum(folder_bytes(p) for p in others)
+    log.info("%s holds the resumable work of %d unfinished build(s) of other configs (%s, %.1f MB): a run "
+             "with such a config resumes from it; `expert clean %s` removes it (`--dry-run` lists it)",
+             stage_dir, len(others), ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else ""),
+             size / 1e6, stage_dir)
 
 
 def _publish(tmp: Path, target: Path, key: str, replace: bool = False) -> None:

@@ -32,6 +32,7 @@ from expert.errors import ConfigError
 from expert.modeling import carry_code_consent, remote_code_trusted
 from expert.quantize.checkpoint import LayerProgress, forget, layer_checkpoint, mismatch_error
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
+from expert.quantize.report import weights_bytes
 
 _log = logging.getLogger(__name__)
 
@@ -193,9 +194,7 @@ def offload_to_disk(model_dir: Path) -> bool:
     """
     if torch.cuda.is_available():
         return True
-    weights = sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin")
-                  for p in Path(model_dir).glob(pattern))
-    return weights > _physical_memory() / 4
+    return weights_bytes(model_dir) > _physical_memory() / 4
 
 
 def _physical_memory() -> int:

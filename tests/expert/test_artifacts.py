@@ -302,3 +302,24 @@ def test_debris_of_another_key_is_removed_unless_its_build_is_alive(tmp_path):
     assert not any(folder.exists() for folder in killed) and running.is_dir()
     assert sorted(p.name for p in stage_dir.iterdir()) == sorted(
         [built.key, running.name, ".lock-bbbbbbbbbbbbbbbb"])  # the freed key's lock file went with it
+
+
+def test_a_build_names_the_resumable_work_of_other_configs_once(tmp_path, caplog):
+    """Other keys' `.work-` folders stay (their config may run again), but the log says they are
+    there and how to remove them; the build's own work folder is not counted."""
+    import logging
+
+    store = ArtifactStore(tmp_path)
+    stage_dir = store.path(request().stage, "x").parent
+    other = stage_dir / ".work-aaaaaaaaaaaaaaaa"
+    (other / "gptq-checkpoint").mkdir(parents=True)
+    (other / "gptq-checkpoint" / "layer.safetensors").write_bytes(b"\0" * 2_500_000)
+    (stage_dir / f".work-{request().key}").mkdir()  # this build's own: resumed, then removed
+    with caplog.at_level(logging.INFO, logger="expert.artifacts"):
+        store.build(request(), write_files)
+        store.build(request(inputs={"src": "sha256:y"}), write_files)  # a second build: said once
+    notes = [r.getMessage() for r in caplog.records if "resumable work" in r.getMessage()]
+    assert len(notes) == 1, notes
+    assert ".work-aaaaaaaaaaaaaaaa" in notes[0] and "1 unfinished" in notes[0] and "2.5 MB" in notes[0]
+    assert f"expert clean {stage_dir}" in notes[0] and request().key not in notes[0]
+    assert other.is_dir()  # kept
