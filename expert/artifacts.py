@@ -324,16 +324,31 @@ _LEFTOVERS = {
 }
 
 
+# `expert eval`'s resumable work beside its --out: `.OUT.work-<key>` (expert/cli.py).
+_EVAL_WORK = ("`expert eval`'s scored MMLU subjects: the same command resumes from them; `expert clean` "
+              "removes them if it will not run again")
+
+
+def lock_for(work: Path) -> Path:
+    """The lock file a live build holds for its work folder: `.lock-<key>` beside `.work-<key>`,
+    `.OUT.lock-<key>` beside `expert eval`'s `.OUT.work-<key>`."""
+    head, _, key = work.name.rpartition(WORK_PREFIX)
+    return work.parent / f"{head}.lock-{key}"
+
+
 def leftovers(root: Path) -> list[tuple[Path, str, int]]:
     """(folder, what it is, bytes) of every non-artifact folder in the store's stage folders at or
     under `root` (the store or one stage folder): resumable work and crash debris, which verify
-    leaves alone but a user may want to see (a 33B GPTQ build killed midway leaves ~17 GB)."""
+    leaves alone but a user may want to see (a 33B GPTQ build killed midway leaves ~17 GB); in any
+    other folder, `expert eval`'s resumable work beside the --out it was given."""
     root = Path(root)
     if (root / MANIFEST).is_file() or _is_key(root.name):  # one artifact: it holds none
         return []
     found = []
     for path in sorted([*root.glob(".*"), *root.glob("*/.*")]):
         what = next((text for prefix, text in _LEFTOVERS.items() if path.name.startswith(prefix)), None)
+        if what is None and WORK_PREFIX in path.name[1:]:
+            what = _EVAL_WORK
         if what and path.is_dir():
             found.append((path, what, folder_bytes(path)))
     return found

@@ -1,7 +1,8 @@
 """`expert clean`: remove what unfinished builds left in the artifact store.
 
 A build killed midway leaves its resumable work (`.work-<key>`: GPTQ layer checkpoints, training
-checkpoints, scored MMLU subjects) and perhaps a half-written folder (`.tmp-<key>-*`). A run of
+checkpoints, scored MMLU subjects; `expert eval` keeps its own beside its --out, `.OUT.work-<key>`)
+and perhaps a half-written folder (`.tmp-<key>-*`). A run of
 the same config resumes from the first and removes the second; but a user who changed the config
 after the crash never runs that key again, and the store keeps gigabytes for nothing (a 33B GPTQ
 build's spill alone is ~17 GB). `expert verify` lists them; this removes them, except where a live
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from expert.artifacts import WORK_PREFIX, leftovers
+from expert.artifacts import WORK_PREFIX, leftovers, lock_for
 from expert.locks import exclusive_if_free
 
 _DAY_S = 86400.0
@@ -31,7 +32,7 @@ def clean(root: Path, older_than_days: float = 0.0, dry_run: bool = False) -> It
     for path, _, size in leftovers(root):
         if older_than_days and _last_written(path) > cutoff:
             continue
-        with exclusive_if_free(path.parent / f".lock-{_key(path.name)}") as free:
+        with exclusive_if_free(_lock(path)) as free:
             if not free:
                 yield path, size, "in use"
             elif dry_run:
@@ -41,11 +42,12 @@ def clean(root: Path, older_than_days: float = 0.0, dry_run: bool = False) -> It
                 yield path, size, "removed"
 
 
-def _key(name: str) -> str:
-    """The key in `.work-<key>`, `.tmp-<key>-<suffix>`, `.trash-<key>-<suffix>`."""
-    if name.startswith(WORK_PREFIX):
-        return name[len(WORK_PREFIX):]
-    return name.split("-")[1]
+def _lock(path: Path) -> Path:
+    """The lock a live build holds: for work (`.work-<key>`, `expert eval`'s `.OUT.work-<key>`) see
+    `lock_for`; for debris (`.tmp-<key>-<suffix>`, `.trash-<key>-<suffix>`) its key's `.lock-<key>`."""
+    if WORK_PREFIX in path.name:
+        return lock_for(path)
+    return path.parent / f".lock-{path.name.split('-')[1]}"
 
 
 def _last_written(folder: Path) -> float:

@@ -16,7 +16,8 @@ anything unexpected); `--debug` shows the traceback.
 `expert eval` keeps each scored MMLU subject in a hidden `.OUT.work-KEY` folder beside --out, KEY
 naming the content of the model, adapter and data folders and the eval settings, so the same
 command after a crash scores only the subjects still missing. The folder is deleted once the
-outputs are written; `--no-resume` deletes it first.
+outputs are written; `--no-resume` deletes it first; `expert clean DIR` removes such folders in DIR
+(not one a running `expert eval` holds).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("clean", parents=[common],
                         help="remove what unfinished builds left in the store (resumable work, crash debris)")
     cl.add_argument("paths", nargs="*", type=Path, metavar="PATH",
-                    help="the artifacts root (default: $EXPERT_ARTIFACTS or ./artifacts) or a stage folder")
+                    help="the artifacts root (default: $EXPERT_ARTIFACTS or ./artifacts), a stage folder, "
+                         "or a folder holding `expert eval` outputs")
     cl.add_argument("--older-than", type=float, default=0.0, metavar="DAYS",
                     help="only what was last written over DAYS days ago (default: all of it)")
     cl.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
@@ -229,8 +231,10 @@ def cmd_format_mmlu(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from expert.artifacts import lock_for
     from expert.evaluation import EvalConfig, evaluate
     from expert.evaluation.resume import FOLDER
+    from expert.locks import exclusive
     from expert.pipeline_config import apply_override
 
     raw: dict[str, Any] = {}
@@ -249,11 +253,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if kept:  # the runner logs this at INFO, which the command line does not show
         print(f"resuming: {kept} MMLU subject(s) scored by an earlier attempt are kept in {work} "
               "(--no-resume scores them again)", file=sys.stderr)
-    metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
-                                                          data_dir=args.data, out_dir=tmp,
-                                                          adapter_dir=args.adapter, work_dir=work))
-    if work is not None:  # the outputs are in place: nothing is left to resume
-        shutil.rmtree(work, ignore_errors=True)
+    # While it runs, the work folder's lock tells `expert clean` (and a second `expert eval` of the
+    # same command, which waits) that it is in use.
+    with exclusive(lock_for(work), f"evaluating into {args.out}") if work is not None else contextlib.nullcontext():
+        metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
+                                                              data_dir=args.data, out_dir=tmp,
+                                                              adapter_dir=args.adapter, work_dir=work))
+        if work is not None:  # the outputs are in place: nothing is left to resume
+            shutil.rmtree(work, ignore_errors=True)
     keys = ("accuracy", "macro_f1", "average", "subject_mean", "n")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
 

@@ -342,6 +342,35 @@ def test_eval_no_resume_scores_everything_and_leaves_no_work_folder(llama_dir, m
     assert (out / "predictions.parquet").is_file() and work_folders(out) == []
 
 
+def test_expert_clean_removes_a_killed_evals_work_but_not_a_running_evals(llama_dir, mmlu_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    import expert.evaluation as evaluation
+    from expert.cleanup import clean
+
+    out = tmp_path / "eval"
+    killed_after_one_subject(monkeypatch, eval_argv(llama_dir, mmlu_dir, out))
+    (kept,) = work_folders(out)
+    real, seen = evaluation.evaluate, []
+
+    def evaluate(*args, **kwargs):  # while the rerun scores, its work folder is in use
+        seen.extend(outcome for path, _, outcome in clean(tmp_path) if path == kept)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "evaluate", evaluate)
+        assert main(eval_argv(llama_dir, mmlu_dir, out)) == 0
+    assert seen == ["in use"] and work_folders(out) == []
+    assert [p.name for p in tmp_path.glob(".eval.lock-*")] == []  # the lock leaves no file
+
+    other = tmp_path / "other"
+    killed_after_one_subject(monkeypatch, eval_argv(llama_dir, mmlu_dir, other))
+    (left,) = work_folders(other)
+    capsys.readouterr()
+    assert main(["clean", str(tmp_path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"would be removed  {left} (")
+    assert main(["clean", str(tmp_path)]) == 0 and not left.exists()
+
+
 def test_a_new_out_appears_by_one_rename_and_an_existing_one_keeps_its_other_files(tmp_path, monkeypatch):
     import os
     import stat
