@@ -247,15 +247,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _check_out(args.out)  # the adapter folder is checked by the loader, before the model loads
     # Only MMLU resumes (PubMedQA's batches span the split); its key reads the folders' content.
     work = _eval_work_dir(args, config) if args.benchmark == "mmlu" else None
-    if work is not None and args.no_resume:
-        shutil.rmtree(work, ignore_errors=True)
-    kept = len(list((work / FOLDER).glob("*.json"))) if work is not None else 0
-    if kept:  # the runner logs this at INFO, which the command line does not show
-        print(f"resuming: {kept} MMLU subject(s) scored by an earlier attempt are kept in {work} "
-              "(--no-resume scores them again)", file=sys.stderr)
     # While it runs, the work folder's lock tells `expert clean` (and a second `expert eval` of the
     # same command, which waits) that it is in use.
     with exclusive(lock_for(work), f"evaluating into {args.out}") if work is not None else contextlib.nullcontext():
+        if work is not None and args.no_resume:
+            shutil.rmtree(work, ignore_errors=True)
+        kept = len(list((work / FOLDER).glob("*.json"))) if work is not None else 0
+        if kept:  # the runner logs this at INFO, which the command line does not show
+            print(f"resuming: {kept} MMLU subject(s) scored by an earlier attempt are kept in {work} "
+                  "(--no-resume scores them again)", file=sys.stderr)
         metrics = _write_into(args.out, lambda tmp: evaluate(config, args.benchmark, model_dir=args.model,
                                                               data_dir=args.data, out_dir=tmp,
                                                               adapter_dir=args.adapter, work_dir=work))

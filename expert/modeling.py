@@ -310,9 +310,10 @@ def _env_true(name: str) -> bool:
 
 
 def _gptqmodel_network_error(exc: OSError) -> bool:
-    """Whether `exc` is a network error raised inside gptqmodel: its kernel check for Machete (gptqmodel 7.6)
-    downloads CUTLASS outside the try that turns a failure into "kernel unavailable", so a
-    URLError escapes from_pretrained. With GPTQMODEL_OFFLINE=1 the same check fails softly."""
+    """Whether `exc` is a network error raised inside gptqmodel: its kernel check for Machete
+    (gptqmodel 7.6) downloads CUTLASS outside the try that turns a failure into "kernel
+    unavailable", so a URLError escapes from_pretrained. With GPTQMODEL_OFFLINE=1 the same check
+    fails softly."""
     import urllib.error
 
     package = sys.modules.get("gptqmodel")
