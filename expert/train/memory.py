@@ -13,12 +13,13 @@ Memory grows with the micro-batch, so the largest that fits is found by bisectio
 `gradient_checkpointing: auto` then leaves checkpointing off when that micro-batch fits
 without it: recomputing every layer's forward costs a third of a step's compute, paid only when
 memory is short. When it does not fit, the largest micro-batch that fits without checkpointing
-is timed against it, both at the typical example's length (the median: most batches are near
-it), and the smaller one wins only when it is more than SPEED_MARGIN faster. A probe times one
-pass over one shape; costs it does not see (one per micro-batch, more of them the smaller the
-micro-batch) made the close call go the wrong way on the 8B preset: 7 examples without
-checkpointing, timed at the longest length 0.7% faster than 48 with it, ran at 3,600 tokens/s
-where 48 with checkpointing had run at 5,450-6,268 (H100, bench/README.md).
+(unless that is a single example against 4 or more) is timed against it, both at the typical
+example's length (the median: most batches are near it), and the smaller one wins only when it
+is more than SPEED_MARGIN faster. A probe times one pass over one shape; costs it does not see
+(one per micro-batch, more of them the smaller the micro-batch) made the close call go the wrong
+way on the 8B preset: 7 examples without checkpointing, timed at the longest length 0.7% faster
+than 48 with it, ran at 3,600 tokens/s where 48 with checkpointing had run at 5,450-6,268 (H100,
+bench/README.md).
 
 On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length,
 each with as many labelled tokens as the most any example has (the vocabulary projection is
@@ -103,7 +104,10 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
         # wins depends on the card and model: no recompute saves a third of the compute, a
         # smaller micro-batch dequantizes a 4-bit base's weights for fewer tokens. Measured.
         plain = _largest([m for m in micros if m < chosen], lambda m: ranks.agree(fits(m, longest, False, limit)))
-        if plain is not None:
+        # One example at a time is not timed against 4 or more: on every H100 run of the 33B shape
+        # it was 1.6-2.8x slower than the checkpointed micro-batch, and under train.compile its
+        # probe costs a compile of its own (a dimension of size 1 is specialized).
+        if plain is not None and not (plain == 1 and chosen >= 4):
             width = min(typical or longest, longest)
             measured = {f"{chosen} with checkpointing": fits.speed(chosen, width, True, limit),
                         f"{plain} without": fits.speed(plain, width, False, limit)}

@@ -132,6 +132,18 @@ def test_the_speeds_are_timed_at_the_typical_length_and_a_near_tie_keeps_the_big
     assert [c for c in calls if c[0] == "timed at"] == [("timed at", 330)] * 2
 
 
+@pytest.mark.parametrize("most, timed", [({True: 8, False: 1}, False), ({True: 3, False: 1}, True)])
+def test_one_example_without_checkpointing_is_timed_only_against_a_small_micro_batch(llama_dir, monkeypatch,
+                                                                                    most, timed):
+    speeds = {(most[True], True): 1000.0, (1, False): 2000.0}
+    calls = fake_gpu(monkeypatch, most, speeds=speeds)
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=24, gradient_checkpointing="auto")
+    plan = plan_memory(lora_model(llama_dir), config, longest=500, device=torch.device("cuda"))
+    assert any(c[0] == "timed" for c in calls) == timed
+    assert (plan.micro_batch_size, plan.gradient_checkpointing) == ((1, False) if timed else (most[True], True))
+    assert (plan.probe_tokens_per_s is not None) == timed
+
+
 def test_fixed_settings_are_not_probed(llama_dir, monkeypatch):
     calls = fake_gpu(monkeypatch, {})
     config = TrainConfig(micro_batch_size=2, effective_batch_size=4, gradient_checkpointing=False)
