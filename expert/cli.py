@@ -308,7 +308,8 @@ def cmd_clean(args: argparse.Namespace) -> None:
     paths = args.paths or [_workspace().root]
     for path in paths:
         if not path.is_dir():
-            raise ExpertError(f"'{path}' is not a folder; give the artifacts root or a stage folder (artifacts/train)")
+            raise ExpertError(f"'{path}' is not a folder; give the artifacts root, a stage folder (artifacts/train) "
+                              "or the folder of an `expert eval --out`")
     total = 0
     for folder, size, outcome in (item for path in paths for item in clean(path, args.older_than, args.dry_run)):
         print(f"{outcome}  {folder} ({size / 2**20:,.1f} MiB)" + (": a running build holds it" if outcome == "in use"

@@ -64,4 +64,5 @@ def test_the_default_is_the_workspace_and_bad_arguments_exit_2(tmp_path, monkeyp
     assert main(["clean", "--older-than", "-1"]) == 2
     assert "--older-than -1: give a number of days" in capsys.readouterr().err
     assert main(["clean", str(tmp_path / "nope")]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "is not a folder; give the artifacts root, a stage folder (artifacts/train) or the folder of an " \
+        "`expert eval --out`" in capsys.readouterr().err
