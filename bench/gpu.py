@@ -749,6 +749,8 @@ def _gptq_case(args, device, out: Path) -> dict:
 
 
 def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
+    from expert.artifacts import folder_bytes
+
     model_dir = work / "base"
     layers = 2 if args.smoke else args.gptq_layers
     _save_gptq_base(model_dir, "tiny" if args.smoke else "llama3-8b", layers, device, getattr(torch, args.gptq_dtype))
@@ -784,8 +786,7 @@ def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
         # the stage's layer checkpoints (expert/quantize/checkpoint.py): their cost in time and disk
         row["checkpoint_identical_tensors"] = _identical_tensors(work / "ours-checkpoint", work / "ours")
         row["checkpoint_time_ratio"] = round(sides["ours-checkpoint"]["seconds"] / sides["ours"]["seconds"], 3)
-        row["checkpoint_disk_mib"] = round(sum(p.stat().st_size for p in (work / "checkpoints").rglob("*")
-                                               if p.is_file()) / 2**20, 1)
+        row["checkpoint_disk_mib"] = round(folder_bytes(work / "checkpoints") / 2**20, 1)
     if "seconds" in sides.get("ours", {}):
         row["train"] = _gptq_train(args, work, model_dir, out, env)
     return row
@@ -875,6 +876,8 @@ def _gptq_child(args) -> dict:
     import gptqmodel  # noqa: F401 - imports are not timed
     from transformers import AutoTokenizer
 
+    from expert.quantize.report import weights_bytes
+
     device = torch.device("cpu" if args.smoke else "cuda")
     model_dir, out = Path(args.gptq_model), Path(args.out)
     rng = random.Random(3)
@@ -923,7 +926,7 @@ def _gptq_child(args) -> dict:
     return {"seconds": round(seconds, 1), "pcre_shim": shim, "gptqmodel": gptqmodel.__version__,
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "checkpoint_gib": round(sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**30, 2)}
+            "checkpoint_gib": round(weights_bytes(model_dir) / 2**30, 2)}
 
 
 def _gptq_train_child(args) -> dict:

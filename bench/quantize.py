@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _checkpoint(args, work: Path) -> dict:
     """Ours streamed with and without layer checkpoints, then killed after half its layers and resumed."""
+    from expert.artifacts import folder_bytes
     from expert.quantize.gptq import block_count
 
     runs: dict[str, list[dict]] = {"streamed": [], "checkpointed": []}
@@ -114,7 +115,7 @@ def _checkpoint(args, work: Path) -> dict:
     return {
         "time_ratio": median["checkpointed"]["seconds"] / median["streamed"]["seconds"],  # > 1: their cost
         "peak_rss_mib": {side: row["peak_rss_mib"] for side, row in median.items()},
-        "disk_mib": sum(p.stat().st_size for p in (work / "ck-0").rglob("*") if p.is_file()) / 2**20,
+        "disk_mib": folder_bytes(work / "ck-0") / 2**20,
         "identical_tensors": _identical_tensors(work / "checkpointed-0", work / "streamed-0"),
         "layers": layers, "killed_after_layers": kill_after,
         "resumed": {"seconds": resumed["seconds"], "first_layer_quantized": resumed["first_layer_quantized"],
@@ -256,7 +257,9 @@ def _result(args, sides: dict) -> dict:
 
 
 def _weights_mib(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+    from expert.quantize.report import weights_bytes
+
+    return weights_bytes(folder) / 2**20
 
 
 def _command(args) -> str:
