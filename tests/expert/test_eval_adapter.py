@@ -54,6 +54,23 @@ def test_prefix_cache_through_an_adapter_equals_uncached(llama_dir, tmp_path):
     assert cached == [pytest.approx(row, abs=1e-4) for row in plain]
 
 
+def test_the_output_head_gets_a_contiguous_input_under_an_adapter(llama_dir, tmp_path):
+    # A strided input with a frozen weight sends torch.matmul down its batched path, which on a
+    # CPU copies the vocabulary matrix per row (see loading.contiguous_head_input).
+    trained = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "trained", 0.05), device="cpu",
+                         dtype="float32")
+    head = trained.model.get_output_embeddings()
+    assert not head.weight.requires_grad
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        kept = trained.model(input_ids=ids, logits_to_keep=1).logits
+        full = trained.model(input_ids=ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(kept[:, 0], full[:, -1])
+
+
 def test_missing_adapter_and_model_files_are_named(llama_dir, tmp_path):
     with pytest.raises(ModelError, match="adapter_config.json"):
         load_model(llama_dir, tmp_path, device="cpu")
