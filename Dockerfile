@@ -70,9 +70,15 @@ RUN userdel --remove ubuntu 2>/dev/null || true \
 # Outputs and caches live in volumes (the work pool mounts expert-artifacts and expert-cache there):
 # artifacts_dir is `artifacts`, relative to this folder, in every preset; gptqmodel writes its logs
 # into logs/ of the working folder. The hub cache holds the token of `hf auth login` too.
+# Outside /cache a cache dies with its container: gptqmodel's downloads (the CUTLASS sources its
+# Machete kernel builds from) would be fetched again on every flow run, and torch.compile's
+# inductor cache (train.compile) built again: on a CPU a warm one took the first compiled step
+# from 41-43 s to 15-16 s (SmolLM2; tracing is not cached); an H100's share is unmeasured.
 ENV HF_HOME=/cache/huggingface \
     GPTQMODEL_TORCH_EXTENSIONS_DIR=/cache/gptqmodel \
+    GPTQMODEL_CACHE_DIR=/cache/gptqmodel-downloads \
     TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     TRITON_CACHE_DIR=/cache/triton \
     PREFECT_HOME=/home/expert/.prefect \
     PREFECT_RESULTS_LOCAL_STORAGE_PATH=/cache/prefect-results \

@@ -151,8 +151,13 @@ def test_the_volumes_hold_what_the_image_writes(tmp_path):
     assert presets == {"artifacts"}
     assert f"{_workdir()}/artifacts" in targets
     env = _env()
-    for cache in ("HF_HOME", "GPTQMODEL_TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR"):
+    caches = ("HF_HOME", "GPTQMODEL_TORCH_EXTENSIONS_DIR", "GPTQMODEL_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+              "TRITON_CACHE_DIR")
+    for cache in caches:
         assert env[cache].startswith("/cache/"), cache
+    # gptqmodel builds Machete in GPTQMODEL_TORCH_EXTENSIONS_DIR/machete and generates its sources
+    # in GPTQMODEL_CACHE_DIR/machete/generated: one folder for both would nest them.
+    assert len({env[cache] for cache in caches}) == len(caches)
     assert "/cache" in targets
 
 
