@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 WORK_PREFIX = ".work-"  # + key: a build's resumable work (GPTQ layers, training checkpoints, scored MMLU
 #   subjects and checkpoints)
 _DEBRIS = (".tmp-", ".trash-")  # + key + "-" + a random suffix: what a killed build leaves
+LOCK_PREFIX = ".lock-"  # + key: the lock a build of that key holds while it works (see key_lock)
 
 MANIFEST = "manifest.json"
 EXTERNAL = "external"  # the stage name of refs to folders made outside the store
@@ -215,7 +216,7 @@ class ArtifactStore:
         """
         target = self.path(request.stage, request.key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive(target.parent / f".lock-{request.key}", f"building {request.stage}/{request.key}"):
+        with exclusive(key_lock(target.parent, request.key), f"building {request.stage}/{request.key}"):
             existing = None if replace else self.get(request)
             if existing is not None:  # another process built it while we waited for the lock
                 log.info("%s was built by another process meanwhile; reusing it", target)
@@ -333,7 +334,12 @@ def lock_for(work: Path) -> Path:
     """The lock file a live build holds for its work folder: `.lock-<key>` beside `.work-<key>`,
     `.OUT.lock-<key>` beside `expert eval`'s `.OUT.work-<key>`."""
     head, _, key = work.name.rpartition(WORK_PREFIX)
-    return work.parent / f"{head}.lock-{key}"
+    return work.parent / f"{head}{LOCK_PREFIX}{key}"
+
+
+def key_lock(stage_dir: Path, key: str) -> Path:
+    """The lock a build of `key` holds in its stage folder, over its work, debris and artifact."""
+    return stage_dir / f"{LOCK_PREFIX}{key}"
 
 
 def leftovers(root: Path) -> list[tuple[Path, str, int]]:
@@ -416,7 +422,7 @@ def _remove_abandoned_debris(stage_dir: Path, key: str) -> None:
     others = {name.split("-")[1] for name in (p.name for p in stage_dir.iterdir())
               if name.startswith(_DEBRIS) and name.count("-") >= 2} - {key}
     for other in sorted(others):
-        with exclusive_if_free(stage_dir / f".lock-{other}") as free:
+        with exclusive_if_free(key_lock(stage_dir, other)) as free:
             if free:
                 log.info("removing what a killed build of %s/%s left", stage_dir.name, other)
                 _remove_debris(stage_dir, other)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from expert.artifacts import WORK_PREFIX, leftovers, lock_for
+from expert.artifacts import WORK_PREFIX, key_lock, leftovers, lock_for
 from expert.locks import exclusive_if_free
 
 _DAY_S = 86400.0
@@ -47,7 +47,7 @@ def _lock(path: Path) -> Path:
     `lock_for`; for debris (`.tmp-<key>-<suffix>`, `.trash-<key>-<suffix>`) its key's `.lock-<key>`."""
     if WORK_PREFIX in path.name:
         return lock_for(path)
-    return path.parent / f".lock-{path.name.split('-')[1]}"
+    return key_lock(path.parent, path.name.split("-")[1])
 
 
 def _last_written(folder: Path) -> float:
