@@ -8,12 +8,14 @@ own virtual environment: it brings many packages (datasets, evaluate, sacrebleu,
 project does not need:
 
     python3 -m venv .venv-lmeval
-    .venv-lmeval/bin/pip install torch==2.13.0 lm-eval transformers==5.24.0 accelerate
+    .venv-lmeval/bin/pip install torch==2.13.0 lm-eval transformers==5.24.0 accelerate peft==0.21.2
     LMEVAL_PYTHON=.venv-lmeval/bin/python .venv/bin/python bench/eval_vs_lmeval.py \
         --model MODEL_DIR --data FORMATTED_DATA_DIR
 
 FORMATTED_DATA_DIR holds pubmedqa/test.parquet and mmlu/test.parquet (the data stage's
-output). The result, bench/results/eval_vs_lmeval.json, gives questions per second of
+output). With `--adapter ADAPTER_DIR` both sides score through that LoRA adapter (PEFT), as the
+pipeline scores the expert (lm-eval: HFLM's `peft=`), and with `--dtype bfloat16` in bf16, as the
+pipeline scores on a CPU with native bf16 matmuls; the result file's name then says so. The result, bench/results/eval_vs_lmeval.json, gives questions per second of
 both (ours: the whole `evaluate` call, model load included; lm-eval: `simple_evaluate` on an
 already loaded model; ratio > 1 means ours is faster), per benchmark,
 and the quality check: how many predictions are identical and the largest difference in
@@ -33,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+RESULTS = Path(__file__).parent / "results"
 TASKS = {"pubmedqa": "expert_local_pubmedqa", "mmlu": "expert_local_mmlu"}
 # Scored first and untimed by both sides: imports, lazy initialisation and first kernels.
 WARMUP = ("warmup", "expert_local_warmup")
@@ -58,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="Hugging Face model folder")
     p.add_argument("--data", type=Path, help="folder with pubmedqa/test.parquet and mmlu/test.parquet")
+    p.add_argument("--adapter", type=Path, help="a LoRA adapter folder (PEFT) that both sides score through "
+                   "(lm-eval: HFLM's peft=)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="both sides' weights (bfloat16: what eval.dtype auto takes on a CPU with native bf16)")
     p.add_argument("--lmeval-python", default=os.environ.get("LMEVAL_PYTHON"),
                    help="python of the lm-eval venv (default: $LMEVAL_PYTHON)")
     p.add_argument("--pubmedqa-n", type=int, default=40, help="first N PubMedQA test questions")
@@ -65,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated MMLU subjects")
     p.add_argument("--mmlu-per-subject", type=int, default=20, help="first N questions of each subject")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_vs_lmeval.json")
+    p.add_argument("--out", type=Path, help="result file (default: results/eval_vs_lmeval.json; with "
+                   "--adapter and --dtype bfloat16 the name gains _adapter and _bfloat16)")
     p.add_argument("--lmeval-driver", type=Path, help=argparse.SUPPRESS)  # internal: run inside the lm-eval venv
     return p.parse_args(argv)
 
@@ -80,7 +88,8 @@ def lmeval_driver(job: Path) -> None:
     from lm_eval.tasks import TaskManager
 
     spec = json.loads(job.read_text())
-    lm = HFLM(pretrained=spec["model"], dtype="float32", device="cpu", batch_size=spec["batch_size"])
+    lm = HFLM(pretrained=spec["model"], peft=spec["adapter"], dtype=spec["dtype"], device="cpu",
+              batch_size=spec["batch_size"])
     manager = TaskManager(include_path=spec["task_dir"])
     out = {"version": lm_eval.__version__, "threads": torch.get_num_threads(), "benchmarks": {}}
     lm_eval.simple_evaluate(model=lm, tasks=[WARMUP[1]], task_manager=manager, num_fewshot=0, bootstrap_iters=0)
@@ -123,14 +132,14 @@ def run_ours(args: argparse.Namespace, dirs: dict[str, Path], work: Path) -> dic
 
     from expert.evaluation import EvalConfig, evaluate
 
-    config = EvalConfig(device="cpu", dtype="float32", batch_size=args.batch_size)
-    evaluate(config, "pubmedqa", args.model, dirs[WARMUP[0]], work / "ours_warmup")
+    config = EvalConfig(device="cpu", dtype=args.dtype, batch_size=args.batch_size)
+    evaluate(config, "pubmedqa", args.model, dirs[WARMUP[0]], work / "ours_warmup", adapter_dir=args.adapter)
     out = {}
     for name, folder in dirs.items():
         if name == WARMUP[0]:
             continue
         started = time.perf_counter()
-        metrics = evaluate(config, name, args.model, folder, work / f"ours_{name}")
+        metrics = evaluate(config, name, args.model, folder, work / f"ours_{name}", adapter_dir=args.adapter)
         # The whole call (model load, outputs, plot, report included): lm-eval's timed part holds no model load.
         seconds = time.perf_counter() - started
         table = pd.read_parquet(work / f"ours_{name}" / "predictions.parquet")
@@ -149,7 +158,9 @@ def run_theirs(args: argparse.Namespace, dirs: dict[str, Path], work: Path) -> d
         (task_dir / f"{task}.yaml").write_text(TASK_YAML.format(task=task, jsonl=folder / "questions.jsonl"))
     job = work / "lmeval_job.json"
     result = work / "lmeval_result.json"
-    job.write_text(json.dumps({"model": str(args.model), "batch_size": args.batch_size, "task_dir": str(task_dir),
+    job.write_text(json.dumps({"model": str(args.model), "adapter": args.adapter and str(args.adapter),
+                               "dtype": args.dtype,
+                               "batch_size": args.batch_size, "task_dir": str(task_dir),
                                "tasks": TASKS, "result": str(result)}))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([args.lmeval_python, __file__, "--lmeval-driver", str(job)], check=True, env=env)
@@ -184,9 +195,17 @@ def versions(theirs: dict) -> dict:
             "lm_eval": theirs["version"], "torch_threads": torch.get_num_threads(), "lmeval_threads": theirs["threads"]}
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    """results/eval_vs_lmeval[_adapter][_bfloat16].json: each setting keeps its own result."""
+    return RESULTS / ("eval_vs_lmeval" + ("_adapter" if args.adapter else "")
+                      + ("_bfloat16" if args.dtype != "float32" else "") + ".json")
+
+
 def command(args: argparse.Namespace) -> str:
     """The command line, with this machine's paths replaced by placeholders."""
     return ("python bench/eval_vs_lmeval.py --model MODEL_DIR --data DATA_DIR --lmeval-python LMEVAL_PYTHON "
+            + ("--adapter ADAPTER_DIR " if args.adapter else "")
+            + (f"--dtype {args.dtype} " if args.dtype != "float32" else "") +
             f"--pubmedqa-n {args.pubmedqa_n} --mmlu-subjects {args.mmlu_subjects} "
             f"--mmlu-per-subject {args.mmlu_per_subject} --batch-size {args.batch_size}")
 
@@ -197,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         return lmeval_driver(args.lmeval_driver)
     if args.model is None or args.data is None or args.lmeval_python is None:
         sys.exit("--model, --data and --lmeval-python (or $LMEVAL_PYTHON) are required; see the module docstring")
+    args.out = args.out or default_out(args)
     with tempfile.TemporaryDirectory(prefix="eval_vs_lmeval_") as tmp:
         work = Path(tmp)
         dirs = subsets(args, work)
@@ -205,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     c = compare(ours, theirs)
     result = {
         "metric": f"scoring throughput, PubMedQA {args.pubmedqa_n} + MMLU 5-shot "
-                  f"{c['per_benchmark']['mmlu']['questions']} questions, {args.model.name}, float32, batch {args.batch_size}",
+                  f"{c['per_benchmark']['mmlu']['questions']} questions, {args.model.name}"
+                  f"{' + LoRA adapter' if args.adapter else ''}, {args.dtype}, batch {args.batch_size}",
         "unit": "questions/s",
         "peer": {"name": f"lm-evaluation-harness {theirs['version']} (HFLM)", "value": round(c["questions"] / c["theirs_s"], 3)},
         "ours": {"value": round(c["questions"] / c["ours_s"], 3)},

@@ -140,3 +140,20 @@ def test_format_scale(tmp_path):
     result = _bench("format_scale.py", tmp_path / "format.json", "--sizes", "50,200")
     assert [row["pqa_a_questions"] for row in result["scaling"]] == [50, 200], result["scaling"]
     assert result["quality"]["identical_rows"] is True, result["quality"]
+
+
+def test_eval_vs_lmeval_keeps_a_result_per_setting_and_says_how_it_ran():
+    # The scoring run itself needs lm-eval's own environment (see the module docstring).
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import eval_vs_lmeval as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    plain = bench.parse_args([])
+    expert = bench.parse_args(["--adapter", "ADAPTER", "--dtype", "bfloat16"])
+    assert bench.default_out(plain).name == "eval_vs_lmeval.json"
+    assert bench.default_out(bench.parse_args(["--adapter", "A"])).name == "eval_vs_lmeval_adapter.json"
+    assert bench.default_out(expert).name == "eval_vs_lmeval_adapter_bfloat16.json"
+    assert "--adapter" not in bench.command(plain) and "--dtype" not in bench.command(plain)
+    assert "--adapter ADAPTER_DIR --dtype bfloat16 " in bench.command(expert)
+
