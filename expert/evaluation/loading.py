@@ -59,11 +59,12 @@ def contiguous_head_input(model: torch.nn.Module) -> None:
     Scoring asks for the last positions' logits only (`logits_to_keep`), so the head gets
     hidden_states[:, -keep:, :] of a batch: a strided slice. torch.matmul folds such an input
     into one matrix product only while the weight requires grad; PEFT freezes the base, so
-    under an adapter it took the batched path instead, which on a CPU copied the whole
+    under an adapter it took the batched path instead, which in bf16 on a CPU copied the whole
     vocabulary matrix once per row of the batch (8 x 49,152 x 576 for SmolLM2) on every
-    forward. That was 0.5 of 2.1 s a forward of 8 x 400 tokens, and made the expert's PubMedQA
-    evaluation 1.5x the quantized base's (127 vs 82 s, default pipeline, 2 threads). Copying
-    the few kept rows instead costs nothing measurable; the logits were the same to the bit.
+    forward: the head took 535 ms instead of 4 (float32: 25 instead of 10). That made the
+    expert's PubMedQA evaluation 1.5x the quantized base's (127 vs 82 s, default pipeline, 2
+    threads). Copying the few kept rows costs nothing measurable; the logits were the same to
+    the bit (bench/README, eval_vs_lmeval.py).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
