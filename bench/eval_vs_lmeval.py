@@ -15,7 +15,8 @@ project does not need:
 FORMATTED_DATA_DIR holds pubmedqa/test.parquet and mmlu/test.parquet (the data stage's
 output). With `--adapter ADAPTER_DIR` both sides score through that LoRA adapter (PEFT), as the
 pipeline scores the expert (lm-eval: HFLM's `peft=`), and with `--dtype bfloat16` in bf16, as the
-pipeline scores on a CPU with native bf16 matmuls; the result file's name then says so. The result, bench/results/eval_vs_lmeval.json, gives questions per second of
+pipeline scores on a CPU with native bf16 matmuls. The result, bench/results/eval_vs_lmeval.json
+(eval_vs_lmeval_adapter.json, ..._bfloat16.json with those options), gives questions per second of
 both (ours: the whole `evaluate` call, model load included; lm-eval: `simple_evaluate` on an
 already loaded model; ratio > 1 means ours is faster), per benchmark,
 and the quality check: how many predictions are identical and the largest difference in

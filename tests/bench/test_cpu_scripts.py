@@ -156,4 +156,3 @@ def test_eval_vs_lmeval_keeps_a_result_per_setting_and_says_how_it_ran():
     assert bench.default_out(expert).name == "eval_vs_lmeval_adapter_bfloat16.json"
     assert "--adapter" not in bench.command(plain) and "--dtype" not in bench.command(plain)
     assert "--adapter ADAPTER_DIR --dtype bfloat16 " in bench.command(expert)
-

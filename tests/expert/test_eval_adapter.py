@@ -55,8 +55,8 @@ def test_prefix_cache_through_an_adapter_equals_uncached(llama_dir, tmp_path):
 
 
 def test_the_output_head_gets_a_contiguous_input_under_an_adapter(llama_dir, tmp_path):
-    # A strided input with a frozen weight sends torch.matmul down its batched path, which on a
-    # CPU copies the vocabulary matrix per row (see loading.contiguous_head_input).
+    # A strided input with a frozen weight sends torch.matmul down its batched path, which in bf16
+    # on a CPU copies the vocabulary matrix per row (see loading.contiguous_head_input).
     trained = load_model(llama_dir, save_adapter(llama_dir, tmp_path / "trained", 0.05), device="cpu",
                          dtype="float32")
     head = trained.model.get_output_embeddings()
