@@ -138,7 +138,7 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
             log.warning("gptqmodel could not download CUTLASS for its Machete kernel (%s); EXPERT retries "
                         "with GPTQMODEL_OFFLINE=1, so that gptqmodel picks another kernel. To use Machete, "
                         "set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout, or run once online (it is "
-                        "then cached under ~/.cache/gptqmodel)", exc)
+                        "then cached in GPTQMODEL_CACHE_DIR, by default ~/.cache/gptqmodel)", exc)
             # For the rest of the process: later loads must not wait on the network again.
             os.environ["GPTQMODEL_OFFLINE"] = "1"
             model = from_pretrained()
