@@ -21,10 +21,8 @@ A model folder is one of
      inference-only layout on the first eval forward under no_grad; later training forwards
      give no gradient. We switch that repacking off for nf4 models, always (see `_nf4_safe`).
 
-GPTQ loads never wait on the network for gptqmodel's Machete kernel (Hopper GPUs), whose check
-downloads CUTLASS: offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) sets GPTQMODEL_OFFLINE=1, and
-a failed download retries the load once with it, so gptqmodel picks another kernel (see
-`_gptqmodel_network_error`).
+GPTQ inference on a Hopper GPU without the CUTLASS sources that gptqmodel's Machete kernel is
+built from takes the next kernel instead of failing the load (see `expert.gptq_kernel`).
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +38,7 @@ import torch
 
 from expert.artifacts import file_digest
 from expert.errors import ConfigError, ModelError
+from expert.gptq_kernel import inference_backend
 
 log = logging.getLogger(__name__)
 
@@ -116,32 +114,14 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     dense_cache = False
     if kind == "gptq":
         dense_cache = not training and _gptq_dense_cache_fits(base, torch_device, kwargs["dtype"])
-        kwargs["quantization_config"] = _gptq_loading_config(base, torch_device, training, dense_cache)
+        kwargs["quantization_config"] = _gptq_loading_config(base, torch_device, kwargs["dtype"], training,
+                                                             dense_cache)
     elif kind == "nf4":
         kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
     trusted = remote_code_trusted(base)
-    if kind == "gptq" and (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")):
-        # Declared offline: gptqmodel must not try its CUTLASS download (urlopen without a
-        # timeout hangs behind a firewall that drops packets). A user's own value wins.
-        os.environ.setdefault("GPTQMODEL_OFFLINE", "1")
-
-    def from_pretrained():
-        with _eager_gptq_dequant(kind == "gptq" and torch_device.type == "cpu"), _gptq_weight_cache(dense_cache):
-            return AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
-
     try:
-        try:
-            model = from_pretrained()
-        except OSError as exc:
-            if kind != "gptq" or _env_true("GPTQMODEL_OFFLINE") or not _gptqmodel_network_error(exc):
-                raise
-            log.warning("gptqmodel could not download CUTLASS for its Machete kernel (%s); EXPERT retries "
-                        "with GPTQMODEL_OFFLINE=1, so that gptqmodel picks another kernel. To use Machete, "
-                        "set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout, or run once online (it is "
-                        "then cached in GPTQMODEL_CACHE_DIR, by default ~/.cache/gptqmodel)", exc)
-            # For the rest of the process: later loads must not wait on the network again.
-            os.environ["GPTQMODEL_OFFLINE"] = "1"
-            model = from_pretrained()
+        with _eager_gptq_dequant(kind == "gptq" and torch_device.type == "cpu"), _gptq_weight_cache(dense_cache):
+            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -283,13 +263,15 @@ def _config_json(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _gptq_loading_config(model_dir: Path, device: torch.device, training: bool, dense_cache: bool = False):
+def _gptq_loading_config(model_dir: Path, device: torch.device, dtype: torch.dtype, training: bool,
+                         dense_cache: bool = False):
     """A GPTQConfig carrying only loading options: transformers merges them into the stored config.
 
     For training, gptqmodel's plain torch kernel on the CPU (TorchAtenLinear, picked by "auto",
     latches into inference mode, see the module docstring; "auto_trainable" still picks it), and
     a trainable kernel on a GPU. For inference, gptqmodel's fastest kernel ("auto"), except on a
-    CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`).
+    CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`), and on a
+    Hopper GPU without Machete's sources (`expert.gptq_kernel`).
     """
     from transformers import GPTQConfig
 
@@ -301,33 +283,9 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, training: bool, 
         # "auto" picks the int4 ATen kernel for any 4-bit model, which then fails on the first
         # forward for group sizes it lacks: take the plain torch kernel instead.
         backend = "gptq_torch"
+    else:
+        backend = inference_backend(stored, device, dtype)
     return GPTQConfig(bits=stored["bits"], backend=backend)
-
-
-def _env_true(name: str) -> bool:
-    """An environment flag read as huggingface_hub reads HF_HUB_OFFLINE."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _gptqmodel_network_error(exc: OSError) -> bool:
-    """Whether `exc` is a network error raised inside gptqmodel: its kernel check for Machete
-    (gptqmodel 7.6) downloads CUTLASS outside the try that turns a failure into "kernel
-    unavailable", so a URLError escapes from_pretrained. With GPTQMODEL_OFFLINE=1 the same check
-    fails softly."""
-    import urllib.error
-
-    package = sys.modules.get("gptqmodel")
-    if not isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
-        return False  # a disk's error, say: retrying would not help
-    if package is None or not getattr(package, "__file__", None):
-        return False
-    root = os.path.realpath(os.path.dirname(package.__file__)) + os.sep
-    tb = exc.__traceback__
-    while tb is not None:
-        if os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(root):
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _aten_int4_fits(stored: dict[str, Any]) -> bool:

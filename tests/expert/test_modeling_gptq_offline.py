@@ -1,6 +1,7 @@
-"""GPTQ loads without internet: gptqmodel 7.6 checks its Machete kernel (Hopper GPUs) by
-downloading CUTLASS outside the try that turns a failure into "kernel unavailable", so a
-URLError escaped from_pretrained. These tests replay that check on the CPU, with no network."""
+"""GPTQ inference on a Hopper GPU without internet: gptqmodel's "auto" picks Machete, whose
+CUTLASS sources are downloaded in the layers' post_init, after the choice; offline that fails the
+whole load (found on an H100). These tests replay gptqmodel's real CUTLASS lookup on the CPU with
+an empty cache and a network that cannot resolve names, and a Hopper GPU said to be present."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import os
 import urllib.error
 
 import pytest
-from transformers import AutoModelForCausalLM
+import torch
 
-from expert.modeling import load_model
+from expert import gptq_kernel
+from expert.modeling import _gptq_loading_config, load_model
 from tests.expert.quantize_fixtures import tiny_setup
+
+CUDA = torch.device("cuda")
 
 
 @pytest.fixture(scope="module")
@@ -21,78 +25,102 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture
-def machete(monkeypatch, tmp_path):
-    """gptqmodel's real CUTLASS lookup, with an empty cache and a network that cannot resolve names;
-    from_pretrained runs it first, as gptqmodel's kernel selection does on a Hopper GPU."""
+def hopper(monkeypatch, tmp_path):
+    """A Hopper GPU as gptqmodel's device check sees it, no CUTLASS on disk, no network, and a
+    kernel check that takes the named CUDA kernels (the CPU has none)."""
+    from gptqmodel.utils import importer
     from gptqmodel.utils import machete as module
 
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GPTQMODEL_CUTLASS_DIR"):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GPTQMODEL_CUTLASS_DIR",
+                 "GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY"):
         monkeypatch.delenv(name, raising=False)
-    # The loader sets GPTQMODEL_OFFLINE in os.environ: setenv first, so that it is undone after.
+    # The loader may set GPTQMODEL_OFFLINE in os.environ: setenv first, so that it is undone after.
     monkeypatch.setenv("GPTQMODEL_OFFLINE", "0")
     monkeypatch.delenv("GPTQMODEL_OFFLINE")
     monkeypatch.setenv("GPTQMODEL_CACHE_DIR", str(tmp_path / "gptqmodel-cache"))
     monkeypatch.setattr(module, "_repo_local_cutlass_root", lambda: tmp_path / "no-cutlass")
-    urls = []
+    monkeypatch.setattr(module, "_validate_machete_device_support", lambda device=None: device.type == "cuda")
+    monkeypatch.setattr(gptq_kernel, "_missing_sources", {})
+    urls, asked = [], []
 
     def urlopen(url, *args, **kwargs):
         urls.append(url)
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
+    fits = {"gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_torch"}
+
+    real = importer.select_quant_linear
+
+    def select_quant_linear(*args, **kwargs):
+        if args or kwargs.get("device") != CUDA:  # gptqmodel's own choice on the CPU
+            return real(*args, **kwargs)
+        asked.append(kwargs["backend"])
+        if kwargs["backend"] not in fits:
+            raise ValueError(f"{kwargs['backend']} does not fit")
+
     monkeypatch.setattr(module.urllib.request, "urlopen", urlopen)
-    real = AutoModelForCausalLM.from_pretrained
-    calls = []
-
-    def from_pretrained(*args, **kwargs):
-        calls.append(args)
-        try:
-            module._ensure_cutlass_source()
-        except RuntimeError:  # Machete unavailable: gptqmodel falls back to another kernel
-            pass
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    return {"urls": urls, "calls": calls, "patch": monkeypatch}
+    monkeypatch.setattr(importer, "select_quant_linear", select_quant_linear)
+    return {"urls": urls, "asked": asked, "fits": fits, "patch": monkeypatch, "machete": module}
 
 
-def test_a_failed_cutlass_download_retries_offline(setup, machete, caplog):
-    with caplog.at_level(logging.WARNING, logger="expert.modeling"):
-        model, _ = load_model(setup.gptq, device="cpu")
-    assert model is not None
-    assert len(machete["urls"]) == 1 and len(machete["calls"]) == 2
-    assert os.environ.get("GPTQMODEL_OFFLINE") == "1"
-    (record,) = [r for r in caplog.records if r.name == "expert.modeling" and r.levelno == logging.WARNING]
+def backend(setup, device=CUDA, training=False):
+    return _gptq_loading_config(setup.gptq, device, torch.float16, training).backend
+
+
+def test_a_failed_cutlass_download_takes_the_next_kernel_and_says_how_to_get_machete(setup, hopper, caplog):
+    with caplog.at_level(logging.WARNING, logger="expert.gptq_kernel"):
+        assert backend(setup) == "gptq_marlin"
+    assert len(hopper["urls"]) == 1
+    (record,) = [r for r in caplog.records if r.name == "expert.gptq_kernel"]
     message = record.getMessage()
-    assert "CUTLASS" in message and "name resolution" in message and "GPTQMODEL_CUTLASS_DIR" in message
+    assert "name resolution" in message and "gptq_marlin" in message
+    assert "GPTQMODEL_CUTLASS_DIR" in message and "GPTQMODEL_CACHE_DIR" in message
     # Later loads in the process do not try the network again.
-    load_model(setup.gptq, device="cpu")
-    assert len(machete["urls"]) == 1
+    assert backend(setup) == "gptq_marlin"
+    assert len(hopper["urls"]) == 1
+
+
+def test_the_next_kernel_is_the_first_that_fits_the_model(setup, hopper):
+    hopper["fits"].discard("gptq_marlin")
+    assert backend(setup) == "gptq_exllama_v2"
+    assert hopper["asked"] == ["gptq_marlin", "gptq_exllama_v2"]
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
-def test_declared_offline_never_tries_the_network(setup, machete, variable):
-    machete["patch"].setenv(variable, "True")
-    load_model(setup.gptq, device="cpu")
-    assert machete["urls"] == [] and len(machete["calls"]) == 1
+def test_declared_offline_never_tries_the_network(setup, hopper, variable):
+    hopper["patch"].setenv(variable, "True")
+    assert backend(setup) == "gptq_marlin"
+    assert hopper["urls"] == []
     assert os.environ.get("GPTQMODEL_OFFLINE") == "1"
 
 
-def test_a_users_gptqmodel_offline_value_wins(setup, machete):
-    machete["patch"].setenv("HF_HUB_OFFLINE", "1")
-    machete["patch"].setenv("GPTQMODEL_OFFLINE", "no")
-    load_model(setup.gptq, device="cpu")  # downloads, fails, retries with GPTQMODEL_OFFLINE=1
-    assert len(machete["urls"]) == 1 and len(machete["calls"]) == 2
-    assert os.environ.get("GPTQMODEL_OFFLINE") == "1"
+def test_a_users_gptqmodel_offline_value_wins(setup, hopper):
+    hopper["patch"].setenv("HF_HUB_OFFLINE", "1")
+    hopper["patch"].setenv("GPTQMODEL_OFFLINE", "no")
+    assert backend(setup) == "gptq_marlin"  # downloads, and fails
+    assert len(hopper["urls"]) == 1 and os.environ["GPTQMODEL_OFFLINE"] == "no"
 
 
-def test_other_os_errors_propagate(setup, machete, monkeypatch):
-    calls = []
+def test_cutlass_at_hand_keeps_auto(setup, hopper, tmp_path):
+    hopper["patch"].setattr(hopper["machete"], "_ensure_cutlass_source", lambda: tmp_path)
+    assert backend(setup) == "auto"
+    assert hopper["asked"] == []
 
-    def broken(*args, **kwargs):
-        calls.append(args)
-        raise OSError("disk gone")
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
-    with pytest.raises(OSError, match="disk gone"):
-        load_model(setup.gptq, device="cpu")
-    assert len(calls) == 1 and "GPTQMODEL_OFFLINE" not in os.environ
+def test_a_prebuilt_machete_keeps_auto_without_looking_for_sources(setup, hopper, tmp_path):
+    hopper["patch"].setenv("GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY", str(tmp_path / "machete.so"))
+    assert backend(setup) == "auto"
+    assert hopper["urls"] == []
+
+
+def test_gpus_without_machete_cpus_and_training_never_look_for_cutlass(setup, hopper):
+    hopper["patch"].setattr(hopper["machete"], "_validate_machete_device_support", lambda device=None: False)
+    assert backend(setup) == "auto"  # an A100, say: auto picks Marlin itself
+    assert backend(setup, training=True) == "auto_trainable"
+    assert hopper["urls"] == [] and hopper["asked"] == []
+
+
+def test_a_cpu_load_is_untouched(setup, hopper):
+    model, _ = load_model(setup.gptq, device="cpu")
+    assert model is not None
+    assert hopper["urls"] == [] and hopper["asked"] == []
