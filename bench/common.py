@@ -94,11 +94,19 @@ class ChildFailed(SystemExit):
         self.proc = proc
 
 
-def run_child(cmd: list[str], what: str, **run_kwargs) -> tuple[dict, subprocess.CompletedProcess]:
+def run_child(cmd: list[str], what: str, log: Path | None = None,
+              **run_kwargs) -> tuple[dict, subprocess.CompletedProcess]:
     """Run a child benchmark process; its result, or ChildFailed (a SystemExit) with its stderr's
-    tail when it has none."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, **run_kwargs)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_TAG)]
+    tail when it has none. With `log`, all the child prints goes to that file as it is printed
+    (stderr into stdout), not into memory: a run killed from outside keeps it."""
+    if log is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True, **run_kwargs)
+        stdout, stderr = proc.stdout, proc.stderr
+    else:
+        with open(log, "w") as handle:
+            proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, text=True, **run_kwargs)
+        stdout = stderr = Path(log).read_text(errors="replace")
+    lines = [line for line in stdout.splitlines() if line.startswith(_TAG)]
     if proc.returncode != 0 or not lines:
-        raise ChildFailed(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}", proc)
+        raise ChildFailed(f"{what} failed (exit {proc.returncode}):\n{stderr[-4000:]}", proc)
     return json.loads(lines[-1][len(_TAG):]), proc

@@ -817,29 +817,28 @@ def _gptq_train(args, work: Path, model_dir: Path, out: Path, env: dict) -> dict
     return _gptq_process(cmd, "train", out, args.gptq_timeout, env)
 
 
+_STARTED = time.perf_counter()
+
+
+def _phase(message: str) -> None:
+    """A line in a child's log, with the seconds since it started: where it was if it was killed."""
+    print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", flush=True)
+
+
 def _gptq_process(cmd: list[str], name: str, out: Path, timeout: int, env: dict) -> dict:
     """One GPTQ child process: its result, or {"error"} when it failed or ran out of time (one side
-    failing must not lose the others' numbers); its output goes to out/gptq_NAME.log either way."""
+    failing must not lose the others' numbers). All it prints goes to out/gptq_NAME.log as it is
+    printed: a call the device machine ends mid-child still brings back where it was (an H100
+    call ended inside the training check's inference load once, and nothing of it came back)."""
     import subprocess
 
     log = out / f"gptq_{name}.log"
     try:
-        result, proc = run_child(cmd, f"gptq {name}", timeout=timeout, env=env)
-        log.write_text(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
-        return result
-    except subprocess.TimeoutExpired as late:
-        log.write_text(_text(late.stdout)[-20000:] + "\n--- stderr\n" + _text(late.stderr)[-20000:])
-        return {"error": f"did not finish in {timeout} s"}
+        return run_child(cmd, f"gptq {name}", log=log, timeout=timeout, env=env)[0]
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout} s (its log: {log.name})"}
     except SystemExit as failed:
-        # The whole output goes to the log: the error's tail alone once hid where a child failed
-        # (gpu_h100_2026-11-27d.json: a URLError, but from which load?)
-        proc = getattr(failed, "proc", None)
-        log.write_text(str(failed) if proc is None else proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
         return {"error": str(failed)[-600:]}
-
-
-def _text(output) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def _save_gptq_base(folder: Path, size: str, layers: int, device, dtype: torch.dtype) -> None:
@@ -966,11 +965,13 @@ def _gptq_train_child(args) -> dict:
                        or type(m).__name__ == "Linear4bit"})
 
     def train_on(model_dir: Path, resume: bool = False, compile: bool = False) -> dict:
+        _phase(f"loading {model_dir.name} for training (compile {compile})")
         _sync(device)
         started = time.perf_counter()
         model, _ = load_model(model_dir, training=True, device=device.type)
         load_s = time.perf_counter() - started
         kernels = quantized_kernels(model)
+        _phase(f"loaded in {load_s:.1f} s: {kernels}")
         torch.manual_seed(0)
         model = attach_lora(model, config.model_copy(update={"compile": compile}))
         model.train()
@@ -1003,11 +1004,14 @@ def _gptq_train_child(args) -> dict:
 
     row = {"pcre_shim": shim, "gptqmodel": gptqmodel.__version__, "train_examples": len(examples),
            "gptq": train_on(quantized, resume=True)}
+    _phase("trained: " + json.dumps(row))
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     # The evaluation's load: gptqmodel's fastest inference kernel, no autocast (eval.dtype).
+    _phase("loading for inference (a kernel may be built here)")
     model, _ = load_model(quantized, device=device.type)
+    _phase(f"loaded for inference: {quantized_kernels(model)}")
     with torch.no_grad():
         loss = float(answer_loss_sum(model, shared, device) / labelled)
     rng = random.Random(4)

@@ -156,3 +156,19 @@ def test_eval_vs_lmeval_keeps_a_result_per_setting_and_says_how_it_ran():
     assert bench.default_out(expert).name == "eval_vs_lmeval_adapter_bfloat16.json"
     assert "--adapter" not in bench.command(plain) and "--dtype" not in bench.command(plain)
     assert "--adapter ADAPTER_DIR --dtype bfloat16 " in bench.command(expert)
+
+
+def test_a_child_killed_for_time_leaves_what_it_printed_in_its_log(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from common import ChildFailed, run_child
+
+    log = tmp_path / "child.log"
+    script = "import sys, time; print('loaded', flush=True); print('warn', file=sys.stderr, flush=True); time.sleep(60)"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([sys.executable, "-c", script], "sleeper", log=log, timeout=5)
+    assert log.read_text().split() == ["loaded", "warn"]
+    # A failed child's message carries the log's tail; a good one's result comes back as before.
+    with pytest.raises(ChildFailed, match="boom"):
+        run_child([sys.executable, "-c", "raise SystemExit('boom')"], "failing", log=log)
+    result, _ = run_child([sys.executable, "-c", "print('RESULT {\"x\": 1}')"], "good", log=log)
+    assert result == {"x": 1}

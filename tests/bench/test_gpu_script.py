@@ -99,6 +99,9 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert gptq["checkpoint_identical_tensors"]["identical"] == same_count(gptq), gptq
     assert gptq["checkpoint_disk_mib"] > 0 and gptq["checkpoint_time_ratio"] > 0, gptq
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log", "gptq_train.log"}
+    # The training check's log says where it was, phase by phase (a killed call keeps it).
+    phases = (tmp_path / "gptq_train.log").read_text()
+    assert "trained: {" in phases and "loaded for inference: ['TorchAtenLinear']" in phases, phases[-2000:]
 
     # Ours' GPTQ output trained and scored as the pipeline does, beside an NF4 base of the same weights.
     assert gptq["base_dtype"] == "float16"  # the 33B preset's LLaMA checkpoint
