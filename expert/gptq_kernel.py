@@ -7,14 +7,16 @@ GPTQMODEL_OFFLINE=1 only turns the download into a RuntimeError there; the choic
 (Both found on an H100 without internet: the evaluation of any GPTQ model died.)
 
 So before a GPU load EXPERT gets the sources itself, as gptqmodel would (its cache,
-GPTQMODEL_CUTLASS_DIR, or the download), and when they cannot be had it names the kernel "auto"
-would take after Machete, with a warning that says how to get Machete back.
+GPTQMODEL_CUTLASS_DIR, or the download, here with a timeout), and when they cannot be had it names
+the kernel "auto" would take after Machete, with a warning that says how to get Machete back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 from typing import Any
 
 import torch
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 AFTER_MACHETE = ("gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_torch")
 # Per process: why the CUTLASS sources could not be had, so that later loads do not try again.
 _missing_sources: dict[str, str] = {}
+# gptqmodel downloads with urlopen and no timeout: behind a firewall that drops packets it would
+# wait forever. A stalled connect or read fails after this many seconds instead.
+NETWORK_TIMEOUT_S = 60
 
 
 def declared_offline() -> bool:
@@ -73,11 +78,24 @@ def _cutlass_missing() -> str | None:
     from gptqmodel.utils import machete
 
     try:
-        machete._ensure_cutlass_source()
+        with _socket_timeout(NETWORK_TIMEOUT_S):
+            machete._ensure_cutlass_source()
     except Exception as exc:  # URLError, offline RuntimeError, a bad GPTQMODEL_CUTLASS_DIR
         _missing_sources["cutlass"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         return _missing_sources["cutlass"]
     return None
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """Sockets opened without a timeout of their own get `seconds`, unless one is already set."""
+    before = socket.getdefaulttimeout()
+    if before is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
 
 
 def _kernel_fits(backend: str, stored: dict[str, Any], device: torch.device, dtype: torch.dtype) -> bool:
