@@ -32,11 +32,6 @@ _missing_sources: dict[str, str] = {}
 NETWORK_TIMEOUT_S = 60
 
 
-def declared_offline() -> bool:
-    """Whether the user said this machine is offline, as huggingface_hub reads it."""
-    return any(_env_true(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def inference_backend(stored: dict[str, Any], device: torch.device, dtype: torch.dtype) -> str:
     """"auto", or the kernel after Machete when Machete would be picked without its sources.
 
@@ -71,7 +66,9 @@ def _cutlass_missing() -> str | None:
     """None when gptqmodel finds the CUTLASS sources (fetching them if it may), else why not."""
     if "cutlass" in _missing_sources:
         return _missing_sources["cutlass"]
-    if declared_offline():
+    from huggingface_hub import is_offline_mode  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
+
+    if is_offline_mode():
         # gptqmodel's download (urlopen, no timeout) would hang behind a firewall that drops
         # packets: with this it only looks on disk. A user's own value wins.
         os.environ.setdefault("GPTQMODEL_OFFLINE", "1")
@@ -109,8 +106,3 @@ def _kernel_fits(backend: str, stored: dict[str, Any], device: torch.device, dty
     except (ValueError, NotImplementedError, ImportError, RuntimeError):
         return False
     return True
-
-
-def _env_true(name: str) -> bool:
-    """An environment flag read as huggingface_hub reads HF_HUB_OFFLINE."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

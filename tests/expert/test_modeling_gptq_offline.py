@@ -32,8 +32,10 @@ def hopper(monkeypatch, tmp_path):
     from gptqmodel.utils import importer
     from gptqmodel.utils import machete as module
 
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GPTQMODEL_CUTLASS_DIR",
-                 "GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY"):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("GPTQMODEL_CUTLASS_DIR", "GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY"):
         monkeypatch.delenv(name, raising=False)
     # The loader may set GPTQMODEL_OFFLINE in os.environ: setenv first, so that it is undone after.
     monkeypatch.setenv("GPTQMODEL_OFFLINE", "0")
@@ -64,6 +66,13 @@ def hopper(monkeypatch, tmp_path):
     return {"urls": urls, "asked": asked, "fits": fits, "patch": monkeypatch, "machete": module}
 
 
+def declare_offline(hopper):
+    """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1), as huggingface_hub read it at import."""
+    import huggingface_hub.constants
+
+    hopper["patch"].setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 def backend(setup, device=CUDA, training=False):
     return _gptq_loading_config(setup.gptq, device, torch.float16, training).backend
 
@@ -89,16 +98,15 @@ def test_the_next_kernel_is_the_first_that_fits_the_model(setup, hopper):
     assert hopper["asked"] == ["gptq_marlin", "gptq_exllama_v2"]
 
 
-@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
-def test_declared_offline_never_tries_the_network(setup, hopper, variable):
-    hopper["patch"].setenv(variable, "True")
+def test_declared_offline_never_tries_the_network(setup, hopper):
+    declare_offline(hopper)
     assert backend(setup) == "gptq_marlin"
     assert hopper["urls"] == []
     assert os.environ.get("GPTQMODEL_OFFLINE") == "1"
 
 
 def test_a_users_gptqmodel_offline_value_wins(setup, hopper):
-    hopper["patch"].setenv("HF_HUB_OFFLINE", "1")
+    declare_offline(hopper)
     hopper["patch"].setenv("GPTQMODEL_OFFLINE", "no")
     assert backend(setup) == "gptq_marlin"  # downloads, and fails
     assert len(hopper["urls"]) == 1 and os.environ["GPTQMODEL_OFFLINE"] == "no"
