@@ -216,6 +216,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-checkpoint", action="store_true",
                    help="also run ours with the quantize stage's layer checkpoints (side ours-checkpoint, last): "
                         "their time against ours, their disk use, and the same tensors")
+    p.add_argument("--gptq-eval-kernels", default="triton,auto",
+                   help="eval.gptq_kernel values the GPTQ training check loads its model with for inference, "
+                        "comma-separated: the first for the evaluation checks, each other one timed at the end "
+                        "(load, which may build the kernel, and scoring). Default: triton (no build), then auto "
+                        "(Machete, or Marlin without the CUTLASS sources)")
     p.add_argument("--gptq-child", choices=("ours", "peer", "train"), help=argparse.SUPPRESS)
     p.add_argument("--gptq-work", help=argparse.SUPPRESS)
     p.add_argument("--gptq-base", help=argparse.SUPPRESS)
@@ -813,6 +818,7 @@ def _gptq_train(args, work: Path, model_dir: Path, out: Path, env: dict) -> dict
     """Ours' GPTQ output trained and scored as the pipeline would (`_gptq_train_child`)."""
     cmd = [sys.executable, __file__, "--out", str(work / "train"), "--gptq-child", "train", "--gptq-model",
            str(work / "ours"), "--gptq-base", str(model_dir), "--lengths", args.lengths] \
+        + ["--gptq-eval-kernels", args.gptq_eval_kernels] \
         + (["--smoke"] if args.smoke else []) + (["--gptq-train-compile"] if args.gptq_train_compile else [])
     return _gptq_process(cmd, "train", out, args.gptq_timeout, env)
 
@@ -1008,28 +1014,49 @@ def _gptq_train_child(args) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # The evaluation's load: gptqmodel's fastest inference kernel, no autocast (eval.dtype).
-    _phase("loading for inference (a kernel may be built here)")
-    model, _ = load_model(quantized, device=device.type)
-    _phase(f"loaded for inference: {quantized_kernels(model)}")
-    with torch.no_grad():
-        loss = float(answer_loss_sum(model, shared, device) / labelled)
+    # The evaluation's loads, one per kernel of --gptq-eval-kernels (eval.gptq_kernel), no autocast
+    # (eval.dtype). The first carries the checks below; the others are timed at the end, since a
+    # kernel's first load may build it (Marlin's build: untimed, over 280 s once) and must not
+    # starve the rest. Each prints its numbers as it ends: a call cut short keeps them in the log.
     rng = random.Random(4)
     prefix = [rng.randrange(3, vocab) for _ in range(48 if args.smoke else 600)]
     questions = [Question(prefix + [rng.randrange(3, vocab) for _ in range(rng.randrange(5, 40))],
-                          [[3], [4], [5], [6]]) for _ in range(8)]
-    cached = score_questions(model, questions, max_length=2048, groups=[list(range(len(questions)))])
+                          [[3], [4], [5], [6]]) for _ in range(8 if args.smoke else 32)]
+    kernels_wanted = args.gptq_eval_kernels.split(",")
+
+    def infer_with(kernel: str) -> tuple[dict, object, list]:
+        _phase(f"loading for inference with gptq_kernel {kernel} (a kernel may be built here)")
+        _sync(device)
+        started = time.perf_counter()
+        model, _ = load_model(quantized, device=device.type, gptq_kernel=kernel)
+        load_s = time.perf_counter() - started
+        _phase(f"loaded for inference in {load_s:.1f} s: {quantized_kernels(model)}")
+        with torch.no_grad():
+            loss = float(answer_loss_sum(model, shared, device) / labelled)
+        times, cached = [], None
+        for _ in range(2):  # the first pass pays one-off work (Triton's JIT, autotuning, allocation)
+            _sync(device)
+            started = time.perf_counter()
+            cached = score_questions(model, questions, max_length=2048, groups=[list(range(len(questions)))])
+            _sync(device)
+            times.append(time.perf_counter() - started)
+        info = {"gptq_kernel": kernel, "kernels": quantized_kernels(model), "load_seconds": round(load_s, 1),
+                "loss": round(loss, 4), "loss_vs_training_kernel": round(loss - row["gptq"]["initial_loss"], 4),
+                "first_scoring_seconds": round(times[0], 3), "questions_per_s": round(len(questions) / times[1], 1),
+                "questions": len(questions)}
+        _phase(f"inference with {kernel}: " + json.dumps(info))
+        return info, model, cached
+
+    row["eval"], model, cached = infer_with(kernels_wanted[0])
     plain = score_questions(model, questions, max_length=2048)
-    row["eval"] = {"kernels": quantized_kernels(model), "loss": round(loss, 4),
-                   "loss_vs_training_kernel": round(loss - row["gptq"]["initial_loss"], 4),
-                   "prefix_cache_same_predictions": sum(_argmax(a) == _argmax(b) for a, b in zip(cached, plain)),
-                   "prefix_cache_max_diff": max(abs(x - y) for a, b in zip(cached, plain) for x, y in zip(a, b)),
-                   "questions": len(questions)}
+    row["eval"].update({
+        "prefix_cache_same_predictions": sum(_argmax(a) == _argmax(b) for a, b in zip(cached, plain)),
+        "prefix_cache_max_diff": max(abs(x - y) for a, b in zip(cached, plain) for x, y in zip(a, b))})
     del model
     # The expert's evaluation: the checkpoint's adapter on the inference kernel (PEFT wraps
     # gptqmodel's layer), which must give the loss the trained model gave, not the base's.
     checkpoint = Path(row["gptq"]["resume"].pop("checkpoint"))  # (a temporary folder: not for the result)
-    model, _ = load_model(quantized, adapter_dir=checkpoint, device=device.type)
+    model, _ = load_model(quantized, adapter_dir=checkpoint, device=device.type, gptq_kernel=kernels_wanted[0])
     with torch.no_grad():
         adapted = float(answer_loss_sum(model, shared, device) / labelled)
     row["eval"]["adapter"] = {"loss": round(adapted, 4), "lora_layers": sum(1 for m in model.modules()
@@ -1051,6 +1078,20 @@ def _gptq_train_child(args) -> dict:
     write_record(QuantizeConfig(method="nf4"), base, nf4)
     row["nf4"] = train_on(nf4)
     row["gptq_vs_nf4_tokens_per_s"] = round(row["gptq"]["tokens_per_s"] / row["nf4"]["tokens_per_s"], 2)
+    _phase("nf4 trained: " + json.dumps(row["nf4"]))
+
+    for kernel in kernels_wanted[1:]:  # the other inference kernels, against the first one's predictions
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            info, model, scores = infer_with(kernel)
+        except Exception as exc:  # a kernel that cannot load or build here: said, and the rest kept
+            info = {"gptq_kernel": kernel, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            _phase(f"inference with {kernel} failed: {info['error']}")
+        else:
+            info["same_predictions_as_first"] = sum(_argmax(a) == _argmax(b) for a, b in zip(scores, cached))
+            del model
+        row.setdefault("eval_other_kernels", []).append(info)
     return row
 
 

@@ -1,4 +1,8 @@
-"""Which gptqmodel kernel serves a GPTQ model's inference on a CUDA GPU, when "auto" cannot.
+"""Which gptqmodel kernel serves a GPTQ model: the one the user named, or "auto" where it can.
+
+A user may name the kernel (eval.gptq_kernel, train.gptq_kernel; `chosen_backend`): it is checked
+against the model and device before the load, and one that cannot run there fails with the
+kernels that can, instead of gptqmodel's error from deep inside the load.
 
 gptqmodel's "auto" choice takes its Machete kernel on a Hopper GPU (H100, H200). Machete is
 JIT-built from the CUTLASS sources, which gptqmodel downloads from GitHub while the model loads:
@@ -16,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
-from typing import Any
+from typing import Any, get_args
 
 import torch
+
+from expert.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,9 @@ log = logging.getLogger(__name__)
 AFTER_MACHETE = ("gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_torch")
 # Per process: why the CUTLASS sources could not be had, so that later loads do not try again.
 _missing_sources: dict[str, str] = {}
+# aten::_weight_int4pack_mm_for_cpu: "expect qGroupSize to be 32, 64, 128 or 256". gptqmodel's
+# TorchAtenLinear accepts other sizes, and fails on the first forward.
+_ATEN_INT4_GROUP_SIZES = (32, 64, 128, 256)
 # gptqmodel downloads with urlopen and no timeout: behind a firewall that drops packets it would
 # wait forever. A stalled connect or read fails after this many seconds instead.
 NETWORK_TIMEOUT_S = 60
@@ -47,8 +57,51 @@ def inference_backend(stored: dict[str, Any], device: torch.device, dtype: torch
                 "which could not be had (%s); EXPERT loads the GPTQ model with %s instead. To use "
                 "Machete, set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout, or load once online "
                 "(gptqmodel then caches the sources in GPTQMODEL_CACHE_DIR, by default "
-                "~/.cache/gptqmodel)", reason, backend)
+                "~/.cache/gptqmodel). To choose the kernel yourself, set eval.gptq_kernel (triton needs no "
+                "extension build)", reason, backend)
     return backend
+
+
+def chosen_backend(kernel: str, stored: dict[str, Any], device: torch.device, training: bool,
+                   setting: str) -> str:
+    """gptqmodel's name for the kernel the user named in `setting` ("marlin": "gptq_marlin"),
+    once gptqmodel accepts it for this model on `device`; else a ModelError that lists the
+    kernels that do run here.
+
+    Checked as transformers' GPTQ loading asks gptqmodel for it (no dtype: each kernel casts).
+    Machete also needs its CUTLASS sources, which gptqmodel fetches only later, in the load.
+    """
+    backend = "gptq_" + kernel
+    problem = _kernel_problem(backend, stored, device, None)
+    if (problem is None and kernel == "machete" and device.type == "cuda"
+            and not os.environ.get("GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY")):  # a prebuilt one needs none
+        reason = _cutlass_missing()
+        if reason is not None:
+            problem = (f"it is built from the CUTLASS v4.7.1 sources, which could not be had ({reason}); set "
+                       "GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout, or load once online")
+    if problem is None:
+        return backend
+    choices = kernel_choices(training)
+    fitting = [name for name in choices if name not in ("auto", kernel)
+               and _kernel_problem("gptq_" + name, stored, device, None) is None]
+    shape = f"{stored['bits']}-bit, group size {stored.get('group_size', 128)}"
+    raise ModelError(f"{setting} is {kernel!r}, which gptqmodel cannot run on {device} for this model ({shape}): "
+                     f"{problem}. Kernels that run it here: {', '.join(fitting) or 'none'}; or set {setting}: "
+                     "auto (gptqmodel's own choice)")
+
+
+def kernel_choices(training: bool) -> tuple[str, ...]:
+    """The kernel names a config accepts: eval.gptq_kernel's, or train.gptq_kernel's (trainable)."""
+    if training:
+        from expert.train.config import TrainingKernel
+        return get_args(TrainingKernel)
+    from expert.evaluation.config import InferenceKernel
+    return get_args(InferenceKernel)
+
+
+def aten_int4_fits(stored: dict[str, Any]) -> bool:
+    """Whether torch's CPU int4 kernel (behind gptqmodel's TorchAtenLinear) takes this group size."""
+    return stored["bits"] != 4 or stored.get("group_size") in _ATEN_INT4_GROUP_SIZES
 
 
 def _machete_picked(device: torch.device) -> bool:
@@ -97,12 +150,24 @@ def _socket_timeout(seconds: float):
 
 def _kernel_fits(backend: str, stored: dict[str, Any], device: torch.device, dtype: torch.dtype) -> bool:
     """Whether gptqmodel takes `backend` for this model's bits, groups and dtype on `device`."""
+    return _kernel_problem(backend, stored, device, dtype) is None
+
+
+def _kernel_problem(backend: str, stored: dict[str, Any], device: torch.device,
+                    dtype: torch.dtype | None) -> str | None:
+    """None when gptqmodel takes `backend` for this model on `device` (and `dtype`, unless None),
+    else gptqmodel's reason."""
     from gptqmodel.utils.importer import select_quant_linear
 
+    if backend == "gptq_torch_aten" and device.type == "cpu" and not aten_int4_fits(stored):
+        return f"torch's CPU int4 kernel takes group sizes {', '.join(map(str, _ATEN_INT4_GROUP_SIZES))} only"
     try:
         select_quant_linear(bits=stored["bits"], group_size=stored.get("group_size", 128),
                             desc_act=bool(stored.get("desc_act", False)), sym=bool(stored.get("sym", True)),
                             device=device, backend=backend, dtype=dtype, pack_dtype=torch.int32)
-    except (ValueError, NotImplementedError, ImportError, RuntimeError):
-        return False
-    return True
+    except (ValueError, NotImplementedError, ImportError, RuntimeError) as exc:
+        # gptqmodel names its classes in full ("<class '...tritonv2.TritonV2Linear'> does not ..."):
+        # the class name says it.
+        text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", str(exc).splitlines()[0] if str(exc) else "")
+        return text.rstrip(". ")[:300] or type(exc).__name__
+    return None

@@ -22,7 +22,8 @@ A model folder is one of
      give no gradient. We switch that repacking off for nf4 models, always (see `_nf4_safe`).
 
 GPTQ inference on a Hopper GPU without the CUTLASS sources that gptqmodel's Machete kernel is
-built from takes the next kernel instead of failing the load (see `expert.gptq_kernel`).
+built from takes the next kernel instead of failing the load, and a GPTQ kernel the user names
+(`gptq_kernel`) is checked before the load (see `expert.gptq_kernel`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 
 from expert.artifacts import file_digest
 from expert.errors import ConfigError, ModelError
-from expert.gptq_kernel import inference_backend
+from expert.gptq_kernel import aten_int4_fits, chosen_backend, inference_backend
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ RECORD_FILE = "quantization.json"  # written by the quantize stage for nf4 / non
 # was on: the consent, given once at import, that later stages may run that code.
 CODE_CONSENT_FILE = "remote_code.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-# aten::_weight_int4pack_mm_for_cpu: "expect qGroupSize to be 32, 64, 128 or 256".
-_ATEN_INT4_GROUP_SIZES = (32, 64, 128, 256)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,7 +90,8 @@ def model_kind(model_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bool = False,
-               device: str = "auto", dtype: str = "auto", shardable: bool = False) -> tuple[Any, Any]:
+               device: str = "auto", dtype: str = "auto", shardable: bool = False,
+               gptq_kernel: str = "auto") -> tuple[Any, Any]:
     """Load (model, tokenizer) from any model folder of the pipeline; see the module docstring.
 
     device: "auto" (CUDA if visible, else CPU), "cpu" or "cuda[:N]". dtype: "auto" (float32 on
@@ -99,6 +99,8 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
     The model is returned in eval mode; the caller switches to train mode when it trains.
     shardable: store nf4 weights as the compute dtype (`bnb_4bit_quant_storage`), not uint8, so
     that FSDP can shard them (training with strategy fsdp); the numbers are the same.
+    gptq_kernel: gptqmodel's kernel for a GPTQ model, as train.gptq_kernel (training) or
+    eval.gptq_kernel names it; "auto" lets EXPERT and gptqmodel choose. Other models ignore it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,9 +115,11 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
                               "device_map": {"": torch_device}}
     dense_cache = False
     if kind == "gptq":
-        dense_cache = not training and _gptq_dense_cache_fits(base, torch_device, kwargs["dtype"])
+        # The dense copy is the torch kernel's weight cache: with another kernel named, none.
+        dense_cache = (not training and gptq_kernel in ("auto", "torch")
+                       and _gptq_dense_cache_fits(base, torch_device, kwargs["dtype"]))
         kwargs["quantization_config"] = _gptq_loading_config(base, torch_device, kwargs["dtype"], training,
-                                                             dense_cache)
+                                                             dense_cache, gptq_kernel)
     elif kind == "nf4":
         kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
     trusted = remote_code_trusted(base)
@@ -264,33 +268,32 @@ def _config_json(model_dir: Path) -> dict[str, Any]:
 
 
 def _gptq_loading_config(model_dir: Path, device: torch.device, dtype: torch.dtype, training: bool,
-                         dense_cache: bool = False):
+                         dense_cache: bool = False, kernel: str = "auto"):
     """A GPTQConfig carrying only loading options: transformers merges them into the stored config.
 
     For training, gptqmodel's plain torch kernel on the CPU (TorchAtenLinear, picked by "auto",
     latches into inference mode, see the module docstring; "auto_trainable" still picks it), and
     a trainable kernel on a GPU. For inference, gptqmodel's fastest kernel ("auto"), except on a
     CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`), and on a
-    Hopper GPU without Machete's sources (`expert.gptq_kernel`).
+    Hopper GPU without Machete's sources (`expert.gptq_kernel`). A kernel the user named
+    (`kernel` other than "auto") is taken as named, once gptqmodel accepts it here.
     """
     from transformers import GPTQConfig
 
     stored = _config_json(model_dir)["quantization_config"]
     backend = "auto"
-    if training or dense_cache:
+    if kernel != "auto":
+        backend = chosen_backend(kernel, stored, device, training,
+                                 "train.gptq_kernel" if training else "eval.gptq_kernel")
+    elif training or dense_cache:
         backend = "gptq_torch" if device.type == "cpu" else "auto_trainable"
-    elif device.type == "cpu" and not _aten_int4_fits(stored):
+    elif device.type == "cpu" and not aten_int4_fits(stored):
         # "auto" picks the int4 ATen kernel for any 4-bit model, which then fails on the first
         # forward for group sizes it lacks: take the plain torch kernel instead.
         backend = "gptq_torch"
     else:
         backend = inference_backend(stored, device, dtype)
     return GPTQConfig(bits=stored["bits"], backend=backend)
-
-
-def _aten_int4_fits(stored: dict[str, Any]) -> bool:
-    """Whether torch's CPU int4 kernel (behind gptqmodel's TorchAtenLinear) takes this group size."""
-    return stored["bits"] != 4 or stored.get("group_size") in _ATEN_INT4_GROUP_SIZES
 
 
 def _gptq_dense_cache_fits(model_dir: Path, device: torch.device, dtype: torch.dtype) -> bool:

@@ -104,25 +104,31 @@ def pubmedqa_rows(runs: dict[str, dict], published: bool = True) -> list[dict]:
 
 
 def scoring_notes(summary: dict) -> list[str]:
-    """Where and in what dtype each evaluation scored, and a warning when they differ.
+    """Where, in what dtype and with which GPTQ kernel each evaluation scored, and a warning when
+    they differ.
 
     eval.dtype 'auto' is resolved on the machine that scores, and cached evaluations keep the
     precision they were scored in: one report can hold a float32 base (scored on a CPU before
-    'auto' meant bf16 there, or on a CPU without native bf16) beside a bf16 expert.
+    'auto' meant bf16 there, or on a CPU without native bf16) beside a bf16 expert. Likewise
+    eval.gptq_kernel 'auto' picks by GPU generation (Machete on a Hopper, Marlin on an Ampere).
     """
     seen = {}
     for benchmark in HEADLINE:
         for name, metrics in summary[benchmark].items():
             timing = metrics.get("timing") or {}
-            seen[f"{benchmark} {name}"] = (f"{str(timing.get('device', '?')).split(':')[0]}, {timing['dtype']}"
-                                           if timing.get("dtype") else "not recorded")
+            where = (f"{str(timing.get('device', '?')).split(':')[0]}, {timing['dtype']}"
+                     if timing.get("dtype") else "not recorded")
+            if timing.get("dtype") and timing.get("gptq_kernel"):
+                where += f", {timing['gptq_kernel']}"
+            seen[f"{benchmark} {name}"] = where
     if not seen:
         return []
     lines = ["Scored on: " + "; ".join(f"{run} ({where})" for run, where in seen.items()) + ".", ""]
     if len(set(seen.values()) - {"not recorded"}) > 1:
-        lines += ["**These evaluations were scored in different precisions.** A difference the size of that "
-                  "rounding (bf16 can flip a near-tie) is not the quantization's or the tuning's. To score them "
-                  "alike, set `eval.dtype` (and `eval.device`) by name, or rerun them with `--force evaluate`.", ""]
+        lines += ["**These evaluations were scored in different precisions or with different kernels.** A "
+                  "difference the size of that rounding (bf16 can flip a near-tie) is not the quantization's or "
+                  "the tuning's. To score them alike, set `eval.dtype` (and `eval.device`, `eval.gptq_kernel`) by "
+                  "name, or rerun them with `--force evaluate`.", ""]
     return lines
 
 

@@ -81,7 +81,7 @@ def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, 
     from expert.evaluation.runner import load_questions, score_frame
 
     frame = load_questions(dev_config, "pubmedqa", data_dir)
-    loaded = load_model(model_dir, None, dev_config.device, dev_config.dtype)
+    loaded = load_model(model_dir, None, dev_config.device, dev_config.dtype, dev_config.gptq_kernel)
     precision = {"device": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", "")}
     kept_dir = Path(work_dir) / KEPT_ROWS if work_dir is not None else None
     if kept_dir is not None:
@@ -139,7 +139,7 @@ def score_checkpoint(dev_config, model_dir: str, step: int, path: str, data_dir:
     from expert.evaluation.runner import load_questions, score_frame
 
     frame = load_questions(dev_config, "pubmedqa", Path(data_dir))
-    loaded = load_model(Path(model_dir), None, dev_config.device, dev_config.dtype)
+    loaded = load_model(Path(model_dir), None, dev_config.device, dev_config.dtype, dev_config.gptq_kernel)
     # Loaded as the single-process selection loads it: the base, then this adapter on top.
     model = PeftModel.from_pretrained(loaded.model, path, adapter_name=f"step{step}", is_trainable=False)
     model.to(loaded.device).eval()

@@ -21,6 +21,11 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 # A dask scheduler address as `distributed.Client` takes it: tcp://host:8786, tls://..., host:8786,
 # and an IPv6 host in brackets (tcp://[::1]:8786), since its own colons would end a bare host.
 _ADDRESS = re.compile(r"^([a-z]+://)?([^\s:/\[\]]+|\[[0-9a-fA-F:.]+\]):\d+$")
+# gptqmodel's GPTQ inference kernels, by its names without their "gptq_" prefix: CUDA ones first
+# (machete: Hopper; marlin: Ampere and newer; exllama_v2; triton, also Intel XPU), then those that
+# run anywhere (torch), or on CPUs and XPUs (torch_fused, torch_aten).
+InferenceKernel = Literal["auto", "machete", "marlin", "exllama_v2", "triton", "torch", "torch_fused",
+                          "torch_aten"]
 
 
 class RunnerConfig(StageConfig):
@@ -115,6 +120,14 @@ class EvalConfig(StageConfig):
         "CPU bfloat16 where it multiplies bf16 in hardware (AVX512-BF16 or AMX: 2.6x float32's speed "
         "measured), else float32 (emulated bf16 is slower).",
     )
+    gptq_kernel: InferenceKernel = Field(
+        "auto",
+        description="gptqmodel's kernel for a GPTQ model's scoring (evaluation and checkpoint selection). "
+        "'auto': gptqmodel's choice (on a Hopper GPU Machete, whose CUTLASS sources it downloads; "
+        "without them EXPERT takes Marlin, which gptqmodel builds on first use), except a CPU scoring in "
+        "bf16 where the dequantized weights fit, which keeps them (torch). A kernel that cannot run the "
+        "model on eval.device fails before the load, with the ones that can. Ignored for other models.",
+    )
     prefix_cache: bool = Field(
         True,
         description="MMLU: run the k-shot prefix once per subject and reuse its KV cache for "
@@ -127,7 +140,10 @@ class EvalConfig(StageConfig):
     )
 
     def canonical(self) -> dict[str, Any]:
-        return {k: v for k, v in super().canonical().items() if k != "runner"}
+        # gptq_kernel is left out at 'auto', so evaluations cached before it existed stay valid.
+        # A named kernel stays in: kernels round differently, so its scores may differ.
+        return {k: v for k, v in super().canonical().items()
+                if k != "runner" and not (k == "gptq_kernel" and v == "auto")}
 
     @field_validator("device")
     @classmethod

@@ -23,19 +23,32 @@ class LoadedModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
+    gptq_kernel: str | None = None  # gptqmodel's layer class that scores a GPTQ model, e.g. MarlinLinear
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "auto",
-               dtype: str = "auto") -> LoadedModel:
-    """Load model + tokenizer from `model_dir`, then the LoRA adapter if one is given."""
+               dtype: str = "auto", gptq_kernel: str = "auto") -> LoadedModel:
+    """Load model + tokenizer from `model_dir`, then the LoRA adapter if one is given.
+
+    device, dtype, gptq_kernel: as eval.device, eval.dtype and eval.gptq_kernel take them."""
     model_dir = Path(model_dir)
     torch_device = modeling.resolve_device(device)
     dtype = scoring_dtype(dtype, torch_device)
     torch_dtype = modeling.resolve_dtype(dtype, torch_device, modeling.resolve_base(model_dir))
     model, tokenizer = modeling.load_model(model_dir, adapter_dir=adapter_dir and Path(adapter_dir),
-                                           training=False, device=device, dtype=dtype)
+                                           training=False, device=device, dtype=dtype, gptq_kernel=gptq_kernel)
     contiguous_head_input(model)
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, device=torch_device, dtype=torch_dtype,
+                       gptq_kernel=gptq_layer_kernel(model))
+
+
+def gptq_layer_kernel(model: torch.nn.Module) -> str | None:
+    """The class name of gptqmodel's layers in `model` ("+"-joined if several), None without any.
+
+    Kernels round differently, and "auto" picks by GPU generation and by what it can build, so
+    an evaluation records which one scored it."""
+    names = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    return "+".join(names) or None
 
 
 def scoring_dtype(dtype: str, device: torch.device) -> str:

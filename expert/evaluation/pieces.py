@@ -81,13 +81,14 @@ def score_piece(config: EvalConfig, benchmark: str, model_dir: str, data_dir: st
         frame = frame.iloc[rows[0]:rows[1]]
     frame = frame.reset_index(drop=True)
     started = time.perf_counter()
-    loaded = load_model(Path(model_dir), adapter_dir and Path(adapter_dir), config.device, config.dtype)
+    loaded = load_model(Path(model_dir), adapter_dir and Path(adapter_dir), config.device, config.dtype,
+                        config.gptq_kernel)
     loaded_at = time.perf_counter()
     scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark)
     return {"ids": frame["id"].tolist(), "scores": scores, "mode": mode,
             "load_s": round(loaded_at - started, 3), "scoring_s": round(time.perf_counter() - loaded_at, 3),
             "host": socket.gethostname(), "device": str(loaded.device),
-            "dtype": str(loaded.dtype).replace("torch.", "")}
+            "dtype": str(loaded.dtype).replace("torch.", ""), "gptq_kernel": loaded.gptq_kernel}
 
 
 def merge_pieces(frame: pd.DataFrame, pieces: list[Piece], results: list[dict]) -> tuple[list[list[float]], dict]:
@@ -130,6 +131,10 @@ def score_in_pieces(config: EvalConfig, benchmark: str, model_dir: Path, data_di
               "device": results[0]["device"], "dtype": results[0]["dtype"],
               "pieces": [{"name": p.name, "questions": len(r["ids"]), "load_s": r["load_s"],
                           "scoring_s": r["scoring_s"], "host": r["host"]} for p, r in zip(pieces, results)]}
+    # Not required to agree (unlike the dtype): GPUs of two generations may each take their own.
+    kernels = sorted({r["gptq_kernel"] for r in results if r.get("gptq_kernel")})
+    if kernels:
+        timing["gptq_kernel"] = " / ".join(kernels)
     return scores, mode, timing
 
 

@@ -80,7 +80,8 @@ def evaluate(config: EvalConfig, benchmark: str, model_dir: Path, data_dir: Path
 def _score_here(config: EvalConfig, benchmark: str, model_dir: Path, adapter_dir: Path | None,
                 frame: pd.DataFrame, progress: Progress | None,
                 work_dir: Path | None = None) -> tuple[list[list[float]], dict, dict]:
-    loaded = load_model(model_dir, adapter_dir and Path(adapter_dir), config.device, config.dtype)
+    loaded = load_model(model_dir, adapter_dir and Path(adapter_dir), config.device, config.dtype,
+                        config.gptq_kernel)
     dtype = str(loaded.dtype).replace("torch.", "")
     started = time.perf_counter()
     kept: list[int] = []
@@ -96,6 +97,8 @@ def _score_here(config: EvalConfig, benchmark: str, model_dir: Path, adapter_dir
     seconds = time.perf_counter() - started
     timing = {"scoring_s": round(seconds, 3), "questions_per_s": round((len(frame) - len(kept)) / seconds, 3),
               "device": str(loaded.device), "dtype": dtype}
+    if loaded.gptq_kernel:
+        timing["gptq_kernel"] = loaded.gptq_kernel
     if kept:  # the speed above is of the questions scored now, in this attempt
         timing["resumed_questions"] = len(kept)
     return scores, mode, timing

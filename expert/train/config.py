@@ -19,6 +19,10 @@ FSDP_GPTQ = ("FSDP cannot shard a GPTQ base (its packed int32 qweight and scales
              "it can flatten and split); use train.strategy: ddp (every GPU holds the whole 4-bit model) "
              "or quantize.method: nf4, which fsdp shards")
 
+# gptqmodel's GPTQ kernels that train (a gradient through them), by its names without "gptq_":
+# triton on CUDA and Intel XPU GPUs, torch anywhere.
+TrainingKernel = Literal["auto", "triton", "torch"]
+
 
 class TrainConfig(StageConfig):
     """How to train a LoRA adapter on a formatted benchmark's train split."""
@@ -94,6 +98,12 @@ class TrainConfig(StageConfig):
         None, gt=0, description="GPU memory the run may use, for the 'auto' choices and the out-of-memory "
                                 "hint; null: all the GPU memory free at start"
     )
+    gptq_kernel: TrainingKernel = Field(
+        "auto",
+        description="gptqmodel's kernel for a GPTQ base while training. 'auto': on a GPU gptqmodel's "
+        "trainable choice (triton as a rule), on a CPU torch (then dequantized once where that fits, "
+        "see expert/train/frozen.py). Ignored for other bases.",
+    )
     seed: int = Field(0, ge=0, description="seeds LoRA init, dropout and the data order")
 
     # Checkpoints, logs, dev loss
@@ -165,7 +175,7 @@ class TrainConfig(StageConfig):
         return value
 
     def canonical(self) -> dict:
-        # The scale-out fields and compile are left out at their defaults, so the cache keys and
+        # The scale-out fields, compile and gptq_kernel are left out at their defaults, so the cache keys and
         # checkpoints of runs made before those fields existed stay valid. log_every_steps is left
         # out always: it changes only the logs (report files), and a new value must not retrain.
         # lean_activations stays in: its gradients agree with PEFT's only to rounding, its
@@ -176,6 +186,8 @@ class TrainConfig(StageConfig):
             del canon["processes"], canon["strategy"]
         if not self.compile:
             del canon["compile"]
+        if self.gptq_kernel == "auto":
+            del canon["gptq_kernel"]
         return canon
 
     @property

@@ -68,7 +68,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     torch_device = resolve_device(device)
     precision = resumed_precision(config, torch_device, picked)
     amp = autocast_dtype(precision, torch_device)
-    model, tokenizer = _load_base(model_dir, device, config.strategy)
+    model, tokenizer = _load_base(model_dir, device, config.strategy, config.gptq_kernel)
     if torch_device.type == "cpu" and ranks.strategy != "fsdp":
         _dense_gptq(model, amp or model.dtype, ranks)
     train_set = _encode(tokenizer, rows, config.max_length, ranks)
@@ -181,7 +181,7 @@ def _dev_rows(path: Path) -> dict[str, list[str]]:
     return read_split(path)
 
 
-def _load_base(model_dir: Path, device: str, strategy: str):
+def _load_base(model_dir: Path, device: str, strategy: str, gptq_kernel: str = "auto"):
     """The shared loader: plain, GPTQ or nf4 folders, with settings safe for training.
 
     For fsdp a plain base is loaded into CPU memory (in the dtype its GPU would get) and only
@@ -191,7 +191,8 @@ def _load_base(model_dir: Path, device: str, strategy: str):
     from expert.modeling import load_model, model_kind, resolve_base, resolve_dtype
 
     if strategy != "fsdp" or model_kind(model_dir) == "nf4":
-        return load_model(model_dir, training=True, device=device, shardable=strategy == "fsdp")
+        return load_model(model_dir, training=True, device=device, shardable=strategy == "fsdp",
+                          gptq_kernel=gptq_kernel)
     dtype = resolve_dtype("auto", resolve_device(device), resolve_base(model_dir))
     return load_model(model_dir, training=True, device="cpu", dtype=str(dtype).removeprefix("torch."))
 

@@ -11,7 +11,8 @@ import torch
 
 from expert import modeling
 from expert.errors import ModelError
-from expert.modeling import RECORD_FILE, _aten_int4_fits, load_model, model_kind, resolve_base
+from expert.gptq_kernel import aten_int4_fits
+from expert.modeling import RECORD_FILE, load_model, model_kind, resolve_base
 from tests.expert.quantize_fixtures import PROBE, logits, tiny_setup
 
 LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -193,7 +194,7 @@ def test_available_memory_reads_meminfo(tmp_path):
     (4, 32, True), (4, 64, True), (4, 256, True), (4, 16, False), (4, -1, False), (8, 16, True),
 ])
 def test_cpu_int4_kernel_group_sizes(bits, group_size, fits):
-    assert _aten_int4_fits({"bits": bits, "group_size": group_size}) == fits
+    assert aten_int4_fits({"bits": bits, "group_size": group_size}) == fits
 
 
 def _eval_then_train(model, tok, steps: int = 5) -> tuple[list[float], dict[str, float]]:

@@ -135,3 +135,27 @@ def test_a_cpu_load_is_untouched(setup, hopper):
     model, _ = load_model(setup.gptq, device="cpu")
     assert model is not None
     assert hopper["urls"] == [] and hopper["asked"] == []
+
+
+def named(setup, kernel, training=False):
+    return _gptq_loading_config(setup.gptq, CUDA, torch.float16, training, kernel=kernel).backend
+
+
+def test_a_named_kernel_is_taken_as_named_without_looking_for_cutlass(setup, hopper):
+    """eval.gptq_kernel: marlin on a Hopper GPU offline: Marlin, with no download tried."""
+    assert named(setup, "marlin") == "gptq_marlin"
+    assert named(setup, "triton", training=True) == "gptq_triton"
+    assert hopper["urls"] == [] and hopper["asked"] == ["gptq_marlin", "gptq_triton"]
+
+
+def test_machete_named_without_its_sources_fails_before_the_load_saying_how_to_get_them(setup, hopper):
+    from expert.errors import ModelError
+
+    hopper["fits"].add("gptq_machete")
+    with pytest.raises(ModelError) as caught:
+        named(setup, "machete")
+    message = str(caught.value)
+    assert "eval.gptq_kernel is 'machete'" in message and "URLError" in message
+    assert "GPTQMODEL_CUTLASS_DIR" in message
+    # The kernels that fit (the fixture's), in the setting's order.
+    assert "Kernels that run it here: marlin, exllama_v2, triton, torch;" in message

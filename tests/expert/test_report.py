@@ -126,11 +126,12 @@ def test_mmlu_change_is_computed_before_rounding(tmp_path):
 
 
 def test_report_says_where_each_evaluation_scored_and_warns_when_precisions_differ(tmp_path):
-    def metrics(dtype, device="cpu"):
-        return {"accuracy": 0.5, "macro_f1": 0.4, "n": 500, "timing": {"device": device, "dtype": dtype}}
+    def metrics(dtype, device="cpu", kernel=None):
+        timing = {"device": device, "dtype": dtype} | ({"gptq_kernel": kernel} if kernel else {})
+        return {"accuracy": 0.5, "macro_f1": 0.4, "n": 500, "timing": timing}
 
     def report(**runs):
-        folder = tmp_path / "-".join(f"{k}{v}" for k, v in runs.items())
+        folder = tmp_path / f"report{len(list(tmp_path.iterdir()))}"
         folder.mkdir()
         upstream = {f"pubmedqa/{name}": artifact(folder, f"pubmedqa/{name}", {"metrics.json": value})
                     for name, value in runs.items()}
@@ -145,7 +146,13 @@ def test_report_says_where_each_evaluation_scored_and_warns_when_precisions_diff
     # A cached float32 evaluation beside a new bf16 one (eval.dtype 'auto' is resolved where it scores).
     mixed = report(base=metrics("float32"), expert=metrics("bfloat16"))
     assert "pubmedqa base (cpu, float32); pubmedqa expert (cpu, bfloat16)" in mixed
-    assert "**These evaluations were scored in different precisions.**" in mixed and "--force evaluate" in mixed
+    assert "**These evaluations were scored in different precisions or with different kernels.**" in mixed
+    assert "--force evaluate" in mixed
+    # The same dtype, GPTQ layers of two kernels ('auto' on GPUs of two generations).
+    kernels = report(base=metrics("bfloat16", "cuda", "MacheteLinear"),
+                     expert=metrics("bfloat16", "cuda", "MarlinLinear"))
+    assert "pubmedqa base (cuda, bfloat16, MacheteLinear); pubmedqa expert (cuda, bfloat16, MarlinLinear)" in kernels
+    assert "different kernels" in kernels and "`eval.gptq_kernel`" in kernels
     old = report(base={"accuracy": 0.5, "macro_f1": 0.4, "n": 500}, expert=metrics("float32"))
     assert "pubmedqa base (not recorded)" in old and "different precisions" not in old  # unknown is no proof
 
