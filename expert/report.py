@@ -112,23 +112,31 @@ def scoring_notes(summary: dict) -> list[str]:
     'auto' meant bf16 there, or on a CPU without native bf16) beside a bf16 expert. Likewise
     eval.gptq_kernel 'auto' picks by GPU generation (Machete on a Hopper, Marlin on an Ampere).
     """
-    seen = {}
+    seen, precisions, kernels = {}, set(), set()
     for benchmark in HEADLINE:
         for name, metrics in summary[benchmark].items():
             timing = metrics.get("timing") or {}
-            where = (f"{str(timing.get('device', '?')).split(':')[0]}, {timing['dtype']}"
-                     if timing.get("dtype") else "not recorded")
-            if timing.get("dtype") and timing.get("gptq_kernel"):
+            if not timing.get("dtype"):
+                seen[f"{benchmark} {name}"] = "not recorded"  # unknown is no proof of a difference
+                continue
+            where = f"{str(timing.get('device', '?')).split(':')[0]}, {timing['dtype']}"
+            precisions.add(where)
+            if timing.get("gptq_kernel"):  # GPTQ models only: a float base has no kernel to differ in
+                kernels.add(timing["gptq_kernel"])
                 where += f", {timing['gptq_kernel']}"
             seen[f"{benchmark} {name}"] = where
     if not seen:
         return []
     lines = ["Scored on: " + "; ".join(f"{run} ({where})" for run, where in seen.items()) + ".", ""]
-    if len(set(seen.values()) - {"not recorded"}) > 1:
-        lines += ["**These evaluations were scored in different precisions or with different kernels.** A "
-                  "difference the size of that rounding (bf16 can flip a near-tie) is not the quantization's or "
-                  "the tuning's. To score them alike, set `eval.dtype` (and `eval.device`, `eval.gptq_kernel`) by "
-                  "name, or rerun them with `--force evaluate`.", ""]
+    if len(precisions) > 1:
+        lines += ["**These evaluations were scored in different precisions.** A difference the size of that "
+                  "rounding (bf16 can flip a near-tie) is not the quantization's or the tuning's. To score them "
+                  "alike, set `eval.dtype` (and `eval.device`) by name, or rerun them with `--force evaluate`.", ""]
+    if len(kernels) > 1:
+        lines += ["**The GPTQ evaluations were scored with different kernels** (`eval.gptq_kernel: auto` picks by "
+                  "GPU generation). Kernels round differently, so a difference of that size is not the tuning's. "
+                  "To score them alike, set `eval.gptq_kernel` by name, or rerun them with `--force evaluate`.",
+                  ""]
     return lines
 
 

@@ -60,8 +60,9 @@ class Report(Stage):
 
     name: ClassVar[str] = "report"
     # 3: where and in what dtype each evaluation scored; 4: results.png, majority row; 5: MMLU notes
-    # (a subset is not comparable with published full-MMLU results; the paper's categories, not lm-eval's)
-    version: ClassVar[int] = 5
+    # (a subset is not comparable with published full-MMLU results; the paper's categories, not lm-eval's);
+    # 6: the GPTQ kernel each evaluation scored with
+    version: ClassVar[int] = 6
 
     def key_config(self, config):
         return {k: v for k, v in config.canonical().items() if k != "artifacts_dir"}

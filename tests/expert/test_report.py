@@ -146,13 +146,20 @@ def test_report_says_where_each_evaluation_scored_and_warns_when_precisions_diff
     # A cached float32 evaluation beside a new bf16 one (eval.dtype 'auto' is resolved where it scores).
     mixed = report(base=metrics("float32"), expert=metrics("bfloat16"))
     assert "pubmedqa base (cpu, float32); pubmedqa expert (cpu, bfloat16)" in mixed
-    assert "**These evaluations were scored in different precisions or with different kernels.**" in mixed
-    assert "--force evaluate" in mixed
+    assert "**These evaluations were scored in different precisions.**" in mixed and "--force evaluate" in mixed
+    assert "different kernels" not in mixed
     # The same dtype, GPTQ layers of two kernels ('auto' on GPUs of two generations).
     kernels = report(base=metrics("bfloat16", "cuda", "MacheteLinear"),
                      expert=metrics("bfloat16", "cuda", "MarlinLinear"))
     assert "pubmedqa base (cuda, bfloat16, MacheteLinear); pubmedqa expert (cuda, bfloat16, MarlinLinear)" in kernels
-    assert "different kernels" in kernels and "`eval.gptq_kernel`" in kernels
+    assert "**The GPTQ evaluations were scored with different kernels**" in kernels
+    assert "`eval.gptq_kernel` by name" in kernels and "different precisions" not in kernels
+    # The default pipeline: a float base (no kernel) beside the GPTQ model and the expert, one kernel.
+    pipeline = report(base=metrics("bfloat16"), quantized=metrics("bfloat16", kernel="TorchLinear"),
+                      expert=metrics("bfloat16", kernel="TorchLinear"))
+    assert "pubmedqa base (cpu, bfloat16);" in pipeline
+    assert "pubmedqa quantized (cpu, bfloat16, TorchLinear)" in pipeline
+    assert "different precisions" not in pipeline and "different kernels" not in pipeline
     old = report(base={"accuracy": 0.5, "macro_f1": 0.4, "n": 500}, expert=metrics("float32"))
     assert "pubmedqa base (not recorded)" in old and "different precisions" not in old  # unknown is no proof
 
