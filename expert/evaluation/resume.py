@@ -11,7 +11,8 @@ those of an uninterrupted run. The artifact store deletes the work folder once t
 published.
 
 A kept subject is used only if it holds the question ids the evaluation asks now and was scored
-on the same device kind in the same dtype (eval.device and eval.dtype 'auto' resolve by machine);
+on the same device kind in the same dtype with the same GPTQ kernel (eval.device, eval.dtype and
+eval.gptq_kernel 'auto' resolve by machine);
 anything else, an unreadable file included, is scored again. PubMedQA (its batches are drawn from
 the whole split) and MMLU without prefix caching are scored whole, as before.
 """
@@ -125,7 +126,8 @@ def _problem(saved, subject: str, ids: list[str], precision: dict[str, str]) -> 
 
 
 def precision_problem(saved: dict, precision: dict[str, str]) -> str | None:
-    """Why scores kept with `saved`'s device kind and dtype do not fit a run with `precision`."""
+    """Why scores kept with `saved`'s device kind, dtype and GPTQ kernel do not fit a run with
+    `precision` (a file kept before the kernel was recorded has none: it fits a model without one)."""
     for key, value in precision.items():
         if saved.get(key) != value:
             return f"it was scored with {key} {saved.get(key)!r}, this run has {value!r}"

@@ -65,7 +65,7 @@ def test_a_checkpoint_whose_scores_are_nan_loses_on_every_metric(metric):
 def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_path, monkeypatch, caplog):
     """Each checkpoint's row is kept in the work folder as it is scored; a rerun after a crash
     scores the rest and returns the rows of an uninterrupted selection; a kept row of another
-    dtype is scored again."""
+    dtype or GPTQ kernel is scored again."""
     import json
     import logging
 
@@ -104,6 +104,14 @@ def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_pat
     with caplog.at_level(logging.WARNING, logger="expert.evaluation.resume"):
         assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
     assert scored == ["step2"] and "scored with dtype 'bfloat16'" in caplog.text
+
+    # A row kept with another GPTQ kernel ('auto' on the first attempt's machine) is scored again too.
+    kept = work / select.KEPT_ROWS / "step4.json"
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "gptq_kernel": "MarlinLinear"}))
+    scored.clear()
+    with caplog.at_level(logging.WARNING, logger="expert.evaluation.resume"):
+        assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
+    assert scored == ["step4"] and "scored with gptq_kernel 'MarlinLinear'" in caplog.text
 
 
 def test_the_select_stage_gives_its_work_folder(monkeypatch, tmp_path):
