@@ -99,6 +99,15 @@ def kernel_choices(training: bool) -> tuple[str, ...]:
     return get_args(InferenceKernel)
 
 
+def layer_kernel(model: torch.nn.Module) -> str | None:
+    """The class name of gptqmodel's layers in `model` ("+"-joined if several), None without any.
+
+    Kernels round differently, and "auto" picks by GPU generation and by what it can build, so
+    evaluations and training record which one served them."""
+    names = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    return "+".join(names) or None
+
+
 def aten_int4_fits(stored: dict[str, Any]) -> bool:
     """Whether torch's CPU int4 kernel (behind gptqmodel's TorchAtenLinear) takes this group size."""
     return stored["bits"] != 4 or stored.get("group_size") in _ATEN_INT4_GROUP_SIZES

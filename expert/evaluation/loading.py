@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from expert import modeling
+from expert.gptq_kernel import layer_kernel
 
 
 @dataclass
@@ -39,16 +40,7 @@ def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "
                                            training=False, device=device, dtype=dtype, gptq_kernel=gptq_kernel)
     contiguous_head_input(model)
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, device=torch_device, dtype=torch_dtype,
-                       gptq_kernel=gptq_layer_kernel(model))
-
-
-def gptq_layer_kernel(model: torch.nn.Module) -> str | None:
-    """The class name of gptqmodel's layers in `model` ("+"-joined if several), None without any.
-
-    Kernels round differently, and "auto" picks by GPU generation and by what it can build, so
-    an evaluation records which one scored it."""
-    names = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-    return "+".join(names) or None
+                       gptq_kernel=layer_kernel(model))
 
 
 def scoring_dtype(dtype: str, device: torch.device) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from expert.errors import DataError, ExpertError
+from expert.gptq_kernel import layer_kernel
 from expert.modeling import resolve_device
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_state,
                                      save_checkpoint, set_aside, verify_checkpoint)
@@ -69,8 +70,11 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     precision = resumed_precision(config, torch_device, picked)
     amp = autocast_dtype(precision, torch_device)
     model, tokenizer = _load_base(model_dir, device, config.strategy, config.gptq_kernel)
-    if torch_device.type == "cpu" and ranks.strategy != "fsdp":
-        _dense_gptq(model, amp or model.dtype, ranks)
+    kernel = layer_kernel(model)  # gptqmodel's GPTQ layers, None for other bases
+    if torch_device.type == "cpu" and ranks.strategy != "fsdp" and _dense_gptq(model, amp or model.dtype, ranks):
+        kernel += ", dequantized once into frozen linear layers"
+    if kernel and ranks.main:
+        log.info("GPTQ base served by gptqmodel's %s (train.gptq_kernel %s)", kernel, config.gptq_kernel)
     train_set = _encode(tokenizer, rows, config.max_length, ranks)
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
@@ -97,6 +101,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     state = _resume(picked, model, optimizer, scheduler, ranks)
     state["memory"] = memory.as_dict()
     state["precision"] = precision
+    state["gptq_kernel"] = kernel  # this attempt's: a resume on another machine may load another
     runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm, ranks,
                     precision)
     if ranks.main:
@@ -197,22 +202,24 @@ def _load_base(model_dir: Path, device: str, strategy: str, gptq_kernel: str = "
     return load_model(model_dir, training=True, device="cpu", dtype=str(dtype).removeprefix("torch."))
 
 
-def _dense_gptq(model, dtype: torch.dtype, ranks: Ranks) -> None:
-    """A GPTQ base on the CPU, dequantized once where that fits half the available memory (frozen.py)."""
+def _dense_gptq(model, dtype: torch.dtype, ranks: Ranks) -> bool:
+    """A GPTQ base on the CPU, dequantized once where that fits half the available memory (frozen.py).
+    Whether it was."""
     from expert.modeling import available_memory
 
     needed = dense_gptq_bytes(model, dtype)
     if not needed:
-        return
+        return False
     if needed > available_memory() // 2:
         if ranks.main:
             log.info("GPTQ base kept 4-bit: its weights dequantized once would take %.1f GiB, more than half the "
                      "available memory; each step dequantizes them again instead", needed / 2**30)
-        return
+        return False
     layers, size = dense_gptq_layers(model, dtype)
     if ranks.main:
         log.info("GPTQ base on the CPU: %d layers dequantized once into %s (%.2f GiB), not on every step",
                  layers, str(dtype).removeprefix("torch."), size / 2**30)
+    return True
 
 
 def _pad_id(tokenizer) -> int:
@@ -333,6 +340,7 @@ def _summary(config, state, plan, train_set, dev_set, runner, checkpoints) -> di
         "trainable_params": trainable,
         "resumed_from": state["resumed_from"],
         "device": str(runner.device),
+        "gptq_kernel": state.get("gptq_kernel"),  # of the last attempt; None for other bases
         "precision": _precision_text(runner.precision_name, state.get("precision_unrecorded_steps")),
     }
 

@@ -114,3 +114,21 @@ def test_an_evaluation_records_the_kernel_that_scored_it(setup, pubmedqa_dir, tm
     assert whole["timing"]["gptq_kernel"] == split["timing"]["gptq_kernel"] == "TorchAtenLinear"
     plain = evaluate(config, "pubmedqa", setup.base, pubmedqa_dir, tmp_path / "plain")  # no GPTQ layers
     assert "gptq_kernel" not in plain["timing"]
+
+
+def test_training_records_the_kernel_that_served_the_base(setup, tmp_path, caplog):
+    """On the CPU the named torch kernel loads the base, which is then dequantized once (frozen.py):
+    the log and summary.json say both."""
+    import json
+    import logging
+
+    from expert.train import train
+
+    config = TrainConfig(gptq_kernel="torch", micro_batch_size=2, effective_batch_size=2, max_steps=1,
+                         dev_loss=False, save_every_steps=1)
+    with caplog.at_level(logging.INFO, logger="expert.train"):
+        train(config, setup.gptq, setup.data, tmp_path / "out", tmp_path / "work", device="cpu")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["gptq_kernel"] == "TorchLinear, dequantized once into frozen linear layers", summary
+    assert "GPTQ base served by gptqmodel's TorchLinear, dequantized once" in caplog.text
+    assert "(train.gptq_kernel torch)" in caplog.text
