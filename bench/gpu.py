@@ -48,7 +48,9 @@ with the preset's optimizer, a checkpoint written and resumed, loaded as the eva
 (its inference kernel: the same loss?), scored with and without prefix caches (the same
 predictions?) and with the checkpoint's adapter (the trained loss?), and the same steps on an NF4
 base of the same checkpoint: `gptq_vs_nf4_tokens_per_s` says how the preset's GPTQ base trains
-against the NF4 figures above.
+against the NF4 figures above. The evaluation loads use the first of `--gptq-eval-kernels`
+(eval.gptq_kernel; triton by default, which needs no build); each other one (`auto` by default:
+Machete, or Marlin, which gptqmodel builds on first use) is loaded and timed last.
 
     python3 bench/gpu.py --out DIR --cases eval,llama3-8b,gptq     # a subset
 """
