@@ -98,20 +98,14 @@ def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_pat
     assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
     assert scored == ["step6"]
 
-    kept = work / select.KEPT_ROWS / "step2.json"
-    kept.write_text(json.dumps({**json.loads(kept.read_text()), "dtype": "bfloat16"}))
-    scored.clear()
-    with caplog.at_level(logging.WARNING, logger="expert.evaluation.resume"):
-        assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
-    assert scored == ["step2"] and "scored with dtype 'bfloat16'" in caplog.text
-
-    # A row kept with another GPTQ kernel ('auto' on the first attempt's machine) is scored again too.
-    kept = work / select.KEPT_ROWS / "step4.json"
-    kept.write_text(json.dumps({**json.loads(kept.read_text()), "gptq_kernel": "MarlinLinear"}))
-    scored.clear()
-    with caplog.at_level(logging.WARNING, logger="expert.evaluation.resume"):
-        assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
-    assert scored == ["step4"] and "scored with gptq_kernel 'MarlinLinear'" in caplog.text
+    # A row kept with another dtype, or another GPTQ kernel ('auto' on the first attempt's machine).
+    for step, field, value in (("step2", "dtype", "bfloat16"), ("step4", "gptq_kernel", "MarlinLinear")):
+        kept = work / select.KEPT_ROWS / f"{step}.json"
+        kept.write_text(json.dumps({**json.loads(kept.read_text()), field: value}))
+        scored.clear()
+        with caplog.at_level(logging.WARNING, logger="expert.evaluation.resume"):
+            assert select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work) == whole
+        assert scored == [step] and f"scored with {field} '{value}'" in caplog.text
 
 
 def test_the_select_stage_gives_its_work_folder(monkeypatch, tmp_path):
