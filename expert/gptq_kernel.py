@@ -47,7 +47,7 @@ def inference_backend(stored: dict[str, Any], device: torch.device, dtype: torch
 
     stored: the model's `quantization_config` from config.json.
     """
-    if device.type != "cuda" or not _machete_picked(device):
+    if device.type != "cuda" or not _machete_needs_sources(device):
         return "auto"
     reason = _cutlass_missing()
     if reason is None:
@@ -73,8 +73,7 @@ def chosen_backend(kernel: str, stored: dict[str, Any], device: torch.device, tr
     """
     backend = "gptq_" + kernel
     problem = _kernel_problem(backend, stored, device, None)
-    if (problem is None and kernel == "machete" and device.type == "cuda"
-            and not os.environ.get("GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY")):  # a prebuilt one needs none
+    if problem is None and kernel == "machete" and device.type == "cuda" and _machete_needs_sources(device):
         reason = _cutlass_missing()
         if reason is not None:
             problem = (f"it is built from the CUTLASS v4.7.1 sources, which could not be had ({reason}); set "
@@ -113,8 +112,9 @@ def aten_int4_fits(stored: dict[str, Any]) -> bool:
     return stored["bits"] != 4 or stored.get("group_size") in _ATEN_INT4_GROUP_SIZES
 
 
-def _machete_picked(device: torch.device) -> bool:
-    """Whether "auto" would take Machete on `device` (gptqmodel's own device check)."""
+def _machete_needs_sources(device: torch.device) -> bool:
+    """Whether Machete runs on `device` (gptqmodel's own device check; "auto" then takes it) and
+    would be built from the CUTLASS sources there, not taken prebuilt."""
     if os.environ.get("GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY"):
         return False  # a prebuilt Machete needs no sources
     try:

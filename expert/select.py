@@ -82,8 +82,7 @@ def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, 
 
     frame = load_questions(dev_config, "pubmedqa", data_dir)
     loaded = load_model(model_dir, None, dev_config.device, dev_config.dtype, dev_config.gptq_kernel)
-    precision = {"device": loaded.device.type, "dtype": str(loaded.dtype).replace("torch.", ""),
-                 "gptq_kernel": loaded.gptq_kernel}  # kept rows are reused only where all three agree
+    precision = loaded.precision  # a kept row is reused only where device kind, dtype and kernel agree
     kept_dir = Path(work_dir) / KEPT_ROWS if work_dir is not None else None
     if kept_dir is not None:
         kept_dir.mkdir(parents=True, exist_ok=True)

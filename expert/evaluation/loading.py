@@ -26,6 +26,13 @@ class LoadedModel:
     dtype: torch.dtype
     gptq_kernel: str | None = None  # gptqmodel's layer class that scores a GPTQ model, e.g. MarlinLinear
 
+    @property
+    def precision(self) -> dict[str, str | None]:
+        """What kept scores must share to be reused: device kind, dtype and GPTQ kernel ('auto'
+        resolves each by machine, and two roundings must not merge into one result)."""
+        return {"device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+                "gptq_kernel": self.gptq_kernel}
+
 
 def load_model(model_dir: Path, adapter_dir: Path | None = None, device: str = "auto",
                dtype: str = "auto", gptq_kernel: str = "auto") -> LoadedModel:

@@ -89,10 +89,7 @@ def _score_here(config: EvalConfig, benchmark: str, model_dir: Path, adapter_dir
         def score(rows: pd.DataFrame, on_scored):
             return score_frame(loaded.model, loaded.tokenizer, rows, config, benchmark, progress, on_scored)
 
-        # Kept scores are reused only from the same device kind, dtype and GPTQ kernel ('auto' resolves
-        # each by machine): a rerun on another machine must not merge two roundings into one result.
-        precision = {"device": loaded.device.type, "dtype": dtype, "gptq_kernel": loaded.gptq_kernel}
-        scores, mode, kept = score_keeping_subjects(frame, Path(work_dir), precision, score)
+        scores, mode, kept = score_keeping_subjects(frame, Path(work_dir), loaded.precision, score)
         mode = _with_kept(mode, loaded, frame.iloc[kept], config)
     else:
         scores, mode = score_frame(loaded.model, loaded.tokenizer, frame, config, benchmark, progress)
