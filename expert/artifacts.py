@@ -250,12 +250,12 @@ class ArtifactStore:
                 "upstream": request.upstream,
                 "inputs": request.inputs,
                 "info": info,
-                "files": _describe_files(tmp, reports),
+                "files": describe_files(tmp, reports),
                 "versions": package_versions(),
                 "timings": {"started": started, "finished": time.time(),
                             "seconds": round(time.time() - started, 3)},
             }
-            _write_json_durably(tmp / MANIFEST, manifest)
+            write_json_durably(tmp / MANIFEST, manifest)
             _publish(tmp, target, request.key, replace)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -369,7 +369,9 @@ def _is_key(name: str) -> bool:
     return len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
-def _describe_files(folder: Path, reports: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def describe_files(folder: Path, reports: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """A manifest's "files": each file under `folder` by relative path, with its size and sha256
+    (and a sampled digest of big ones, for quick checks), marked "report" when it matches `reports`."""
     out = {}
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         size = f.stat().st_size
@@ -396,7 +398,8 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _write_json_durably(path: Path, value: Any) -> None:
+def write_json_durably(path: Path, value: Any) -> None:
+    """Write `value` as JSON and flush it to disk: a manifest must not outlive a crash half-written."""
     with open(path, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.flush()

@@ -7,6 +7,7 @@
     expert format mmlu --source DIR_OR_HF --out DIR
     expert eval --model DIR [--adapter DIR] --benchmark pubmedqa|mmlu --data DIR --out DIR [--set key=value]
                 [--no-resume]
+    expert export SELECT_DIR --out DIR                the chosen expert as one portable folder
     expert verify PATH ...                            check artifacts fully against their manifests
     expert clean [PATH ...] [--older-than DAYS] [--dry-run]   remove unfinished builds' leftovers
 
@@ -132,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score every MMLU subject anew: delete what an interrupted run with these inputs kept")
     ev.set_defaults(handler=cmd_eval)
 
+    exp = sub.add_parser("export", parents=[common],
+                         help="write the selected expert (base, adapter, model card) as one portable folder")
+    exp.add_argument("select", type=Path, metavar="SELECT_DIR",
+                     help="the select stage's artifact, artifacts/select/<key> (the report names it)")
+    exp.add_argument("--out", required=True, type=Path)
+    exp.set_defaults(handler=cmd_export)
+
     ver = sub.add_parser("verify", parents=[common], help="check artifacts against their manifests, every byte")
     ver.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                      help="an artifact folder, a stage folder (artifacts/train) or the artifacts root")
@@ -169,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         user_errors_without_traceback()
     result = pipeline(config=config, force=force)
     print(json.dumps(result, indent=2))
+    print(f"to take the expert out of the store: expert export {Path(result['expert']['adapter']).parent} "
+          "--out DIR", file=sys.stderr)
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -284,6 +294,18 @@ def _eval_work_dir(args: argparse.Namespace, config) -> Path:
     upstream = {role: content_id(workspace.folder_ref(path)) for role, path in folders.items() if path is not None}
     request = StageRequest(stage.name, stage.version, stage.key_config(config), upstream)
     return args.out.parent / f".{args.out.name}{WORK_PREFIX}{request.key}"
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from expert.export import export_expert
+
+    if not args.select.is_dir():
+        raise ExpertError(f"'{args.select}' is not a folder; give the select stage's artifact, "
+                          "artifacts/select/<key> (the report's 'Checkpoint selection' names it)")
+    _check_out(args.out)
+    info = _write_into(args.out, lambda tmp: export_expert(args.select, tmp))
+    print(json.dumps({"base": info["base"]["source"], "step": info["adapter"]["step"],
+                      "results": info["results"]}, indent=2))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

@@ -42,6 +42,10 @@ def write_pipeline_report(upstream: dict[str, Path], config: dict[str, Any], out
                if role in upstream}
     if "select" in upstream:
         details["select"]["per checkpoint"] = json.loads((upstream["select"] / "scores.json").read_text())
+        # Where the expert is, in the store's terms (select/KEY), for `expert export` and for programs.
+        summary["expert"] = {"adapter": f"select/{upstream['select'].name}/adapter"}
+        if "quantize" in upstream:
+            summary["expert"]["base"] = f"quantize/{upstream['quantize'].name}"
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_results(summary, out_dir / RESULTS_PLOT)
     (out_dir / "report.md").write_text(render(summary, details, sorted(p.name for p in out_dir.glob("*.png"))))
@@ -70,6 +74,12 @@ def render(summary: dict, details: dict, plots: list[str]) -> str:
         if role == "select" and details.get("select", {}).get("per checkpoint"):
             rows = [{k: _round(v) for k, v in row.items()} for row in details["select"]["per checkpoint"]]
             lines += ["Dev scores per checkpoint:", "", to_markdown(rows), ""]
+        if role == "select" and summary.get("expert"):
+            where = summary["expert"]
+            base = f" on the base `{where['base']}`" if "base" in where else ""
+            lines += [f"The expert is the adapter `{where['adapter']}`{base}, in the artifact store. "
+                      f"`expert export ARTIFACTS/{where['adapter'].removesuffix('/adapter')} --out DIR` writes both "
+                      "into one folder with a model card that says how to load and ask it.", ""]
     timings = [{"stage": k, "seconds (when built)": v} for k, v in summary["timings_s"].items()]
     lines += ["## Stage timings", "", to_markdown(timings), ""]
     lines += [f"![{p}]({p})" for p in plots]

@@ -61,8 +61,8 @@ class Report(Stage):
     name: ClassVar[str] = "report"
     # 3: where and in what dtype each evaluation scored; 4: results.png, majority row; 5: MMLU notes
     # (a subset is not comparable with published full-MMLU results; the paper's categories, not lm-eval's);
-    # 6: the GPTQ kernel each evaluation scored with
-    version: ClassVar[int] = 6
+    # 6: the GPTQ kernel each evaluation scored with; 7: where the expert is, and `expert export`
+    version: ClassVar[int] = 7
 
     def key_config(self, config):
         return {k: v for k, v in config.canonical().items() if k != "artifacts_dir"}

@@ -365,7 +365,7 @@ def test_disk_full_while_writing_the_manifest_marks_nothing_complete(tmp_path, m
         Path(path).write_text('{"files": {')  # a torn write, then the error
         raise enospc(path)
 
-    monkeypatch.setattr(artifacts, "_write_json_durably", no_space)
+    monkeypatch.setattr(artifacts, "write_json_durably", no_space)
     with pytest.raises(ExpertError, match="disk is full") as err:
         store.build(request, lambda out: (out / "f.txt").write_text("x") and None)
     assert isinstance(err.value.__cause__, OSError)

@@ -40,6 +40,10 @@ def test_report_compares_runs_and_shows_stage_details(tmp_path):
     assert "| 8 | 0.4 |" in report  # dev score of every checkpoint
     assert report.index("**expert**") < report.index("GPT-4") < report.index("**base**")  # ranked with references
     assert "| average (question-weighted) | 30.0 | 20.0 | -10.0 |" in report
+    # Where the expert is, and the command that exports it.
+    assert summary["expert"] == {"adapter": "select/select/adapter", "base": "quantize/quantize"}
+    assert ("The expert is the adapter `select/select/adapter` on the base `quantize/quantize`, in the artifact "
+            "store. `expert export ARTIFACTS/select/select --out DIR`") in report
 
 
 def test_inline_images_embeds_local_plots_only(tmp_path):

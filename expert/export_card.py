@@ -1,0 +1,135 @@
+"""The README.md of an exported expert: what it is, how it scored, and code that loads and asks it.
+
+The code block is the one a user copies; tests run it on an export and compare its answers
+with EXPERT's own scoring of the same questions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# How each kind of base loads with transformers alone; NF4 is quantized as EXPERT trained on it
+# (expert.modeling._nf4_config).
+_LOADS = {
+    "gptq": 'model = AutoModelForCausalLM.from_pretrained(folder / "base", dtype="auto", device_map="auto")',
+    "nf4": ('model = AutoModelForCausalLM.from_pretrained(folder / "base", device_map="auto", quantization_config='
+            'BitsAndBytesConfig(\n    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,\n'
+            '    bnb_4bit_compute_dtype=torch.bfloat16))'),
+}
+_PLAIN_LOAD = 'model = AutoModelForCausalLM.from_pretrained(folder / "base", dtype="auto", device_map="auto")'
+_NEEDS = {
+    "gptq": "The base is GPTQ 4-bit: transformers loads it through gptqmodel (`pip install gptqmodel`).",
+    "nf4": ("The adapter was trained on the base quantized to NF4 as it loads: the code loads it the same way, "
+            "which needs bitsandbytes and, for its 4-bit layers, a GPU."),
+}
+
+
+def model_card(info: dict[str, Any]) -> str:
+    base, adapter, prompt = info["base"], info["adapter"], info["prompt"]
+    title = info.get("name") or f"{base.get('source') or base.get('architecture') or 'a model'} for {prompt['benchmark']}"
+    lines = [f"# {title}: an expert made by EXPERT", ""]
+    lines += _what(info) + [""]
+    if info["results"]:
+        lines += _results(info["results"]) + [""]
+    lines += ["## Use it", "", _NEEDS.get(base["kind"], "The base is a plain transformers model."),
+              "The expert answers by scoring each choice after the prompt, as EXPERT and lm-evaluation-harness "
+              "score it: the answer is the choice whose tokens are the most likely continuation.", "",
+              "```python", usage_code(base["kind"], prompt["choices"]), "```", ""]
+    lines += _prompt(prompt)
+    lines += ["", "## Files", "",
+              "- `base/`: the base model the adapter was trained on",
+              "- `adapter/`: the LoRA adapter (PEFT); `base_model_name_or_path` is `base`, this folder's "
+              "sibling, so `AutoPeftModelForCausalLM.from_pretrained(\"adapter\")` works from this folder",
+              "- `expert.json`: these facts for programs; `manifest.json`: every file's size and sha256 "
+              "(`expert verify .` checks them)", ""]
+    return "\n".join(lines)
+
+
+def usage_code(kind: str, choices: list[str]) -> str:
+    imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
+    if kind == "nf4":
+        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig"
+    return f'''from pathlib import Path
+
+import torch
+from peft import PeftModel
+{imports}
+
+folder = Path(".")  # this folder
+tokenizer = AutoTokenizer.from_pretrained(folder / "base")
+{_LOADS.get(kind, _PLAIN_LOAD)}
+model = PeftModel.from_pretrained(model, folder / "adapter").eval()
+
+
+def answer(prompt: str, choices=({", ".join(repr(c) for c in choices)},)) -> str:
+    context = prompt.rstrip()
+    start = len(tokenizer(context).input_ids)
+    scores = []
+    for choice in choices:
+        ids = tokenizer(context + prompt[len(context):] + " " + choice).input_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device=model.device)).logits[0].float()
+        logprobs = logits.log_softmax(-1)
+        scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))))
+    return choices[scores.index(max(scores))]'''
+
+
+def _what(info: dict[str, Any]) -> list[str]:
+    base, adapter, training = info["base"], info["adapter"], info["training"]
+    quant = base.get("quantization") or {}
+    kind = {"gptq": f"GPTQ {quant.get('bits', 4)}-bit, group size {quant.get('group_size')}",
+            "nf4": "NF4 4-bit (bitsandbytes, quantized as it loads)"}.get(base["kind"], "not quantized")
+    lora = adapter["lora"]
+    targets = ", ".join(lora["target_modules"]) if isinstance(lora["target_modules"], list) else lora["target_modules"]
+    size = f", {base['n_params'] / 1e6:,.0f}M parameters" if base.get("n_params") else ""
+    lines = [f"- Base: `{base.get('source') or base.get('architecture')}`{size}, {kind} (`base/`; artifact "
+             f"`{base['artifact']}`)",
+             f"- Adapter: LoRA r {lora['r']}, alpha {lora['lora_alpha']}, dropout {lora['lora_dropout']}, on "
+             f"{targets} (`adapter/`)"]
+    if training.get("steps") is not None:
+        epochs = training.get("epochs")
+        lines.append(f"- Trained {training['steps']} optimizer steps ({epochs:.2f} epochs) on {training.get('examples')} "
+                     f"examples, {training.get('precision')} on {training.get('device')}"
+                     if epochs is not None else f"- Trained {training['steps']} optimizer steps")
+    if adapter.get("step") is not None:
+        lines.append(f"- Chosen: the checkpoint of step {adapter['step']}, the best {adapter.get('selected_by')} "
+                     f"({_number(adapter.get('dev_score'))}) of {adapter.get('checkpoints_scored')} on "
+                     f"{adapter.get('dev_questions')} held-out dev questions")
+    return lines
+
+
+_ROWS = {"expert": "the expert", "base": "the base it was trained on, alone",
+         "original": "the original model (before quantization)"}
+
+
+def _results(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Results", "", "| benchmark | model | n | accuracy (%) | macro-F1 (%) |", "|---|---|---|---|---|"]
+    for row in rows:
+        accuracy = row.get("accuracy", row.get("average"))
+        lines.append(f"| {row['benchmark']} ({row['split']}) | {_ROWS[row['model']]} "
+                     f"| {row['n']} | {_percent(accuracy)} | {_percent(row.get('macro_f1'))} |")
+    lines += ["", "Scored by EXPERT's evaluate stage on the store this was exported from (MMLU: the average "
+              "over questions, 5-shot)."]
+    return lines
+
+
+def _prompt(prompt: dict[str, Any]) -> list[str]:
+    lines = ["## Prompt", ""]
+    if prompt.get("template"):
+        lines += [f"The `{prompt['template_name']}` template; `{{contexts}}` is the abstract's sections joined "
+                  "by newlines:", "", "```text", prompt["template"], "```", ""]
+    choices = ", ".join(f'"{c}"' for c in prompt["choices"])
+    lines.append(f"Choices: {choices}, each scored as a space and the word after the prompt.")
+    example = prompt.get("example")
+    if example:
+        lines += ["", f"A dev question as it was scored (answer: {example['answer']}):", "", "```text",
+                  example["prompt"], "```"]
+    return lines
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

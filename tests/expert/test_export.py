@@ -1,0 +1,178 @@
+"""`expert export`: the selected expert as one folder that loads and answers without EXPERT.
+
+The store is built by the real stages on the tiny fixture model (no Prefect): import, format,
+quantize, train, select and the expert's PubMedQA evaluation.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from expert.errors import ExpertError
+from expert.evaluation import EvalConfig
+from expert.export import export_expert
+from expert.pipeline_config import PipelineConfig
+from expert.stages import Evaluate, FormatPubMedQA, ImportModel, Quantize, Select, Train
+from expert.workspace import Workspace
+from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
+
+pytestmark = pytest.mark.slow
+
+
+def _build(workspace: Workspace, stage, config, upstream: dict | None = None) -> dict:
+    """One stage as the pipeline's task runs it, minus Prefect: reuse or build its artifact."""
+    upstream = upstream or {}
+    inputs = stage.fetch(config, workspace)
+    request = stage.request(config, upstream, inputs)
+    paths = {role: Path(ref["path"]) for role, ref in upstream.items()}
+    store = workspace.store
+    artifact = store.get(request) or store.build(
+        request, lambda out: stage.produce(config, paths, inputs, out, None, store.work_dir(request)),
+        reports=stage.report_files)
+    return artifact.ref()
+
+
+def _pipeline_store(root: Path, method: str) -> tuple[Workspace, dict]:
+    inputs = tiny_inputs(root / "inputs")
+    raw = tiny_config_dict(inputs, quantize={"method": method}, eval={"batch_size": 4, "dtype": "float32"})
+    config = PipelineConfig.from_dict(raw)
+    ws = Workspace.at(config.artifacts_dir)
+    base = _build(ws, ImportModel(), config.model)
+    data = _build(ws, FormatPubMedQA(), config.data.pubmedqa, {"model": base})
+    quantized = _build(ws, Quantize(), config.quantize, {"model": base, "data": data})
+    trained = _build(ws, Train(), config.train, {"model": quantized, "data": data})
+    selected = _build(ws, Select(eval_config=config.eval), config.select,
+                      {"model": quantized, "train": trained, "data": data})
+    adapter = {**selected, "path": selected["path"] + "/adapter"}
+    expert = _build(ws, Evaluate("pubmedqa"), config.eval, {"model": quantized, "data": data, "adapter": adapter})
+    return ws, {"select": Path(selected["path"]), "data": Path(data["path"]), "expert_eval": Path(expert["path"]),
+                "quantized": Path(quantized["path"])}
+
+
+@pytest.fixture(scope="module")
+def plain_store(tmp_path_factory):
+    return _pipeline_store(tmp_path_factory.mktemp("plain"), "none")
+
+
+@pytest.fixture(scope="module")
+def gptq_store(tmp_path_factory):
+    return _pipeline_store(tmp_path_factory.mktemp("gptq"), "gptq")
+
+
+def _card_answer(folder: Path, monkeypatch):
+    """Run the model card's code block as a user would, from the exported folder."""
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(folder)
+    namespace: dict = {}
+    exec(compile(code, str(folder / "README.md"), "exec"), namespace)
+    return namespace
+
+
+def test_a_plain_base_export_answers_as_the_evaluate_stage_scored_it(plain_store, tmp_path, monkeypatch):
+    _, found = plain_store
+    out = tmp_path / "expert"
+    out.mkdir()
+    info = export_expert(found["select"], out)
+
+    # Portable: the adapter names its base as the sibling folder, not the store's absolute path.
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "base"
+    assert (out / "base" / "config.json").is_file() and not (out / "base" / "manifest.json").exists()
+    assert info["base"]["kind"] == "none" and info["prompt"]["choices"] == ["yes", "no", "maybe"]
+    expert_rows = [r for r in info["results"] if r["model"] == "expert"]
+    scored = json.loads((found["expert_eval"] / "metrics.json").read_text())
+    assert expert_rows == [{"model": "expert", "benchmark": "pubmedqa", "split": "test", "n": scored["n"],
+                            "accuracy": scored["accuracy"], "macro_f1": scored["macro_f1"]}]
+
+    # The card's code, run from the export, gives the evaluate stage's answers (both float32).
+    answer = _card_answer(out, monkeypatch)["answer"]
+    predictions = pd.read_parquet(found["expert_eval"] / "predictions.parquet")
+    test = pd.read_parquet(found["data"] / "test.parquet").set_index("id")
+    logliks = predictions[["loglik_yes", "loglik_no", "loglik_maybe"]].to_numpy(copy=True)
+    logliks.sort(axis=1)
+    sure = predictions[logliks[:, -1] - logliks[:, -2] > 1e-3].head(8)  # no near ties
+    assert len(sure) >= 4, predictions
+    assert [answer(test.loc[i, "prompt"]) for i in sure["id"]] == list(sure["prediction"])
+
+
+def test_the_export_is_checked_and_verifiable(plain_store, tmp_path, capsys):
+    from expert.cli import main
+
+    _, found = plain_store
+    out = tmp_path / "expert"
+    assert main(["export", str(found["select"]), "--out", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "The `lm-eval` template" in card and "answer: " in card and "| pubmedqa (test) | the expert |" in card
+
+    # A damaged adapter in the store is reported, not exported.
+    damaged = tmp_path / "store-copy"
+    shutil.copytree(found["select"].parent.parent, damaged)
+    select_copy = damaged / "select" / found["select"].name
+    with open(select_copy / "adapter" / "adapter_model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ExpertError, match=r"the select artifact is damaged .*adapter_model.safetensors.* delete"):
+        export_expert(select_copy, tmp_path / "never")
+
+    # So is a base the selection no longer matches, and a missing one.
+    quantized_copy = damaged / "quantize" / found["quantized"].name
+    shutil.rmtree(damaged / "select")
+    shutil.copytree(found["select"], select_copy)
+    manifest = json.loads((quantized_copy / "manifest.json").read_text())
+    manifest["files"]["quantization.json"]["sha256"] = "0" * 64
+    (quantized_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExpertError, match=r"model artifact .* was rebuilt after the selection"):
+        export_expert(select_copy, tmp_path / "never2")
+    shutil.rmtree(quantized_copy)
+    with pytest.raises(ExpertError, match=r"model artifact \w+ that the selection \w+ was made from is not in the store"):
+        export_expert(select_copy, tmp_path / "never3")
+    assert main(["export", str(found["data"]), "--out", str(tmp_path / "never4")]) == 2
+    assert "is a format_pubmedqa artifact, not a select one" in capsys.readouterr().err
+
+
+def test_a_gptq_export_loads_through_transformers_and_answers(gptq_store, tmp_path, monkeypatch):
+    _, found = gptq_store
+    out = tmp_path / "expert"
+    out.mkdir()
+    info = export_expert(found["select"] / "adapter", out)  # the adapter folder, as `expert run` names it
+    assert info["base"]["kind"] == "gptq" and info["base"]["quantization"]["bits"] == 4
+    assert (out / "base" / "quantize_config.json").is_file()
+    assert not list((out / "base").glob("quantization_report*"))  # the store's reports stay there
+    card = (out / "README.md").read_text()
+    assert "pip install gptqmodel" in card and "GPTQ 4-bit, group size 32" in card
+
+    namespace = _card_answer(out, monkeypatch)
+    model = namespace["model"]
+    assert any(type(m).__name__.endswith("Linear") and hasattr(m, "qweight") for m in model.modules())
+    test = pd.read_parquet(found["data"] / "test.parquet")
+    assert {namespace["answer"](p) for p in test["prompt"].head(3)} <= {"yes", "no", "maybe"}
+
+    # The adapter folder loads by itself from the export, as PEFT's Auto class reads its base.
+    from peft import AutoPeftModelForCausalLM
+
+    reloaded = AutoPeftModelForCausalLM.from_pretrained("adapter")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits.float(), model(ids).logits.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, loads", [
+    ("gptq", 'from_pretrained(folder / "base", dtype="auto"'),
+    ("none", 'from_pretrained(folder / "base", dtype="auto"'),
+    ("nf4", 'bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True'),
+])
+def test_the_card_code_loads_each_kind_of_base_as_it_was_trained_on(kind, loads):
+    """NF4 needs bitsandbytes' GPU layers, so its code is checked here, not run: it must parse,
+    import what it uses, and quantize as `expert.modeling._nf4_config` does."""
+    from expert.export_card import usage_code
+
+    code = usage_code(kind, ["yes", "no"])
+    compile(code, "card", "exec")
+    assert loads in code and "choices=('yes', 'no',)" in code
+    assert ("BitsAndBytesConfig" in code.split("folder = ")[0]) == (kind == "nf4")
