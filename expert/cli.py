@@ -7,7 +7,7 @@
     expert format mmlu --source DIR_OR_HF --out DIR
     expert eval --model DIR [--adapter DIR] --benchmark pubmedqa|mmlu --data DIR --out DIR [--set key=value]
                 [--no-resume]
-    expert export SELECT_DIR --out DIR                the chosen expert as one portable folder
+    expert export SELECT_DIR --out DIR [--merge [--dtype D]]   the chosen expert as one portable folder
     expert verify PATH ...                            check artifacts fully against their manifests
     expert clean [PATH ...] [--older-than DAYS] [--dry-run]   remove unfinished builds' leftovers
 
@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("select", type=Path, metavar="SELECT_DIR",
                      help="the select stage's artifact, artifacts/select/<key> (the report names it)")
     exp.add_argument("--out", required=True, type=Path)
+    exp.add_argument("--merge", action="store_true",
+                     help="fold the adapter into the base's weights: one plain transformers model (model/)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="the merged model's dtype (auto: the base checkpoint's); only with --merge")
     exp.set_defaults(handler=cmd_export)
 
     ver = sub.add_parser("verify", parents=[common], help="check artifacts against their manifests, every byte")
@@ -302,8 +306,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not args.select.is_dir():
         raise ExpertError(f"'{args.select}' is not a folder; give the select stage's artifact, "
                           "artifacts/select/<key> (the report's 'Checkpoint selection' names it)")
+    if args.dtype != "auto" and not args.merge:
+        raise ExpertError(f"--dtype {args.dtype} applies to a merged model: add --merge, or leave --dtype out "
+                          "(base and adapter are exported as they are stored)")
     _check_out(args.out)
-    info = _write_into(args.out, lambda tmp: export_expert(args.select, tmp))
+    info = _write_into(args.out, lambda tmp: export_expert(args.select, tmp, merge=args.merge, dtype=args.dtype))
     print(json.dumps({"base": info["base"]["source"], "step": info["adapter"]["step"],
                       "results": info["results"]}, indent=2))
 

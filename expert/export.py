@@ -10,6 +10,7 @@ another machine or the Hub cannot resolve. The export gathers the pieces into on
 
     base/          the base model as transformers loads it (a GPTQ base needs gptqmodel installed)
     adapter/       the LoRA adapter; its base_model_name_or_path is the sibling folder "base"
+      or, with merge, model/  the adapter folded into the base's weights (expert/export_merge.py)
     README.md      the model card: what was trained on what, its scores, the prompt, how to load and score it
     expert.json    the same facts, for programs
     manifest.json  every file's size and sha256, written last (`expert verify` checks it)
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from expert.artifacts import MANIFEST, describe_files, write_json_durably, content_id, package_versions, verify
+from expert.artifacts import MANIFEST, content_id, describe_files, package_versions, verify, write_json_durably
 from expert.errors import ExpertError
 from expert.export_card import model_card
 
@@ -33,9 +35,10 @@ EXPORT_FORMAT = 1
 _CHUNK = 8 << 20
 
 
-def export_expert(select_dir: Path, out: Path) -> dict[str, Any]:
+def export_expert(select_dir: Path, out: Path, merge: bool = False, dtype: str = "auto") -> dict[str, Any]:
     """Write the expert selected in `select_dir` (artifacts/select/KEY) into `out` (an empty
-    folder); return what expert.json holds."""
+    folder); return what expert.json holds. `merge`: one merged model in `dtype` (by name, or
+    "auto": the base checkpoint's) instead of base + adapter."""
     from expert.modeling import model_kind, resolve_base
 
     select_dir = Path(select_dir).resolve()
@@ -50,11 +53,20 @@ def export_expert(select_dir: Path, out: Path) -> dict[str, Any]:
     # stands for (nf4 quantizes them as they load): those are what the export carries.
     base_kind = model_kind(model_dir)
 
-    _copy_checked(resolve_base(model_dir), out / "base")
-    _copy_checked(select_dir, out / "adapter", under="adapter")
-    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = "base"
-    (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    if merge:
+        from expert.export_merge import merge_adapter, merged_dtype
+
+        _check_whole(resolve_base(model_dir))  # the merge reads the store in place: check it first
+        dtype = merged_dtype(dtype, resolve_base(model_dir))
+        merge_adapter(model_dir, base_kind, select_dir / "adapter", out / "model", dtype)
+        adapter_config = json.loads((select_dir / "adapter" / "adapter_config.json").read_text())
+    else:
+        _copy_checked(resolve_base(model_dir), out / "base")
+        _copy_checked(select_dir, out / "adapter", under="adapter")
+        adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = "base"
+        (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True)
+                                                             + "\n")
 
     pipeline = _pipeline_config(store, select_id)
     info = {
@@ -63,13 +75,17 @@ def export_expert(select_dir: Path, out: Path) -> dict[str, Any]:
         "exported_from": {"select": manifest["key"], "model": model_dir.name, "train": train_dir.name},
         "base": _base_info(store, model_dir, base_kind, pipeline.get("model", {}).get("source")),
         "adapter": _adapter_info(manifest, adapter_config),
+        "merged": {"folder": "model", "dtype": dtype} if merge else None,
         "training": _training_info(train_dir),
         "prompt": _prompt_info(data_dir),
         "results": _results(store, select_id, model_dir, base_kind),
         "versions": package_versions(),
     }
+    if merge:  # one model folder holds both
+        info["base"]["folder"] = info["adapter"]["folder"] = None
     write_json_durably(out / "expert.json", info)
     (out / "README.md").write_text(model_card(info))
+    _readable(out)
     files = describe_files(out)
     write_json_durably(out / MANIFEST, {"stage": "export", "key": manifest["key"], "files": files})
     return info
@@ -118,6 +134,23 @@ def _upstream(store: Path, manifest: dict[str, Any], role: str) -> Path:
         raise ExpertError(f"the {role} artifact {folder} was rebuilt after the selection {manifest['key']} and "
                           "holds other files now; run the pipeline again so that training and selection follow it")
     return folder
+
+
+def _readable(out: Path) -> None:
+    """Files as the user's umask makes new ones: save_pretrained leaves its weights owner-only
+    (0600), which a folder made to be shared should not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def _check_whole(folder: Path) -> None:
+    problem = verify(folder, full=True)
+    if problem:
+        raise ExpertError(f"the base model artifact is damaged ({problem}); delete {folder} and run the pipeline "
+                          "again, it rebuilds it")
 
 
 def _copy_checked(src: Path, dst: Path, under: str = "") -> None:

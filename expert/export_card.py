@@ -17,6 +17,14 @@ _LOADS = {
             '    bnb_4bit_compute_dtype=torch.bfloat16))'),
 }
 _PLAIN_LOAD = 'model = AutoModelForCausalLM.from_pretrained(folder / "base", dtype="auto", device_map="auto")'
+_MERGED = {
+    "gptq": ("A plain transformers model in {dtype}: the adapter folded into the GPTQ base's dequantized weights, so "
+             "it computes what the scored expert computed, up to the rounding of the merged weights to {dtype}."),
+    "nf4": ("A plain transformers model in {dtype}: the adapter folded into the float weights the NF4 base was "
+            "quantized from (QLoRA's usual merge); it differs from the scored expert by NF4's rounding."),
+    "none": "A plain transformers model in {dtype}: the adapter folded into the base's weights.",
+    "plain": "A plain transformers model in {dtype}: the adapter folded into the base's weights.",
+}
 _NEEDS = {
     "gptq": "The base is GPTQ 4-bit: transformers loads it through gptqmodel (`pip install gptqmodel`).",
     "nf4": ("The adapter was trained on the base quantized to NF4 as it loads: the code loads it the same way, "
@@ -31,34 +39,48 @@ def model_card(info: dict[str, Any]) -> str:
     lines += _what(info) + [""]
     if info["results"]:
         lines += _results(info["results"]) + [""]
-    lines += ["## Use it", "", _NEEDS.get(base["kind"], "The base is a plain transformers model."),
+    merged = info.get("merged")
+    needs = _MERGED[base["kind"]].format(dtype=merged["dtype"]) if merged else \
+        _NEEDS.get(base["kind"], "The base is a plain transformers model.")
+    lines += ["## Use it", "", needs,
               "The expert answers by scoring each choice after the prompt, as EXPERT and lm-evaluation-harness "
               "score it: the answer is the choice whose tokens are the most likely continuation.", "",
-              "```python", usage_code(base["kind"], prompt["choices"]), "```", ""]
+              "```python", usage_code(base["kind"], prompt["choices"], merged=bool(merged)), "```", ""]
     lines += _prompt(prompt)
-    lines += ["", "## Files", "",
-              "- `base/`: the base model the adapter was trained on",
-              "- `adapter/`: the LoRA adapter (PEFT); `base_model_name_or_path` is `base`, this folder's "
-              "sibling, so `AutoPeftModelForCausalLM.from_pretrained(\"adapter\")` works from this folder",
+    files = ["- `model/`: the merged model (base + adapter), with its tokenizer"] if merged else [
+        "- `base/`: the base model the adapter was trained on",
+        "- `adapter/`: the LoRA adapter (PEFT); `base_model_name_or_path` is `base`, this folder's sibling, so "
+        "`AutoPeftModelForCausalLM.from_pretrained(\"adapter\")` works from this folder"]
+    lines += ["", "## Files", "", *files,
               "- `expert.json`: these facts for programs; `manifest.json`: every file's size and sha256 "
               "(`expert verify .` checks them)", ""]
     return "\n".join(lines)
 
 
-def usage_code(kind: str, choices: list[str]) -> str:
-    imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
-    if kind == "nf4":
-        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig"
-    return f'''from pathlib import Path
+def usage_code(kind: str, choices: list[str], merged: bool = False) -> str:
+    if merged:
+        loading = '''from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch
-from peft import PeftModel
+folder = Path(".")  # this folder
+tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype="auto", device_map="auto").eval()
+'''
+    else:
+        imports = "from transformers import AutoModelForCausalLM, AutoTokenizer"
+        if kind == "nf4":
+            imports = "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig"
+        loading = f'''from peft import PeftModel
 {imports}
 
 folder = Path(".")  # this folder
 tokenizer = AutoTokenizer.from_pretrained(folder / "base")
 {_LOADS.get(kind, _PLAIN_LOAD)}
 model = PeftModel.from_pretrained(model, folder / "adapter").eval()
+'''
+    return f'''from pathlib import Path
+
+import torch
+{loading.rstrip()}
 
 
 def answer(prompt: str, choices=({", ".join(repr(c) for c in choices)},)) -> str:

@@ -5,6 +5,7 @@ quantize, train, select and the expert's PubMedQA evaluation.
 """
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -176,3 +177,45 @@ def test_the_card_code_loads_each_kind_of_base_as_it_was_trained_on(kind, loads)
     compile(code, "card", "exec")
     assert loads in code and "choices=('yes', 'no',)" in code
     assert ("BitsAndBytesConfig" in code.split("folder = ")[0]) == (kind == "nf4")
+
+
+def test_a_merged_gptq_export_computes_what_the_scored_expert_computed(gptq_store, tmp_path, monkeypatch):
+    """Folded into the dequantized GPTQ weights: the plain model's logits are those of the base +
+    adapter under gptqmodel's torch kernel (float32), and it loads with transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    from expert.cli import main
+    from expert.modeling import load_model
+
+    _, found = gptq_store
+    out = tmp_path / "merged"
+    assert main(["export", str(found["select"]), "--out", str(out), "--merge", "--dtype", "float32"]) == 0
+    info = json.loads((out / "expert.json").read_text())
+    assert info["merged"] == {"folder": "model", "dtype": "float32"} and not (out / "base").exists()
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert "quantization_config" not in config and config["use_cache"] is True
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    assert not any(hasattr(m, "qweight") or hasattr(m, "lora_A") for m in merged.modules())
+    expert, _ = load_model(found["quantized"], adapter_dir=found["select"] / "adapter", device="cpu",
+                           dtype="float32", gptq_kernel="torch")
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expert(ids).logits, rtol=0, atol=1e-4)
+    assert "folded into the GPTQ base's dequantized weights" in (out / "README.md").read_text()
+    answer = _card_answer(out, monkeypatch)["answer"]
+    test = pd.read_parquet(found["data"] / "test.parquet")
+    assert {answer(p) for p in test["prompt"].head(2)} <= {"yes", "no", "maybe"}
+    assert main(["verify", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    # As the user's umask makes new files, not save_pretrained's owner-only 0600.
+    assert {path.stat().st_mode & 0o777 for path in out.rglob("*.safetensors")} == {0o666 & ~umask}
+
+
+def test_dtype_without_merge_is_refused(gptq_store, tmp_path, capsys):
+    from expert.cli import main
+
+    _, found = gptq_store
+    assert main(["export", str(found["select"]), "--out", str(tmp_path / "x"), "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 applies to a merged model: add --merge" in capsys.readouterr().err
