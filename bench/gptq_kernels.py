@@ -27,7 +27,7 @@ from pathlib import Path
 from common import command_line, describe_machine, newest_artifact, work_dir, write_result  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PAIRS = "bfloat16:auto,bfloat16:torch_aten,bfloat16:torch_fused,float32:auto,float32:torch,float32:torch_fused"
+DEFAULT_PAIRS = "bfloat16:auto,bfloat16:torch_aten,bfloat16:torch_fused,float32:auto,float32:torch_aten,float32:torch_fused"
 
 
 def main() -> None:

@@ -274,8 +274,9 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, dtype: torch.dty
     For training, gptqmodel's plain torch kernel on the CPU (TorchAtenLinear, picked by "auto",
     latches into inference mode, see the module docstring; "auto_trainable" still picks it), and
     a trainable kernel on a GPU. For inference, gptqmodel's fastest kernel ("auto"), except on a
-    CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`), and on a
-    Hopper GPU without Machete's sources (`expert.gptq_kernel`). A kernel the user named
+    CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`), on a CPU
+    scoring in another dtype (below), and on a Hopper GPU without Machete's sources
+    (`expert.gptq_kernel`). A kernel the user named
     (`kernel` other than "auto") is taken as named, once gptqmodel accepts it here.
     """
     from transformers import GPTQConfig
@@ -287,9 +288,13 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, dtype: torch.dty
                                  "train.gptq_kernel" if training else "eval.gptq_kernel")
     elif training or dense_cache:
         backend = "gptq_torch" if device.type == "cpu" else "auto_trainable"
-    elif device.type == "cpu" and not aten_int4_fits(stored):
-        # "auto" picks the int4 ATen kernel for any 4-bit model, which then fails on the first
-        # forward for group sizes it lacks: take the plain torch kernel instead.
+    elif device.type == "cpu" and (dtype != torch.bfloat16 or not aten_int4_fits(stored)):
+        # "auto" picks the int4 ATen kernel for any 4-bit model. It fails on the first forward
+        # for group sizes it lacks, and it multiplies in bf16 whatever dtype it is given: scoring
+        # the 4-bit SmolLM2 "in float32" with it moved logits by up to 1.0 from the float32 sums
+        # of the very same weights (bf16 itself: 3.8). A float32 evaluation computes in float32
+        # with the plain torch kernel, the weights training used, and ran faster on a Xeon too
+        # (1.97 against 1.21 questions/s, bench/results/gptq_kernels_cpu.json).
         backend = "gptq_torch"
     else:
         backend = inference_backend(stored, device, dtype)
@@ -305,9 +310,9 @@ def _gptq_dense_cache_fits(model_dir: Path, device: torch.device, dtype: torch.d
     weights, the same model. On a CPU with native bf16 matmuls (AMD EPYC, AVX512-BF16, 2 threads)
     the 4-bit SmolLM2 scored PubMedQA's 500 test questions at 5.8 questions/s this way against
     3.2 with the int4 kernel (3 answers of 500 changed: bf16 rounds the two kernels' sums
-    differently). In float32 a dense matmul is slower than the int4 kernel, which computes in
-    bf16 anyway (2.3 vs 3.3 questions/s), and the copy costs 16 bits per weight in host memory:
-    only in bf16, and only while the copy takes at most half the memory available (each
+    differently). In float32 the plain torch kernel dequantizes on each call (the int4 kernel,
+    faster on that EPYC at 3.3 against 2.3 questions/s, computes in bf16: see
+    `_gptq_loading_config`), and the copy costs 16 bits per weight in host memory: only in bf16, and only while the copy takes at most half the memory available (each
     process checks for itself: concurrent loads on one host, e.g. local dask workers, could
     together take more).
     """

@@ -135,13 +135,13 @@ def test_gptq_kernels(inputs, tmp_path, tmp_path_factory):
 
     gptq = tiny_setup(tmp_path_factory).gptq  # the tiny Llama in 4 bits, group size 32 (the int4 kernel's)
     result = _bench("gptq_kernels.py", tmp_path / "kernels.json", "--model", str(gptq), "--data",
-                    str(inputs["data"]), "--pairs", "bfloat16:auto,bfloat16:torch_aten,float32:auto,float32:torch",
+                    str(inputs["data"]), "--pairs", "bfloat16:auto,bfloat16:torch_aten,float32:auto,float32:torch_aten",
                     "--rounds", "1")
     pairs = result["pairs"]
     # Each pair scored with the kernel it names: eval.gptq_kernel reached the load in each process.
     assert {p: row["layers"] for p, row in pairs.items()} == {
         "bfloat16:auto": "TorchLinear", "bfloat16:torch_aten": "TorchAtenLinear",
-        "float32:auto": "TorchAtenLinear", "float32:torch": "TorchLinear"}, pairs
+        "float32:auto": "TorchLinear", "float32:torch_aten": "TorchAtenLinear"}, pairs
     assert all(0 <= row["same_predictions_as_auto"] <= row["n"] > 0 for row in pairs.values()), pairs
     assert pairs["bfloat16:auto"]["same_predictions_as_auto"] == pairs["bfloat16:auto"]["n"]  # itself
     assert result["ours"]["value"] == pairs["bfloat16:auto"]["questions_per_s"]

@@ -78,9 +78,10 @@ def test_gptq_on_the_cpu_compiles_nothing(setup):
 
 
 def test_gptq_trap_is_real_without_training_settings(setup):
-    """Control for the test above: loaded for inference, gptqmodel's CPU kernel latches into its
-    no-grad int4 path on the eval forward, and LoRA upstream of it gets no gradient."""
-    model, tok = load_model(setup.gptq)
+    """Control for the test above: loaded for inference with gptqmodel's int4 CPU kernel (its own
+    "auto" choice), it latches into its no-grad int4 path on the eval forward, and LoRA upstream
+    of it gets no gradient."""
+    model, tok = load_model(setup.gptq, gptq_kernel="torch_aten")
     _, grads = _eval_then_train(model, tok, steps=1)
     assert any(g == 0 for g in grads.values()), grads
 
@@ -169,6 +170,24 @@ def test_gptq_scoring_in_bf16_on_the_cpu_keeps_the_dequantized_weights(setup, mo
     assert not any(getattr(m, "_cache_enabled", False) for m in _quant_layers(trained))
 
 
+def test_float32_scoring_of_a_gptq_model_on_the_cpu_computes_in_float32(setup):
+    """gptqmodel's "auto" CPU kernel (int4 ATen) multiplies in bf16 whatever it is given; a float32
+    evaluation takes the plain torch kernel and gets the float32 sums of the dequantized weights
+    that training multiplies by (expert/train/frozen.py)."""
+    from expert.train.frozen import dense_gptq_layers
+
+    scored, tok = load_model(setup.gptq, device="cpu", dtype="float32")
+    assert {type(m).__name__ for m in _quant_layers(scored)} == {"TorchLinear"}
+    dense, _ = load_model(setup.gptq, training=True, device="cpu", dtype="float32")
+    assert dense_gptq_layers(dense, torch.float32)[0] == len(_quant_layers(scored))
+    dense.eval()
+    want = logits(dense, tok)
+    exact = (logits(scored, tok) - want).abs().max().item()
+    aten, _ = load_model(setup.gptq, device="cpu", dtype="float32", gptq_kernel="torch_aten")
+    rounded = (logits(aten, tok) - want).abs().max().item()
+    assert exact < 1e-5 and rounded > 100 * exact, (exact, rounded)
+
+
 def test_gptq_dense_cache_only_in_bf16_and_within_memory(setup, monkeypatch):
     dense = modeling._gptq_dense_bytes(setup.gptq)
     layers = sum(m.in_features * m.out_features for m in _quant_layers(load_model(setup.gptq)[0]))
@@ -176,7 +195,7 @@ def test_gptq_dense_cache_only_in_bf16_and_within_memory(setup, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(modeling, "available_memory", lambda: 2 * dense)
     assert modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.bfloat16)
-    assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float32)  # int4 kernel is faster there
+    assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float32)  # the torch kernel, uncached
     assert not modeling._gptq_dense_cache_fits(setup.gptq, cpu, torch.float16)  # emulated on CPUs, unmeasured
     assert not modeling._gptq_dense_cache_fits(setup.gptq, torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(modeling, "available_memory", lambda: 2 * dense - 1)

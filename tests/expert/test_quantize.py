@@ -124,10 +124,11 @@ def test_the_plot_draws_a_line_per_kind_of_layer_across_the_blocks():
 
 
 def test_gptq_reload_inference_and_training_kernels_agree(setup):
-    """The inference kernel (int4 ATen, bfloat16 activations) and the training kernel (dequantize
-    + float32 matmul) read the same packed weights independently: they must agree."""
+    """gptqmodel's int4 ATen kernel (its own inference choice on a CPU, bfloat16 inside) and the
+    training kernel (dequantize + float32 matmul) read the same packed weights independently:
+    they must agree."""
     base, tok = load_model(setup.base)
-    fast, _ = load_model(setup.gptq)
+    fast, _ = load_model(setup.gptq, gptq_kernel="torch_aten")
     slow, _ = load_model(setup.gptq, training=True)
     assert type(fast.model.layers[0].self_attn.q_proj).__name__ != type(slow.model.layers[0].self_attn.q_proj).__name__
     reference = logits(base, tok)
