@@ -103,7 +103,7 @@ def _what(info: dict[str, Any]) -> list[str]:
             "nf4": "NF4 4-bit (bitsandbytes, quantized as it loads)"}.get(base["kind"], "not quantized")
     lora = adapter["lora"]
     targets = ", ".join(lora["target_modules"]) if isinstance(lora["target_modules"], list) else lora["target_modules"]
-    size = f", {base['n_params'] / 1e6:,.0f}M parameters" if base.get("n_params") else ""
+    size = f", {_count(base['n_params'])} parameters" if base.get("n_params") else ""
     lines = [f"- Base: `{base.get('source') or base.get('architecture')}`{size}, {kind} (`base/`; artifact "
              f"`{base['artifact']}`)",
              f"- Adapter: LoRA r {lora['r']}, alpha {lora['lora_alpha']}, dropout {lora['lora_dropout']}, on "
@@ -147,6 +147,10 @@ def _prompt(prompt: dict[str, Any]) -> list[str]:
         lines += ["", f"A dev question as it was scored (answer: {example['answer']}):", "", "```text",
                   example["prompt"], "```"]
     return lines
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:,.0f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _percent(value: float | None) -> str:

@@ -23,7 +23,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
            "--train-fresh",
            "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
            "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
-           "--gptq-train-compile", "--gptq-checkpoint", "--gptq-eval-kernels", "auto,torch"]
+           "--gptq-train-compile", "--gptq-checkpoint", "--gptq-eval-kernels", "auto,torch_aten"]
     tmp = tmp_path / "tmp"  # the script's temp folders, which it must remove
     tmp.mkdir()
     # torch's compile cache stays where it was (it lives under the temp folder by default): a
@@ -102,7 +102,7 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     # The training check's log says where it was, phase by phase (a killed call keeps it).
     phases = (tmp_path / "gptq_train.log").read_text()
     assert "trained: {" in phases and "inference with auto: {" in phases, phases[-2000:]
-    assert "inference with torch: {" in phases and "nf4 trained: {" in phases, phases[-2000:]
+    assert "inference with torch_aten: {" in phases and "nf4 trained: {" in phases, phases[-2000:]
 
     # Ours' GPTQ output trained and scored as the pipeline does, beside an NF4 base of the same weights.
     assert gptq["base_dtype"] == "float16"  # the 33B preset's LLaMA checkpoint
@@ -120,10 +120,11 @@ def test_gpu_script_smoke_runs_every_case(tmp_path):
     assert train["gptq"]["optimizer"] == "AdamW8bit", train  # the preset's paged one needs CUDA
     ev = train["eval"]  # the inference kernel gives the training kernel's loss; caching changes no prediction
     assert abs(ev["loss_vs_training_kernel"]) < 1e-2 and ev["prefix_cache_same_predictions"] == ev["questions"], ev
-    assert ev["gptq_kernel"] == "auto" and ev["kernels"] == ["TorchAtenLinear"] and ev["questions_per_s"] > 0, ev
+    # float32 on the CPU: gptqmodel's torch kernel (its int4 kernel, which it would pick, multiplies in bf16)
+    assert ev["gptq_kernel"] == "auto" and ev["kernels"] == ["TorchLinear"] and ev["questions_per_s"] > 0, ev
     # --gptq-eval-kernels' second kernel, loaded and timed after the rest: eval.gptq_kernel reached the load.
     (other,) = train["eval_other_kernels"]
-    assert other["gptq_kernel"] == "torch" and other["kernels"] == ["TorchLinear"], other
+    assert other["gptq_kernel"] == "torch_aten" and other["kernels"] == ["TorchAtenLinear"], other
     assert abs(other["loss"] - ev["loss"]) < 1e-2 and other["questions_per_s"] > 0, other
     assert 0 <= other["same_predictions_as_first"] <= other["questions"], other
     # The expert's evaluation: the saved adapter on the inference kernel gives the trained model's

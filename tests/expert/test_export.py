@@ -219,3 +219,29 @@ def test_dtype_without_merge_is_refused(gptq_store, tmp_path, capsys):
     _, found = gptq_store
     assert main(["export", str(found["select"]), "--out", str(tmp_path / "x"), "--dtype", "bfloat16"]) == 2
     assert "--dtype bfloat16 applies to a merged model: add --merge" in capsys.readouterr().err
+
+
+def test_an_nf4_base_is_exported_as_the_float_weights_it_quantizes_as_it_loads(tmp_path_factory, tmp_path):
+    """quantize.method nf4 keeps no 4-bit weights: the export carries the float ones, says how to
+    load them as the adapter was trained (NF4), and --merge folds the adapter into them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    _, found = _pipeline_store(tmp_path_factory.mktemp("nf4"), "nf4")
+    out = tmp_path / "expert"
+    out.mkdir()
+    info = export_expert(found["select"], out)
+    assert info["base"]["kind"] == "nf4" and (out / "base" / "model.safetensors").is_file()
+    assert 'bnb_4bit_quant_type="nf4"' in (out / "README.md").read_text()
+
+    merged_dir = tmp_path / "merged"
+    merged_dir.mkdir()
+    export_expert(found["select"], merged_dir, merge=True, dtype="float32")
+    assert "the float weights the NF4 base was quantized from" in (merged_dir / "README.md").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir / "model", dtype=torch.float32)
+    float_base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    unmerged = PeftModel.from_pretrained(float_base, out / "adapter").eval()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=0, atol=1e-4)
