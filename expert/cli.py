@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", parents=[common],
                          help="write the selected expert (base, adapter, model card) as one portable folder")
     exp.add_argument("select", type=Path, metavar="SELECT_DIR",
-                     help="the select stage's artifact, artifacts/select/<key> (the report names it)")
+                     help="the select stage's artifact, artifacts/select/<key> (the report names it), its "
+                          "adapter/ folder, or the report, artifacts/report/<key>")
     exp.add_argument("--out", required=True, type=Path)
     exp.add_argument("--merge", action="store_true",
                      help="fold the adapter into the base's weights: one plain transformers model (model/)")

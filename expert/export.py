@@ -1,6 +1,7 @@
 """Export a selected expert as one folder that loads without EXPERT: base model, adapter, model card.
 
     export_expert(Path("artifacts/select/KEY"), Path("my-expert"))   # `expert export` on the command line
+    (or the select artifact's adapter/ folder, or a report made from it: artifacts/report/KEY)
 
 The pipeline keeps the expert as pieces of its artifact store: the base it was trained on
 (quantize/KEY; under quantize.method nf4 or none the imported float weights it points at), the
@@ -41,9 +42,7 @@ def export_expert(select_dir: Path, out: Path, merge: bool = False, dtype: str =
     "auto": the base checkpoint's) instead of base + adapter."""
     from expert.modeling import model_kind, resolve_base
 
-    select_dir = Path(select_dir).resolve()
-    if select_dir.name == "adapter" and (select_dir.parent / MANIFEST).is_file():
-        select_dir = select_dir.parent  # the adapter folder the report and `expert run` name
+    select_dir = _select_dir(Path(select_dir).resolve())
     manifest = _select_manifest(select_dir)
     select_id, store = content_id(_ref(select_dir, manifest)), select_dir.parent.parent
     model_dir = _upstream(store, manifest, "model")
@@ -91,6 +90,21 @@ def export_expert(select_dir: Path, out: Path, merge: bool = False, dtype: str =
     return info
 
 
+def _select_dir(given: Path) -> Path:
+    """The select artifact, given it, its adapter/ folder, or a report made from it (the report's
+    summary.json names its adapter, `select/KEY/adapter`)."""
+    if given.name == "adapter" and (given.parent / MANIFEST).is_file():
+        return given.parent
+    summary = given / "summary.json"
+    if (given / MANIFEST).is_file() and _read_manifest(given).get("stage") == "report" and summary.is_file():
+        adapter = json.loads(summary.read_text()).get("expert", {}).get("adapter")
+        if adapter is None:
+            raise ExpertError(f"the report {given} names no expert (it was written before reports did, or its run "
+                              "had no selection); give the select artifact, artifacts/select/<key>")
+        return given.parent.parent / Path(adapter).parent
+    return given
+
+
 def _select_manifest(select_dir: Path) -> dict[str, Any]:
     if not (select_dir / MANIFEST).is_file():
         raise ExpertError(f"'{select_dir}' is not a select artifact (it has no {MANIFEST}); give the folder the "
@@ -98,7 +112,8 @@ def _select_manifest(select_dir: Path) -> dict[str, Any]:
     manifest = _read_manifest(select_dir)
     if manifest.get("stage") != "select":
         raise ExpertError(f"'{select_dir}' is a {manifest.get('stage')} artifact, not a select one; give "
-                          "artifacts/select/<key>, the folder holding the chosen adapter/")
+                          "artifacts/select/<key>, the folder holding the chosen adapter/, or the report made "
+                          "from it, artifacts/report/<key>")
     problem = verify(select_dir, full=True)
     if problem:
         raise ExpertError(f"the select artifact is damaged ({problem}); delete {select_dir} and run the "

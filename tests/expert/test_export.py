@@ -18,7 +18,7 @@ from expert.errors import ExpertError
 from expert.evaluation import EvalConfig
 from expert.export import export_expert
 from expert.pipeline_config import PipelineConfig
-from expert.stages import Evaluate, FormatPubMedQA, ImportModel, Quantize, Select, Train
+from expert.stages import Evaluate, FormatPubMedQA, ImportModel, Quantize, Report, Select, Train
 from expert.workspace import Workspace
 from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
 
@@ -51,8 +51,10 @@ def _pipeline_store(root: Path, method: str) -> tuple[Workspace, dict]:
                       {"model": quantized, "train": trained, "data": data})
     adapter = {**selected, "path": selected["path"] + "/adapter"}
     expert = _build(ws, Evaluate("pubmedqa"), config.eval, {"model": quantized, "data": data, "adapter": adapter})
+    report = _build(ws, Report(), config, {"import_model": base, "format_pubmedqa": data, "quantize": quantized,
+                                           "train": trained, "select": selected, "pubmedqa/expert": expert})
     return ws, {"select": Path(selected["path"]), "data": Path(data["path"]), "expert_eval": Path(expert["path"]),
-                "quantized": Path(quantized["path"])}
+                "quantized": Path(quantized["path"]), "report": Path(report["path"])}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,8 @@ def test_a_plain_base_export_answers_as_the_evaluate_stage_scored_it(plain_store
     assert adapter_config["base_model_name_or_path"] == "base"
     assert (out / "base" / "config.json").is_file() and not (out / "base" / "manifest.json").exists()
     assert info["base"]["kind"] == "none" and info["prompt"]["choices"] == ["yes", "no", "maybe"]
+    # The report the pipeline made from this selection names the model's source and the run.
+    assert info["name"] == "tiny" and info["base"]["source"].endswith("model")
     expert_rows = [r for r in info["results"] if r["model"] == "expert"]
     scored = json.loads((found["expert_eval"] / "metrics.json").read_text())
     assert expert_rows == [{"model": "expert", "benchmark": "pubmedqa", "split": "test", "n": scored["n"],
@@ -110,6 +114,12 @@ def test_the_export_is_checked_and_verifiable(plain_store, tmp_path, capsys):
     assert main(["verify", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "The `lm-eval` template" in card and "answer: " in card and "| pubmedqa (test) | the expert |" in card
+
+    # The report made from the selection leads to the same expert.
+    from_report = tmp_path / "from-report"
+    from_report.mkdir()
+    assert export_expert(found["report"], from_report)["exported_from"] == \
+        json.loads((out / "expert.json").read_text())["exported_from"]
 
     # A damaged adapter in the store is reported, not exported.
     damaged = tmp_path / "store-copy"
