@@ -34,7 +34,8 @@ _NEEDS = {
 
 def model_card(info: dict[str, Any]) -> str:
     base, adapter, prompt = info["base"], info["adapter"], info["prompt"]
-    title = info.get("name") or f"{base.get('source') or base.get('architecture') or 'a model'} for {prompt['benchmark']}"
+    model = base.get("source") or base.get("architecture") or "a model"
+    title = info.get("name") or f"{model} for {prompt['benchmark']}"
     lines = [f"# {title}: an expert made by EXPERT", ""]
     lines += _what(info) + [""]
     if info["results"]:
@@ -104,14 +105,15 @@ def _what(info: dict[str, Any]) -> list[str]:
     lora = adapter["lora"]
     targets = ", ".join(lora["target_modules"]) if isinstance(lora["target_modules"], list) else lora["target_modules"]
     size = f", {_count(base['n_params'])} parameters" if base.get("n_params") else ""
-    lines = [f"- Base: `{base.get('source') or base.get('architecture')}`{size}, {kind} (`base/`; artifact "
+    where = f"`{base['folder']}/`; " if base.get("folder") else ""  # none: merged into model/
+    lines = [f"- Base: `{base.get('source') or base.get('architecture')}`{size}, {kind} ({where}artifact "
              f"`{base['artifact']}`)",
              f"- Adapter: LoRA r {lora['r']}, alpha {lora['lora_alpha']}, dropout {lora['lora_dropout']}, on "
-             f"{targets} (`adapter/`)"]
+             f"{targets}" + (f" (`{adapter['folder']}/`)" if adapter.get("folder") else "")]
     if training.get("steps") is not None:
         epochs = training.get("epochs")
-        lines.append(f"- Trained {training['steps']} optimizer steps ({epochs:.2f} epochs) on {training.get('examples')} "
-                     f"examples, {training.get('precision')} on {training.get('device')}"
+        lines.append(f"- Trained {training['steps']} optimizer steps ({epochs:.2f} epochs) on "
+                     f"{training.get('examples')} examples, {training.get('precision')} on {training.get('device')}"
                      if epochs is not None else f"- Trained {training['steps']} optimizer steps")
     if adapter.get("step") is not None:
         lines.append(f"- Chosen: the checkpoint of step {adapter['step']}, the best {adapter.get('selected_by')} "

@@ -312,9 +312,9 @@ def _gptq_dense_cache_fits(model_dir: Path, device: torch.device, dtype: torch.d
     3.2 with the int4 kernel (3 answers of 500 changed: bf16 rounds the two kernels' sums
     differently). In float32 the plain torch kernel dequantizes on each call (the int4 kernel,
     faster on that EPYC at 3.3 against 2.3 questions/s, computes in bf16: see
-    `_gptq_loading_config`), and the copy costs 16 bits per weight in host memory: only in bf16, and only while the copy takes at most half the memory available (each
-    process checks for itself: concurrent loads on one host, e.g. local dask workers, could
-    together take more).
+    `_gptq_loading_config`), and the copy costs 16 bits per weight in host memory: only in bf16,
+    and only while the copy takes at most half the memory available (each process checks for
+    itself: concurrent loads on one host, e.g. local dask workers, could together take more).
     """
     if device.type != "cpu" or dtype != torch.bfloat16:  # float16: CPUs emulate it, unmeasured
         return False
