@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from expert.artifacts import MANIFEST
 from expert.errors import DataError, ExpertError
 from expert.gptq_kernel import layer_kernel
 from expert.modeling import resolve_device
@@ -34,7 +35,7 @@ from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split
 from expert.train.distributed import Ranks, shard_base
 from expert.train.frozen import cast_frozen_linears, dense_gptq_bytes, dense_gptq_layers
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
-from expert.train.lora import attach_lora, make_optimizer, make_scheduler
+from expert.train.lora import attach_lora, make_optimizer, make_scheduler, name_base
 from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
 from expert.train.resume import pick_checkpoint, resumed_precision
 from expert.train.step import Runner, autocast_dtype
@@ -60,6 +61,17 @@ def run_rank(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path
     return _train(config, Path(model_dir), Path(data_dir), Path(out_dir), Path(work_dir), progress, device, ranks)
 
 
+def _store_name(model_dir: Path) -> str:
+    """What the saved adapters call their base: an artifact's place in the store ("quantize/KEY"),
+    not the store's absolute path. With the path in adapter_config.json and README.md, the train
+    artifact's content, and so the keys of selection, the expert's evaluations and the report,
+    depended on where the store lived: the same run in a moved store or another checkout rebuilt
+    all of them. A folder outside the store keeps its path."""
+    if (model_dir / MANIFEST).is_file():
+        return f"{model_dir.parent.name}/{model_dir.name}"
+    return str(model_dir)
+
+
 def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, work_dir: Path,
            progress: Progress | None, device: str, ranks: Ranks = Ranks()) -> dict | None:
     rows = read_split(data_dir / "train.parquet")  # data first: a missing file fails before a long load
@@ -79,6 +91,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     dev_set = encode_split(tokenizer, dev_rows, config.max_length) if dev_rows else None
     torch.manual_seed(config.seed)  # LoRA init; a resume overwrites weights and RNG from the checkpoint
     model = attach_lora(model, config)
+    name_base(model, _store_name(model_dir))
     if ranks.strategy != "fsdp":  # FSDP flattens the base's weights into shards of one dtype: leave them
         cast_frozen_linears(model, amp)
     model.train()

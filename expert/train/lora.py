@@ -84,6 +84,17 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
     return model
 
 
+def name_base(model, name: str) -> None:
+    """What the adapters `model` saves call their base: adapter_config.json's
+    base_model_name_or_path, and the model card's base_model (the base's config) and tags (the
+    base model's name_or_path)."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = name
+    base = model.get_base_model()
+    base.config._name_or_path = name
+    base.name_or_path = name
+
+
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":

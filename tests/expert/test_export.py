@@ -15,56 +15,20 @@ import pytest
 import torch
 
 from expert.errors import ExpertError
-from expert.evaluation import EvalConfig
 from expert.export import export_expert
-from expert.pipeline_config import PipelineConfig
-from expert.stages import Evaluate, FormatPubMedQA, ImportModel, Quantize, Report, Select, Train
-from expert.workspace import Workspace
-from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
+from tests.fixtures.pipeline import stage_store
 
 pytestmark = pytest.mark.slow
 
 
-def _build(workspace: Workspace, stage, config, upstream: dict | None = None) -> dict:
-    """One stage as the pipeline's task runs it, minus Prefect: reuse or build its artifact."""
-    upstream = upstream or {}
-    inputs = stage.fetch(config, workspace)
-    request = stage.request(config, upstream, inputs)
-    paths = {role: Path(ref["path"]) for role, ref in upstream.items()}
-    store = workspace.store
-    artifact = store.get(request) or store.build(
-        request, lambda out: stage.produce(config, paths, inputs, out, None, store.work_dir(request)),
-        reports=stage.report_files)
-    return artifact.ref()
-
-
-def _pipeline_store(root: Path, method: str) -> tuple[Workspace, dict]:
-    inputs = tiny_inputs(root / "inputs")
-    raw = tiny_config_dict(inputs, quantize={"method": method}, eval={"batch_size": 4, "dtype": "float32"})
-    config = PipelineConfig.from_dict(raw)
-    ws = Workspace.at(config.artifacts_dir)
-    base = _build(ws, ImportModel(), config.model)
-    data = _build(ws, FormatPubMedQA(), config.data.pubmedqa, {"model": base})
-    quantized = _build(ws, Quantize(), config.quantize, {"model": base, "data": data})
-    trained = _build(ws, Train(), config.train, {"model": quantized, "data": data})
-    selected = _build(ws, Select(eval_config=config.eval), config.select,
-                      {"model": quantized, "train": trained, "data": data})
-    adapter = {**selected, "path": selected["path"] + "/adapter"}
-    expert = _build(ws, Evaluate("pubmedqa"), config.eval, {"model": quantized, "data": data, "adapter": adapter})
-    report = _build(ws, Report(), config, {"import_model": base, "format_pubmedqa": data, "quantize": quantized,
-                                           "train": trained, "select": selected, "pubmedqa/expert": expert})
-    return ws, {"select": Path(selected["path"]), "data": Path(data["path"]), "expert_eval": Path(expert["path"]),
-                "quantized": Path(quantized["path"]), "report": Path(report["path"])}
-
-
 @pytest.fixture(scope="module")
 def plain_store(tmp_path_factory):
-    return _pipeline_store(tmp_path_factory.mktemp("plain"), "none")
+    return stage_store(tmp_path_factory.mktemp("plain"), "none")
 
 
 @pytest.fixture(scope="module")
 def gptq_store(tmp_path_factory):
-    return _pipeline_store(tmp_path_factory.mktemp("gptq"), "gptq")
+    return stage_store(tmp_path_factory.mktemp("gptq"), "gptq")
 
 
 def _card_answer(folder: Path, monkeypatch):
@@ -239,7 +203,7 @@ def test_an_nf4_base_is_exported_as_the_float_weights_it_quantizes_as_it_loads(t
     from transformers import AutoModelForCausalLM
 
     pytest.importorskip("bitsandbytes")
-    _, found = _pipeline_store(tmp_path_factory.mktemp("nf4"), "nf4")
+    _, found = stage_store(tmp_path_factory.mktemp("nf4"), "nf4")
     out = tmp_path / "expert"
     out.mkdir()
     info = export_expert(found["select"], out)

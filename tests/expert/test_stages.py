@@ -1,6 +1,9 @@
 """What goes into each stage's key, and what must not."""
 
+import json
 from types import SimpleNamespace
+
+import pytest
 
 from expert.benchmarks.pubmedqa import PubMedQAConfig
 from expert.evaluation import EvalConfig
@@ -95,3 +98,18 @@ def test_what_only_the_quantize_report_reads_leaves_its_key(tmp_path):
     assert key(d1) == key(d1, perplexity_samples=0) == key(d1, perplexity_samples=64)
     assert key(d1, calibration="c.txt") == key(d2, calibration="c.txt")
     assert key(d1) != key(d2)  # task calibration reads the data: it is an input of the weights
+
+
+@pytest.mark.slow
+def test_the_same_run_in_a_store_elsewhere_gets_the_same_keys(tmp_path):
+    """Keys follow content, not where the store lives: the trained adapters name their base by its
+    place in the store (quantize/KEY). With the store's absolute path in them (adapter_config.json,
+    README.md), a moved store or another checkout rebuilt selection, evaluation and report."""
+    from tests.fixtures.pipeline import stage_store, tiny_inputs
+
+    inputs = tiny_inputs(tmp_path / "inputs")
+    _, here = stage_store(tmp_path / "here", "gptq", inputs)
+    _, there = stage_store(tmp_path / "somewhere" / "else", "gptq", inputs)
+    assert {role: path.name for role, path in here.items()} == {role: path.name for role, path in there.items()}
+    saved = json.loads((here["select"] / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == f"quantize/{here['quantized'].name}"
