@@ -62,11 +62,18 @@ def test_a_plain_base_export_answers_as_the_evaluate_stage_scored_it(plain_store
     answer = _card_answer(out, monkeypatch)["answer"]
     predictions = pd.read_parquet(found["expert_eval"] / "predictions.parquet")
     test = pd.read_parquet(found["data"] / "test.parquet").set_index("id")
-    logliks = predictions[["loglik_yes", "loglik_no", "loglik_maybe"]].to_numpy(copy=True)
-    logliks.sort(axis=1)
-    sure = predictions[logliks[:, -1] - logliks[:, -2] > 1e-3].head(8)  # no near ties
+    labels = ("yes", "no", "maybe")
+    logliks = predictions[[f"loglik_{c}" for c in labels]].to_numpy(copy=True)
+    ranked = logliks.argsort(axis=1)[:, ::-1]  # each question's choices, most likely first
+    ordered = [[labels[j] for j in row] for row in ranked]
+    margins = [sorted(row)[::-1] for row in logliks]
+    sure = [i for i, m in enumerate(margins) if m[0] - m[1] > 1e-3 and m[1] - m[2] > 1e-3][:6]  # no near ties
     assert len(sure) >= 4, predictions
-    assert [answer(test.loc[i, "prompt"]) for i in sure["id"]] == list(sure["prediction"])
+    for i in sure:
+        prompt = test.loc[predictions["id"][i], "prompt"]
+        assert answer(prompt) == predictions["prediction"][i] == ordered[i][0]
+        # Without the winner, the runner-up: the card ranks the choices as EXPERT scored them.
+        assert answer(prompt, choices=tuple(c for c in labels if c != ordered[i][0])) == ordered[i][1]
 
 
 def test_the_export_is_checked_and_verifiable(plain_store, tmp_path, capsys):
