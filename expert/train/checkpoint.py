@@ -67,7 +67,10 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    # No embedding weights: training never resizes the vocabulary. PEFT's "auto" finds that out by
+    # looking the base up by its name, and a base named by its place in the store ("quantize/KEY",
+    # see expert.train.loop) is no local path: PEFT would ask the Hugging Face Hub, at every checkpoint.
+    model.save_pretrained(tmp, save_embedding_layers=False)
     _sort_set_fields(tmp / ADAPTER_FILES[1], model)
     tensors, opt_json = _split_optimizer(optimizer.state_dict())
     save_file(tensors, tmp / OPTIMIZER)

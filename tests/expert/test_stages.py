@@ -101,11 +101,19 @@ def test_what_only_the_quantize_report_reads_leaves_its_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_same_run_in_a_store_elsewhere_gets_the_same_keys(tmp_path):
+def test_the_same_run_in_a_store_elsewhere_gets_the_same_keys(tmp_path, monkeypatch):
     """Keys follow content, not where the store lives: the trained adapters name their base by its
     place in the store (quantize/KEY). With the store's absolute path in them (adapter_config.json,
-    README.md), a moved store or another checkout rebuilt selection, evaluation and report."""
+    README.md), a moved store or another checkout rebuilt selection, evaluation and report. That
+    name is no local path, and saving a checkpoint must not look it up on the Hub."""
+    import peft.utils.save_and_load
+
     from tests.fixtures.pipeline import stage_store, tiny_inputs
+
+    def no_hub(repo, filename, *args, **kwargs):
+        raise AssertionError(f"a checkpoint save asked the Hub for {repo}/{filename}")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
 
     inputs = tiny_inputs(tmp_path / "inputs")
     _, here = stage_store(tmp_path / "here", "gptq", inputs)
