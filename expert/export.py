@@ -50,34 +50,34 @@ def export_expert(select_dir: Path, out: Path, merge: bool = False, dtype: str =
     data_dir = _upstream(store, manifest, "data")
     # Under quantize.method nf4 or none the base artifact records the imported float weights it
     # stands for (nf4 quantizes them as they load): those are what the export carries.
-    base_kind = model_kind(model_dir)
+    base_kind, weights = model_kind(model_dir), resolve_base(model_dir)
 
     if merge:
         from expert.export_merge import merge_adapter, merged_dtype
 
-        _check_whole(resolve_base(model_dir))  # the merge reads the store in place: check it first
-        dtype = merged_dtype(dtype, resolve_base(model_dir))
+        _check_whole(weights)  # the merge reads the store in place: check it first
+        dtype = merged_dtype(dtype, weights)
         merge_adapter(model_dir, base_kind, select_dir / "adapter", out / "model", dtype)
         adapter_config = json.loads((select_dir / "adapter" / "adapter_config.json").read_text())
     else:
-        _copy_checked(resolve_base(model_dir), out / "base")
+        _copy_checked(weights, out / "base")
         _copy_checked(select_dir, out / "adapter", under="adapter")
         adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         adapter_config["base_model_name_or_path"] = "base"
         (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True)
                                                              + "\n")
 
-    pipeline = _pipeline_config(store, select_id)
+    pipeline, imported = _pipeline_config(store, select_id), _imported(store, model_dir)
     info = {
         "format": EXPORT_FORMAT,
         "name": pipeline.get("name"),
         "exported_from": {"select": manifest["key"], "model": model_dir.name, "train": train_dir.name},
-        "base": _base_info(store, model_dir, base_kind, pipeline.get("model", {}).get("source")),
+        "base": _base_info(model_dir, imported, base_kind, pipeline.get("model", {}).get("source")),
         "adapter": _adapter_info(manifest, adapter_config),
         "merged": {"folder": "model", "dtype": dtype} if merge else None,
         "training": _training_info(train_dir),
         "prompt": _prompt_info(data_dir),
-        "results": _results(store, select_id, model_dir, base_kind),
+        "results": _results(store, select_id, model_dir, imported if base_kind in ("gptq", "nf4") else None),
         "versions": package_versions(),
     }
     if merge:  # one model folder holds both
@@ -200,7 +200,7 @@ def _copy_checked(src: Path, dst: Path, under: str = "") -> None:
                                   "the pipeline again, it rebuilds it")
 
 
-def _base_info(store: Path, model_dir: Path, kind: str, source: str | None) -> dict[str, Any]:
+def _base_info(model_dir: Path, imported: Path | None, kind: str, source: str | None) -> dict[str, Any]:
     manifest = _read_manifest(model_dir)
     info: dict[str, Any] = {"folder": "base", "kind": kind, "artifact": f"{manifest['stage']}/{manifest['key']}",
                             "source": source}
@@ -208,7 +208,6 @@ def _base_info(store: Path, model_dir: Path, kind: str, source: str | None) -> d
         config = manifest.get("config", {})
         info["quantization"] = {k: config[k] for k in ("method", "bits", "group_size", "sym", "desc_act")
                                 if k in config}
-    imported = _imported(store, model_dir)
     if imported is not None:
         details = _read_manifest(imported).get("info", {})
         info.update({k: details[k] for k in ("architecture", "n_params") if k in details})
@@ -273,13 +272,12 @@ def _prompt_info(data_dir: Path) -> dict[str, Any]:
             "example": example[0] if example else None}
 
 
-def _results(store: Path, expert_id: str, model_dir: Path, kind: str) -> list[dict[str, Any]]:
-    """The store's evaluations of this expert, of the base it was trained on, and of the model
-    that base was quantized from (the report's rows)."""
+def _results(store: Path, expert_id: str, model_dir: Path, original: Path | None) -> list[dict[str, Any]]:
+    """The store's evaluations of this expert, of the base it was trained on, and of `original`,
+    the model that base was quantized from (the report's rows)."""
     roles = {content_id(_ref(model_dir, _read_manifest(model_dir))): "base"}
-    imported = _imported(store, model_dir)
-    if imported is not None and kind in ("gptq", "nf4"):
-        roles[content_id(_ref(imported, _read_manifest(imported)))] = "original"
+    if original is not None:
+        roles[content_id(_ref(original, _read_manifest(original)))] = "original"
     rows = []
     for path in sorted(store.glob(f"evaluate/*/{MANIFEST}")):
         try:

@@ -18,18 +18,14 @@ import torch
 
 from expert.errors import ExpertError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def merged_dtype(dtype: str, weights_dir: Path) -> str:
     """`dtype` by name; "auto": the base checkpoint's own float dtype (float32 when it names none)."""
-    import json
+    from expert.modeling import stored_dtype
 
     if dtype != "auto":
         return dtype
-    config = json.loads((Path(weights_dir) / "config.json").read_text())
-    stored = config.get("dtype") or config.get("torch_dtype")
-    return stored if stored in _DTYPES else "float32"
+    return str(stored_dtype(weights_dir) or torch.float32).removeprefix("torch.")
 
 
 def merge_adapter(model_dir: Path, kind: str, adapter_dir: Path, out: Path, dtype: str) -> None:
@@ -37,10 +33,10 @@ def merge_adapter(model_dir: Path, kind: str, adapter_dir: Path, out: Path, dtyp
     from peft import PeftModel
 
     from expert.gptq_kernel import layer_kernel
-    from expert.modeling import load_model, resolve_base
+    from expert.modeling import load_model, resolve_base, resolve_dtype
     from expert.train.frozen import dense_gptq_layers
 
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"), model_dir)  # a name: as given
     if kind == "gptq":
         # The training load takes gptqmodel's torch kernel, whose layers dequantize as the CPU
         # training run does (expert/train/frozen.py).
@@ -54,7 +50,6 @@ def merge_adapter(model_dir: Path, kind: str, adapter_dir: Path, out: Path, dtyp
     else:
         model, tokenizer = load_model(resolve_base(model_dir), device="cpu", dtype=dtype)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.config.use_cache = True  # training switched it off; a served model wants its KV cache
     merged.save_pretrained(out, max_shard_size="5GB")
     tokenizer.save_pretrained(out)
 

@@ -237,9 +237,14 @@ def resolve_dtype(dtype: str, device: torch.device, model_dir: Path) -> torch.dt
         return _DTYPES[dtype]
     if device.type == "cpu":
         return torch.float32
+    stored = stored_dtype(model_dir)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype | None:
+    """The float dtype config.json says the checkpoint holds, None when it names none we load."""
     config = _config_json(model_dir)
-    stored = config.get("dtype") or config.get("torch_dtype")
-    return _DTYPES.get(stored, torch.bfloat16) if stored != "float32" else torch.bfloat16
+    return _DTYPES.get(config.get("dtype") or config.get("torch_dtype"))
 
 
 def check_model_dir(model_dir: Path) -> None:

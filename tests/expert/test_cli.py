@@ -389,3 +389,31 @@ def test_a_new_out_appears_by_one_rename_and_an_existing_one_keeps_its_other_fil
     assert main(argv) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "train.parquet").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+
+
+def test_expert_run_ends_with_the_export_command(tmp_path, monkeypatch, capsys):
+    """The pipeline's result names the selected adapter; `expert run` turns it into the command
+    that takes the expert out of the store (the flow itself is faked: tests/flows run it)."""
+    import yaml
+
+    import flows.hangup
+    import flows.pipeline
+    import flows.quiet_errors
+    import flows.temporary_server
+    from expert.cli import PREFECT_DEFAULTS
+    from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
+
+    for key in (*PREFECT_DEFAULTS, "PREFECT_HOME"):  # set for the test only: restored after it
+        monkeypatch.setenv(key, "0")
+    select = tmp_path / "artifacts" / "select" / "0123456789abcdef"
+    result = {"report": "r", "expert": {"model": "m", "adapter": str(select / "adapter")}}
+    monkeypatch.setattr(flows.pipeline, "pipeline", lambda config, force: result)
+    for module, name in ((flows.temporary_server, "detach_temporary_server"), (flows.hangup, "stop_on_hangup"),
+                         (flows.quiet_errors, "user_errors_without_traceback")):
+        monkeypatch.setattr(module, name, lambda: None)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
+    assert main(["run", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == result
+    assert f"to take the expert out of the store: expert export {select} --out DIR" in err

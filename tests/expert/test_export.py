@@ -92,6 +92,15 @@ def test_the_export_is_checked_and_verifiable(plain_store, tmp_path, capsys):
     assert export_expert(found["report"], from_report)["exported_from"] == \
         json.loads((out / "expert.json").read_text())["exported_from"]
 
+    # A report written before reports named the expert says so.
+    old_report = tmp_path / "old-report"
+    shutil.copytree(found["report"], old_report)
+    summary = json.loads((old_report / "summary.json").read_text())
+    del summary["expert"]
+    (old_report / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ExpertError, match=r"the report .* names no expert .* give the select artifact"):
+        export_expert(old_report, tmp_path / "never0")
+
     # A damaged adapter in the store is reported, not exported.
     damaged = tmp_path / "store-copy"
     shutil.copytree(found["select"].parent.parent, damaged)
@@ -128,6 +137,14 @@ def test_a_gptq_export_loads_through_transformers_and_answers(gptq_store, tmp_pa
     assert not list((out / "base").glob("quantization_report*"))  # the store's reports stay there
     card = (out / "README.md").read_text()
     assert "pip install gptqmodel" in card and "GPTQ 4-bit, group size 32" in card
+    # The store's scores of the expert, of the 4-bit base it was trained on, and of the float model
+    # that base was quantized from, each read from its own evaluation.
+    rows = {row["model"]: row for row in info["results"]}
+    assert set(rows) == {"expert", "base", "original"}, info["results"]
+    for model, scored in (("expert", "expert_eval"), ("base", "quantized_eval"), ("original", "base_eval")):
+        metrics = json.loads((found[scored] / "metrics.json").read_text())
+        assert (rows[model]["accuracy"], rows[model]["n"]) == (metrics["accuracy"], metrics["n"]), model
+    assert "| pubmedqa (test) | the original model (before quantization) |" in card
 
     namespace = _card_answer(out, monkeypatch)
     model = namespace["model"]
@@ -174,7 +191,7 @@ def test_a_merged_gptq_export_computes_what_the_scored_expert_computed(gptq_stor
     info = json.loads((out / "expert.json").read_text())
     assert info["merged"] == {"folder": "model", "dtype": "float32"} and not (out / "base").exists()
     config = json.loads((out / "model" / "config.json").read_text())
-    assert "quantization_config" not in config and config["use_cache"] is True
+    assert "quantization_config" not in config
 
     merged = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
     assert not any(hasattr(m, "qweight") or hasattr(m, "lora_A") for m in merged.modules())
@@ -227,3 +244,14 @@ def test_an_nf4_base_is_exported_as_the_float_weights_it_quantizes_as_it_loads(t
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("stored, asked, merged", [
+    ({"dtype": "bfloat16"}, "auto", "bfloat16"), ({"torch_dtype": "float16"}, "auto", "float16"),
+    ({}, "auto", "float32"), ({"dtype": "bfloat16"}, "float32", "float32"),
+])
+def test_a_merge_keeps_the_checkpoints_dtype_unless_told(tmp_path, stored, asked, merged):
+    from expert.export_merge import merged_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert merged_dtype(asked, tmp_path) == merged
