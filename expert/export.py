@@ -154,11 +154,24 @@ def _upstream(store: Path, manifest: dict[str, Any], role: str) -> Path:
 def _readable(out: Path) -> None:
     """Files as the user's umask makes new ones: save_pretrained leaves its weights owner-only
     (0600), which a folder made to be shared should not be."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in out.rglob("*"):
         if path.is_file():
             path.chmod(0o666 & ~umask)
+
+
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere Python can only read it by setting
+    it for an instant, in which a file another thread creates would get mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _check_whole(folder: Path) -> None:

@@ -287,14 +287,9 @@ def summarize_folder(folder: Path, files: list[str] | None = None) -> dict:
 
 
 def _safetensors_header(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read safetensors file '{path}': {exc}; download it again.") from None
-    header.pop("__metadata__", None)
-    return header
+    from expert.tensor_files import read_header
+
+    return read_header(path)[0]
 
 
 def _fingerprint_files(folder: Path, names: list[str], fps: FingerprintCache) -> str:

@@ -76,12 +76,8 @@ def dense_gptq_layers(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, 
     replaced, size = 0, 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not _plain_gptq_kernel(child):
-                continue
-            child.train()  # the kernel's training layout (it switches its zero points on train())
-            with torch.no_grad():
-                weights = child.dequantize_weight(num_itr=child.g_idx.shape[0] // child.in_features)
-            if tuple(weights.shape) != (child.in_features, child.out_features):  # padded: leave the kernel
+            weights = dense_gptq_weight(child)
+            if weights is None:
                 continue
             dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                     device="meta")
@@ -95,13 +91,25 @@ def dense_gptq_layers(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, 
     return replaced, size
 
 
+def dense_gptq_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The weights a plain GPTQ layer (`plain_gptq_kernel`) multiplies by, [in, out], dequantized
+    in training mode as the kernel does while training; None for any other layer, or one whose
+    dequantized weights are padded past [in, out]."""
+    if not plain_gptq_kernel(module):
+        return None
+    module.train()  # the kernel's training layout (it switches its zero points on train())
+    with torch.no_grad():
+        weights = module.dequantize_weight(num_itr=module.g_idx.shape[0] // module.in_features)
+    return weights if tuple(weights.shape) == (module.in_features, module.out_features) else None
+
+
 def dense_gptq_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """What `dense_gptq_layers` would take, before doing it."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(m.in_features * m.out_features * itemsize for m in model.modules() if _plain_gptq_kernel(m))
+    return sum(m.in_features * m.out_features * itemsize for m in model.modules() if plain_gptq_kernel(m))
 
 
-def _plain_gptq_kernel(module: torch.nn.Module) -> bool:
+def plain_gptq_kernel(module: torch.nn.Module) -> bool:
     """gptqmodel's torch kernel (TorchLinear, the CPU's training kernel) with nothing around its matmul."""
     if type(module).__name__ != "TorchLinear" or not hasattr(module, "dequantize_weight"):
         return False

@@ -4,7 +4,8 @@ The committed results were measured on SmolLM2-135M and the real PubMedQA; here 
 a tiny random Llama and a few made-up PubMedQA records, so only that it runs, writes every field
 of the result format and passes its own quality check is tested, never a speed. Not covered:
 `eval_vs_lmeval.py` (needs lm-evaluation-harness in its own environment) and
-`pipeline_overhead.py` (times `make run`'s whole pipeline on the embedded model).
+`pipeline_overhead.py` (times `make run`'s whole pipeline on the embedded model). `merge.py` gets a
+tiny store made by the real stages.
 """
 
 import json
@@ -147,6 +148,19 @@ def test_gptq_kernels(inputs, tmp_path, tmp_path_factory):
     assert result["ours"]["value"] == pairs["bfloat16:auto"]["questions_per_s"]
     assert result["peer"]["value"] == pairs["bfloat16:torch_aten"]["questions_per_s"]
     assert set(result["fastest"]) == {"bfloat16", "float32"}
+
+
+def test_merge(tmp_path, tmp_path_factory):
+    from tests.fixtures.pipeline import stage_store
+
+    _, found = stage_store(tmp_path_factory.mktemp("merge-store"), "gptq")  # a real base + selected adapter
+    result = _bench("merge.py", tmp_path / "merge.json", "--model", str(found["quantized"]), "--adapter",
+                    str(found["select"] / "adapter"), "--rounds", "1")
+    # Both sides wrote the same model, to the bit (float32), and said what they took.
+    same = result["quality"]
+    assert same["identical"] == same["tensors"] > 0 and not same["only_ours"] and not same["only_peer"], same
+    assert "gptq base" in result["metric"] and result["time_s"]["ours"] > 0 < result["time_s"]["peer"], result
+    assert "--model BASE_DIR --adapter ADAPTER_DIR" in result["command"], result["command"]
 
 
 def test_lean_memory(tmp_path):

@@ -255,3 +255,175 @@ def test_a_merge_keeps_the_checkpoints_dtype_unless_told(tmp_path, stored, asked
 
     (tmp_path / "config.json").write_text(json.dumps(stored))
     assert merged_dtype(asked, tmp_path) == merged
+
+
+# ---------------------------------------------------------------- --merge, streamed
+
+def _merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _peft_merged(found: dict, kind: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What PEFT's merge_and_unload makes of the same base and adapter (the way before streaming)."""
+    from peft import PeftModel
+
+    from expert.modeling import load_model, resolve_base
+    from expert.train.frozen import dense_gptq_layers
+
+    name = str(dtype).removeprefix("torch.")
+    if kind == "gptq":
+        model, _ = load_model(found["quantized"], training=True, device="cpu", dtype=name)
+        dense_gptq_layers(model, dtype)
+        # plain layers only now: PEFT merges once the model no longer says it is GPTQ
+        model.hf_quantizer, model.quantization_method, model.is_quantized = None, None, False
+    else:
+        model, _ = load_model(resolve_base(found["quantized"]), device="cpu", dtype=name)
+    merged = PeftModel.from_pretrained(model, found["select"] / "adapter").merge_and_unload()
+    return {key: value.detach() for key, value in merged.state_dict().items()}
+
+
+@pytest.mark.parametrize("store", ["plain_store", "gptq_store"])
+def test_the_streamed_merge_writes_what_peft_merges_to_the_bit_in_float32(store, request, tmp_path):
+    from expert.export_merge import merge_adapter
+    from expert.modeling import model_kind
+
+    _, found = request.getfixturevalue(store)
+    kind = model_kind(found["quantized"])
+    merge_adapter(found["quantized"], kind, found["select"] / "adapter", tmp_path / "model", "float32")
+    ours, peft = _merged_tensors(tmp_path / "model"), _peft_merged(found, kind, torch.float32)
+    # The tied lm_head is stored once, as save_pretrained stores it.
+    assert set(ours) == set(peft) - {"lm_head.weight"}
+    changed = 0
+    for key, value in peft.items():
+        if key in ours:
+            assert ours[key].dtype == torch.float32 and torch.equal(ours[key], value), key
+            changed += "proj" in key
+    assert changed >= 4  # the adapted projections are among them
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization_config" not in config
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_a_bf16_merge_is_the_float32_merge_rounded_once(plain_store, tmp_path):
+    """PEFT rounds the delta to bf16 and then the sum; the stream rounds the float32 sum once."""
+    from expert.export_merge import merge_adapter
+
+    _, found = plain_store
+    merge_adapter(found["quantized"], "none", found["select"] / "adapter", tmp_path / "f32", "float32")
+    merge_adapter(found["quantized"], "none", found["select"] / "adapter", tmp_path / "bf16", "bfloat16")
+    exact, rounded = _merged_tensors(tmp_path / "f32"), _merged_tensors(tmp_path / "bf16")
+    assert set(exact) == set(rounded)
+    for key, value in exact.items():
+        assert torch.equal(rounded[key], value.to(torch.bfloat16)), key
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_merge_larger_than_a_shard_is_written_in_shards_that_load_as_one(plain_store, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from expert.export_merge import merge_adapter
+
+    _, found = plain_store
+    adapter = found["select"] / "adapter"
+    merge_adapter(found["quantized"], "none", adapter, tmp_path / "one", "float32")
+    merge_adapter(found["quantized"], "none", adapter, tmp_path / "many", "float32", shard_bytes=100_000)
+    shards = sorted((tmp_path / "many").glob("*.safetensors"))
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and {p.name for p in shards} == set(index["weight_map"].values())
+    assert shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    for path in shards:  # over the limit only where one tensor alone is
+        assert path.stat().st_size <= 100_000 + 1024 or len(load_file(path)) == 1, path
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in _merged_tensors(tmp_path / "many").values())
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        one = AutoModelForCausalLM.from_pretrained(tmp_path / "one", dtype=torch.float32)(ids).logits
+        many = AutoModelForCausalLM.from_pretrained(tmp_path / "many", dtype=torch.float32)(ids).logits
+    assert torch.equal(one, many)
+
+
+def test_a_checkpoint_under_names_transformers_maps_is_merged_from_the_loaded_model(plain_store, tmp_path):
+    """A base stored without the 'model.' prefix (a LlamaModel checkpoint, which transformers loads
+    into the causal LM): the adapter's layers are not found by name in the files, so the merge
+    takes the tensors from the loaded model instead, with the same result."""
+    from safetensors.torch import load_file, save_file
+
+    from expert.export_merge import checkpoint_tensors, merge_adapter, read_lora
+    from expert.modeling import resolve_base
+
+    _, found = plain_store
+    source, adapter = resolve_base(found["quantized"]), found["select"] / "adapter"
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare, ignore=shutil.ignore_patterns("*.safetensors", "manifest.json"))
+    save_file({k.removeprefix("model."): v for k, v in load_file(source / "model.safetensors").items()},
+              bare / "model.safetensors", metadata={"format": "pt"})
+    assert checkpoint_tensors(bare, read_lora(adapter)) is None
+    merge_adapter(bare, "none", adapter, tmp_path / "mapped", "float32")
+    merge_adapter(found["quantized"], "none", adapter, tmp_path / "direct", "float32")
+    mapped, direct = _merged_tensors(tmp_path / "mapped"), _merged_tensors(tmp_path / "direct")
+    assert set(mapped) == set(direct) and all(torch.equal(mapped[k], direct[k]) for k in direct)
+
+
+def _edited_adapter(found: dict, tmp_path: Path, config: dict | None = None, weights=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(found["select"] / "adapter", adapter)
+    if config:
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if weights:
+        tensors = weights(load_file(adapter / "adapter_model.safetensors"))
+        save_file(tensors, adapter / "adapter_model.safetensors")
+    return adapter
+
+
+@pytest.mark.parametrize("config, weights, message", [
+    ({"use_dora": True}, None, "sets use_dora to True, which --merge cannot fold"),
+    ({"rank_pattern": {"q_proj": 4}}, None, "sets rank_pattern"),
+    ({"peft_type": "IA3"}, None, "holds a IA3 adapter"),
+    (None, lambda t: {**t, "base_model.model.lm_head.modules_to_save.weight": torch.zeros(2)}, "no LoRA A or B"),
+    (None, lambda t: {k: v for k, v in t.items() if not k.endswith("q_proj.lora_B.weight")}, "but not its pair"),
+    (None, lambda t: {k: torch.zeros(v.shape[0], v.shape[1] + 1) if k.endswith("q_proj.lora_A.weight") else v
+                      for k, v in t.items()}, "the adapter was trained on another model"),
+    (None, lambda t: {k.replace("layers.0.", "layers.9."): v for k, v in t.items()}, "has no weight"),
+])
+def test_what_merge_cannot_fold_is_refused_by_name(plain_store, tmp_path, config, weights, message):
+    from expert.export_merge import merge_adapter
+
+    _, found = plain_store
+    adapter = _edited_adapter(found, tmp_path, config, weights)
+    with pytest.raises(ExpertError, match=re.escape(message)):
+        merge_adapter(found["quantized"], "none", adapter, tmp_path / "model", "float32")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o027])
+def test_the_umask_is_read_as_set(mask, monkeypatch):
+    from expert import export
+
+    before = os.umask(mask)
+    try:
+        assert export._umask() == mask
+        # Where /proc says nothing, it is read by setting it for an instant, and put back.
+        monkeypatch.setattr(export.Path, "read_text", lambda self, *a, **k: "")
+        assert export._umask() == mask and os.umask(mask) == mask
+    finally:
+        os.umask(before)
+
+
+def test_gptq_layers_that_do_more_than_dequantize_and_multiply_are_refused_by_name(gptq_store):
+    from expert.export_merge import model_tensors
+    from expert.modeling import load_model
+
+    _, found = gptq_store
+    model, _ = load_model(found["quantized"], training=True, device="cpu", dtype="float32")
+    assert len(model_tensors(model)) > 0
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "qweight"))
+    layer.adapter = object()  # an EoRA adapter around its matmul: no plain weight holds what it computes
+    with pytest.raises(ExpertError, match=re.escape(f"the GPTQ layers ['{name}'] do more than dequantize")):
+        model_tensors(model)
