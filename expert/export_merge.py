@@ -32,10 +32,13 @@ from expert.errors import ExpertError
 
 SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size, "5GB"
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-# adapter_config.json fields that would change what a layer computes beyond W + B·A·scaling,
-# with the value under which they do not. EXPERT's train stage leaves each at it.
-_PLAIN_LORA = {"use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
-               "modules_to_save": None, "layer_replication": None, "trainable_token_indices": None}
+# adapter_config.json fields (PEFT 0.21) that would change what a layer computes beyond
+# W + B·A·scaling, with the value under which they do not; EXPERT's train stage leaves each at
+# it. (rank_pattern needs no entry: each layer's rank is read from its matrices.)
+_PLAIN_LORA = {"use_dora": False, "bias": "none", "lora_bias": False, "alpha_pattern": {}, "modules_to_save": None,
+               "layer_replication": None, "trainable_token_indices": None, "target_parameters": None,
+               "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "velora_config": None,
+               "monteclora_config": None, "arrow_config": None, "kasa_config": None}
 
 
 @dataclass(frozen=True)

@@ -385,7 +385,7 @@ def _edited_adapter(found: dict, tmp_path: Path, config: dict | None = None, wei
 
 @pytest.mark.parametrize("config, weights, message", [
     ({"use_dora": True}, None, "sets use_dora to True, which --merge cannot fold"),
-    ({"rank_pattern": {"q_proj": 4}}, None, "sets rank_pattern"),
+    ({"alpha_pattern": {"q_proj": 4}}, None, "sets alpha_pattern"),
     ({"peft_type": "IA3"}, None, "holds a IA3 adapter"),
     (None, lambda t: {**t, "base_model.model.lm_head.modules_to_save.weight": torch.zeros(2)}, "no LoRA A or B"),
     (None, lambda t: {k: v for k, v in t.items() if not k.endswith("q_proj.lora_B.weight")}, "but not its pair"),
@@ -427,3 +427,40 @@ def test_gptq_layers_that_do_more_than_dequantize_and_multiply_are_refused_by_na
     layer.adapter = object()  # an EoRA adapter around its matmul: no plain weight holds what it computes
     with pytest.raises(ExpertError, match=re.escape(f"the GPTQ layers ['{name}'] do more than dequantize")):
         model_tensors(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_peft_adapter_beyond_what_training_makes_merges_as_peft_merges_it(family, tmp_path):
+    """rsLoRA, a rank per layer (rank_pattern) and GPT-2's Conv1D layers, stored [in, out]
+    (PEFT sets fan_in_fan_out): the stream writes the bits PEFT's merge_and_unload gives."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from expert.export_merge import merge_adapter
+    from tests.fixtures.models import tiny_llama_dir
+
+    if family == "llama":
+        base = tiny_llama_dir(tmp_path / "base")
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                          rank_pattern={"v_proj": 2}, init_lora_weights=False)
+    else:
+        base = tmp_path / "base"
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(base)
+        lora = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                          init_lora_weights=False)
+    torch.manual_seed(1)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora).save_pretrained(
+        tmp_path / "adapter")
+
+    merge_adapter(base, "plain", tmp_path / "adapter", tmp_path / "merged", "float32")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                     tmp_path / "adapter").merge_and_unload().state_dict()
+    ours = _merged_tensors(tmp_path / "merged")
+    base_tensors = _merged_tensors(base)
+    assert set(ours) == set(base_tensors)  # what the base stores, no more (a tied head stays tied)
+    changed = [key for key in ours if not torch.equal(ours[key], base_tensors[key])]
+    assert len(changed) == 6, changed  # 3 modules in each of 2 layers (GPT-2: two c_proj per layer)
+    for key, value in ours.items():
+        assert torch.equal(value, peft[key]), key
