@@ -302,13 +302,18 @@ def _forward(model, inputs: list[list[int]], targets: list[list[tuple[int, list[
     keep = width - first
     out = model(input_ids=ids.to(device), cache=cache, use_cache=cache is not None,
                 logits_to_keep=keep)
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-    width_kept = logprobs.shape[1]
-    wanted = []  # per input, per choice: (flat rows of the kept logits, target token ids)
+    width_kept = out.logits.shape[1]
+    # The kept block spans every input's scored positions, so it also holds each shorter input's
+    # pads and each longer one's context: log-softmax only the rows scored (a PubMedQA batch of 8
+    # keeps ~20 positions a row and scores one). Row by row, the same numbers.
+    rows: dict[int, int] = {}  # flat row of the kept logits -> its row among those scored
+    wanted = []  # per input, per choice: (rows among those scored, target token ids)
     for row, (tokens, row_targets) in enumerate(zip(inputs, targets)):
         end = row * width_kept + len(tokens) - first  # just past this input's last kept position
-        wanted.append([(range(end - len(target), end), target) for _, target in row_targets])
-    return _pick(logprobs.reshape(-1, logprobs.shape[-1]), wanted)
+        wanted.append([([rows.setdefault(i, len(rows)) for i in range(end - len(target), end)], target)
+                       for _, target in row_targets])
+    scored = out.logits.reshape(-1, out.logits.shape[-1])[torch.tensor(list(rows), device=out.logits.device)]
+    return _pick(torch.log_softmax(scored.float(), dim=-1), wanted)
 
 
 def _pick(logprobs: torch.Tensor, wanted: list[list[tuple[Sequence[int], list[int]]]]) -> list[list[float]]:

@@ -121,7 +121,8 @@ class Ranks:
             for p in params:
                 # Through a copy on the collective device: NCCL takes CUDA tensors only, and under
                 # fsdp a plain base (and so its LoRA weights) is still on the CPU until shard_base.
-                sent = p.data.to(device)
+                # A copy on every backend, gloo's CPU too: one path, the one the tests run.
+                sent = p.data.to(device, copy=True)
                 dist.broadcast(sent, src=0)
                 p.data.copy_(sent)
 

@@ -1,5 +1,6 @@
 """Stage configs: frozen, unknown keys rejected with a suggestion, all problems at once."""
 
+import pydantic
 import pytest
 from pydantic import Field
 
@@ -59,7 +60,7 @@ def test_all_problems_reported_at_once():
 
 def test_frozen_and_canonical():
     cfg = Outer.from_dict({"epochs": 3})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.epochs = 4
     assert cfg.canonical() == {"learning_rate": 1e-4, "epochs": 3, "lora": {"rank": 8}}
 

@@ -175,6 +175,15 @@ def test_the_card_code_loads_each_kind_of_base_as_it_was_trained_on(kind, loads)
     compile(code, "card", "exec")
     assert loads in code and "choices=('yes', 'no',)" in code
     assert ("BitsAndBytesConfig" in code.split("folder = ")[0]) == (kind == "nf4")
+    exec("\n".join(line for line in code.splitlines() if line.startswith(("import ", "from "))), {})
+    if kind == "nf4":  # the settings the card quantizes with are those training quantized with
+        from transformers import BitsAndBytesConfig
+
+        from expert.modeling import _nf4_config
+
+        call = re.search(r"quantization_config=(BitsAndBytesConfig\(.*?\))\)", code, re.S).group(1)
+        card = eval(call, {"BitsAndBytesConfig": BitsAndBytesConfig, "torch": torch})
+        assert card.to_dict() == _nf4_config(torch.bfloat16).to_dict()
 
 
 def test_a_merged_gptq_export_computes_what_the_scored_expert_computed(gptq_store, tmp_path, monkeypatch):
@@ -290,7 +299,7 @@ def _peft_merged(found: dict, kind: str, dtype: torch.dtype) -> dict[str, torch.
 @pytest.mark.parametrize("store", ["plain_store", "gptq_store"])
 def test_the_streamed_merge_writes_what_peft_merges_to_the_bit_in_float32(store, request, tmp_path):
     from expert.export_merge import merge_adapter
-    from expert.modeling import model_kind
+    from expert.modeling import load_model, model_kind, resolve_base
 
     _, found = request.getfixturevalue(store)
     kind = model_kind(found["quantized"])
@@ -298,12 +307,19 @@ def test_the_streamed_merge_writes_what_peft_merges_to_the_bit_in_float32(store,
     ours, peft = _merged_tensors(tmp_path / "model"), _peft_merged(found, kind, torch.float32)
     # The tied lm_head is stored once, as save_pretrained stores it.
     assert set(ours) == set(peft) - {"lm_head.weight"}
-    changed = 0
-    for key, value in peft.items():
-        if key in ours:
-            assert ours[key].dtype == torch.float32 and torch.equal(ours[key], value), key
-            changed += "proj" in key
-    assert changed >= 4  # the adapted projections are among them
+    for key in ours:
+        assert ours[key].dtype == torch.float32 and torch.equal(ours[key], peft[key]), key
+    # Both merged the adapter: the layers it adapts differ from the base's (dequantized) weights.
+    from expert.export_merge import checkpoint_tensors, model_tensors, read_lora
+
+    layers = read_lora(found["select"] / "adapter")
+    if kind == "gptq":
+        base_tensors = model_tensors(load_model(found["quantized"], training=True, device="cpu", dtype="float32")[0])
+    else:
+        base_tensors = checkpoint_tensors(resolve_base(found["quantized"]), layers)
+    base = {t.name: t.read().float() for t in base_tensors}
+    changed = {key for key in ours if not torch.equal(ours[key], base[key])}
+    assert changed == {f"{module}.weight" for module in layers} and len(changed) >= 4, changed
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["dtype"] == "float32" and "quantization_config" not in config
     assert (tmp_path / "model" / "tokenizer.json").is_file()

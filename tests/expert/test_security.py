@@ -293,13 +293,24 @@ def test_mmlu_subject_folders_outside_the_list_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["/x/..", "/x/%2e%2e", "/..%2f..%2fevil", "/", "/%2e", "/.bashrc"])
-def test_download_names_stay_in_the_downloads_folder(path):
-    from urllib.parse import unquote
+def test_download_names_stay_in_the_downloads_folder(path, tmp_path, monkeypatch):
+    import io
+    import urllib.request
 
-    from expert.sources import _safe_name
+    from expert import sources
 
-    name = _safe_name(Path(unquote(path)).name)
-    assert name and "/" not in name and not name.startswith(".")
+    class Response(io.BytesIO):
+        headers: dict = {}
+
+    # The server answers whatever the URL's path says; the download names its file itself.
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Response(b"data"))
+    downloads = tmp_path / "downloads"
+    target = sources._download(f"https://example.org{path}", downloads, attempts=1)
+    folder = target.parent
+    assert folder.parent == downloads / "urls" and target.read_bytes() == b"data"
+    assert target.name and not target.name.startswith(".") and target.name != "meta.json"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        (target.relative_to(tmp_path).as_posix(), (folder / "meta.json").relative_to(tmp_path).as_posix()))
 
 
 @pytest.mark.parametrize("source", ["hf:../../etc", "hf:..", "hf:org/../../x", "hf:org/..", "hf:a/b/c"])

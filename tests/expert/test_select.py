@@ -87,9 +87,10 @@ def test_a_rerun_after_a_crash_scores_only_the_checkpoints_still_missing(tmp_pat
     assert len({r["dev_loss"] for r in whole}) == 3  # the checkpoints do score differently
 
     work = tmp_path / "work"
-    assert crash_after_writes(monkeypatch, 2, "step") == []
+    written = crash_after_writes(monkeypatch, 2, "step")
     with pytest.raises(Crash):
         select.score_checkpoints(dev, llama, checkpoints, data, work_dir=work)
+    assert written == [2, 4]  # killed right after the second checkpoint's score was kept
     monkeypatch.undo()
     scored = []
     real_score = runner.score_frame

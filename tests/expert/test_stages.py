@@ -30,6 +30,7 @@ def test_model_key_follows_dtype_and_content():
     base = stage.request(ModelConfig(source="gguf:a.gguf"), {}, {"source": src("x")})
     assert base.key == stage.request(ModelConfig(source="gguf:b.gguf"), {}, {"source": src("x")}).key
     assert base.key != stage.request(ModelConfig(source="gguf:a.gguf", dtype="bfloat16"), {}, {"source": src("x")}).key
+    assert base.key != stage.request(ModelConfig(source="gguf:a.gguf"), {}, {"source": src("y")}).key
 
 
 def _data_ref(tmp_path, digest, names=("test.parquet", "dev.parquet"), stage="format", key=None):
