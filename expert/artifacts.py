@@ -52,6 +52,9 @@ KEY_LENGTH = 16
 # MB instead of the whole file (a full check is `verify(..., full=True)`, `expert verify`).
 QUICK_DIGEST_LIMIT = 8 * 1024 * 1024
 SAMPLE_BLOCKS = 32
+# Hashing more than this (a full check, a new artifact's manifest) shows a progress bar: a 33B
+# model's files take minutes.
+PROGRESS_MIN_BYTES = 1 << 30
 SAMPLE_BLOCK_BYTES = 64 * 1024
 # Stage names and keys become folder names: nothing that could climb out of the store's root.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -130,11 +133,14 @@ def _manifest_of(folder: Path, key: str) -> dict[str, Any]:
                       "above it. Give the artifact's folder, or a folder made outside the store by its path")
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+def file_digest(path: Path, chunk: int = 1 << 20, on_read: Callable[[int], Any] | None = None) -> str:
+    """sha256 of the file; `on_read(n)` after each n bytes read (a progress bar's update)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_read is not None:
+                on_read(len(block))
     return h.hexdigest()
 
 
@@ -283,17 +289,22 @@ def verify(path: Path, expected_key: str | None = None, full: bool = False) -> s
         return f"{manifest_path}: unreadable manifest ({exc})"
     if expected_key is not None and manifest.get("key") != expected_key:
         return f"{manifest_path}: key {manifest.get('key')!r} != expected {expected_key!r}"
-    for rel, desc in files.items():
-        f = Path(path) / rel
-        if not f.is_file():
-            return f"{f}: listed in the manifest but missing"
-        if f.stat().st_size != desc["size"]:
-            return f"{f}: size {f.stat().st_size} != {desc['size']} in the manifest"
-        if full or desc["size"] <= QUICK_DIGEST_LIMIT:
-            if file_digest(f) != desc["sha256"]:
-                return f"{f}: content differs from the manifest digest (corrupted?)"
-        elif "sampled_sha256" in desc and sampled_digest(f, desc["size"]) != desc["sampled_sha256"]:
-            return f"{f}: content differs from the manifest's sampled digest (corrupted?)"
+    from tqdm.auto import tqdm
+
+    hashed = sum(desc.get("size", 0) for desc in files.values() if full or desc.get("size", 0) <= QUICK_DIGEST_LIMIT)
+    with tqdm(total=hashed, unit="B", unit_scale=True, desc=f"checking {Path(path).name}", leave=False,
+              disable=hashed < PROGRESS_MIN_BYTES) as bar:
+        for rel, desc in files.items():
+            f = Path(path) / rel
+            if not f.is_file():
+                return f"{f}: listed in the manifest but missing"
+            if f.stat().st_size != desc["size"]:
+                return f"{f}: size {f.stat().st_size} != {desc['size']} in the manifest"
+            if full or desc["size"] <= QUICK_DIGEST_LIMIT:
+                if file_digest(f, on_read=bar.update) != desc["sha256"]:
+                    return f"{f}: content differs from the manifest digest (corrupted?)"
+            elif "sampled_sha256" in desc and sampled_digest(f, desc["size"]) != desc["sampled_sha256"]:
+                return f"{f}: content differs from the manifest's sampled digest (corrupted?)"
     return None
 
 
@@ -372,16 +383,22 @@ def _is_key(name: str) -> bool:
 def describe_files(folder: Path, reports: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """A manifest's "files": each file under `folder` by relative path, with its size and sha256
     (and a sampled digest of big ones, for quick checks), marked "report" when it matches `reports`."""
+    from tqdm.auto import tqdm
+
     out = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        rel = f.relative_to(folder).as_posix()
-        desc: dict[str, Any] = {"size": size, "sha256": file_digest(f)}
-        if size > QUICK_DIGEST_LIMIT:
-            desc["sampled_sha256"] = sampled_digest(f, size)
-        if any(fnmatch.fnmatchcase(rel, pattern) for pattern in reports):
-            desc["report"] = True
-        out[rel] = desc
+    found = sorted(p for p in folder.rglob("*") if p.is_file())
+    total = sum(f.stat().st_size for f in found)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"hashing {folder.name}", leave=False,
+              disable=total < PROGRESS_MIN_BYTES) as bar:
+        for f in found:
+            size = f.stat().st_size
+            rel = f.relative_to(folder).as_posix()
+            desc: dict[str, Any] = {"size": size, "sha256": file_digest(f, on_read=bar.update)}
+            if size > QUICK_DIGEST_LIMIT:
+                desc["sampled_sha256"] = sampled_digest(f, size)
+            if any(fnmatch.fnmatchcase(rel, pattern) for pattern in reports):
+                desc["report"] = True
+            out[rel] = desc
     return out
 
 

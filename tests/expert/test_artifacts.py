@@ -80,6 +80,19 @@ def test_corruption_is_detected(tmp_path):
     assert "missing" in verify(art.path)
 
 
+def test_long_hashing_shows_its_progress_and_short_hashing_does_not(tmp_path, monkeypatch, capsys):
+    from expert import artifacts
+
+    art = ArtifactStore(tmp_path).build(request(), write_files)
+    assert verify(art.path, full=True) is None
+    assert "checking" not in capsys.readouterr().err
+    monkeypatch.setattr(artifacts, "PROGRESS_MIN_BYTES", 15)  # the artifact's 15 bytes: "long" now
+    assert verify(art.path, full=True) is None
+    assert f"checking {art.path.name}" in capsys.readouterr().err
+    assert artifacts.describe_files(art.path)["data.txt"]["size"] == 5  # hashing a new artifact: the same
+    assert f"hashing {art.path.name}" in capsys.readouterr().err
+
+
 def test_manifest_of_another_key_does_not_count(tmp_path):
     store = ArtifactStore(tmp_path)
     art = store.build(request(), write_files)
