@@ -6,7 +6,7 @@ dequantized), B·A·scaling added, and written into its shard one at a time. The
 write with PEFT: the base loaded whole at that dtype (a GPTQ base: loaded 4-bit on the CPU and
 dequantized layer by layer into plain linear layers first, since PEFT cannot merge into GPTQ
 layers), `PeftModel.from_pretrained(...).merge_and_unload()`, `save_pretrained`. Each side runs
-in a fresh process; its peak RSS (ru_maxrss) above its RSS after imports is the memory it took,
+in a fresh process; its peak RSS (VmHWM) above its RSS after imports is the memory it took,
 and its wall time (imports excluded) the time. Quality check: the written tensors, bit for bit
 (in float32 the two agree exactly; in bf16 the peer rounds twice, ours once).
 
@@ -40,8 +40,8 @@ def main() -> None:
     if args.child:
         print_child_result(_child(args))
         return
-    model, adapter = _inputs(args)
     with work_dir("bench-merge-", args.work) as work:
+        model, adapter = _synthetic(args.synthetic, args.dtype, work) if args.synthetic else _inputs(args)
         runs: dict[str, list[dict]] = {"peer": [], "ours": []}
         for round_ in range(args.rounds):
             for side in ("peer", "ours") if round_ % 2 == 0 else ("ours", "peer"):
@@ -62,12 +62,46 @@ def _parser() -> argparse.ArgumentParser:
                                    "newest select artifact was trained on)")
     p.add_argument("--adapter", help="a LoRA adapter folder (default: the newest select artifact's adapter/)")
     p.add_argument("--dtype", default="float32", help="the merged model's dtype (float32, bfloat16, float16)")
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC),
+                   help="instead of a store's model and adapter: a random float Llama of this shape, stored in "
+                        "--dtype, and a random LoRA adapter (r 16, all linear layers), built in the work folder")
     p.add_argument("--rounds", type=int, default=3, help="runs per side, alternating which goes first (median)")
     p.add_argument("--work", help="folder for the merged models, kept (default: a temp folder, removed)")
     p.add_argument("--out", default=str(ROOT / "bench/results/merge_smollm2_cpu.json"))
     p.add_argument("--child", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     return p
+
+
+# hidden, intermediate, layers, heads, kv heads, vocabulary
+SYNTHETIC = {"tiny": (64, 128, 2, 4, 2, 256), "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000)}
+
+
+def _synthetic(shape: str, dtype: str, work: Path) -> tuple[Path, Path]:
+    """A random Llama of `shape` (saved as transformers saves it) and a LoRA adapter on it whose B
+    is random too (PEFT starts B at zero, which would merge nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = SYNTHETIC[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config)
+    model.to(getattr(torch, dtype)).save_pretrained(work / "base")
+    # Any tokenizer does for a merge, which only copies it: one word per id.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(work / "base")
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(work / "adapter")
+    return work / "base", work / "adapter"
 
 
 def _inputs(args) -> tuple[Path, Path]:
@@ -90,7 +124,7 @@ def _child(args) -> dict:
 
     model_dir, adapter, out = Path(args.model), Path(args.adapter), Path(args.child_out)
     kind, dtype = model_kind(model_dir), getattr(torch, args.dtype)
-    imports_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    imports_kib = _peak_kib()
     start = time.perf_counter()
     if args.child == "ours":
         merge_adapter(model_dir, kind, adapter, out, args.dtype)
@@ -107,10 +141,23 @@ def _child(args) -> dict:
         merged.save_pretrained(out, max_shard_size="5GB")
         tokenizer.save_pretrained(out)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = _peak_kib()
     return {"seconds": seconds, "kind": kind, "peak_rss_mib": peak_kib / 1024,
             "rss_after_imports_mib": imports_kib / 1024, "merge_rss_mib": (peak_kib - imports_kib) / 1024,
             "written_mib": sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20}
+
+
+def _peak_kib() -> int:
+    """This process's peak RSS in KiB: /proc's VmHWM, which starts afresh at exec. ru_maxrss
+    carries the parent's peak across fork and exec, so a child started by a parent that built a
+    big synthetic model would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _same_tensors(ours: Path, peer: Path) -> dict:
@@ -140,16 +187,19 @@ def _result(args, model: Path, median: dict, runs: dict, quality: dict) -> dict:
 
     kind = median["ours"]["kind"]
     return {
-        "metric": f"memory taken by merging a LoRA adapter into a {kind} base and writing the model in {args.dtype} "
+        "metric": f"memory taken by merging a LoRA adapter into a {kind} base"
+                  + (f" (a random {args.synthetic}-shaped Llama, LoRA r16 on all linear layers)" if args.synthetic else "")
+                  + f" and writing the model in {args.dtype} "
                   f"(peak RSS above the RSS after imports); median run of {args.rounds} per side by wall time",
         "unit": "MiB (lower is better; ratio = peer / ours)",
         "peer": {"name": f"PEFT {peft.__version__} merge_and_unload + save_pretrained (the base loaded whole"
                          + (", GPTQ layers dequantized first)" if kind == "gptq" else ")"),
                  "value": median["peer"]["merge_rss_mib"]},
         "ours": {"value": median["ours"]["merge_rss_mib"]},
-        "ratio": median["peer"]["merge_rss_mib"] / median["ours"]["merge_rss_mib"],
+        # ru_maxrss counts KiB, and a tiny merge may not raise the peak at all: under 1 MiB counts as 1
+        "ratio": median["peer"]["merge_rss_mib"] / max(median["ours"]["merge_rss_mib"], 1.0),
         "time_s": {side: row["seconds"] for side, row in median.items()},
-        "time_ratio": median["peer"]["seconds"] / median["ours"]["seconds"],
+        "time_ratio": median["peer"]["seconds"] / max(median["ours"]["seconds"], 1e-3),
         "written_mib": median["ours"]["written_mib"],
         "quality": quality,
         "machine": describe_machine(),

@@ -163,6 +163,13 @@ def test_merge(tmp_path, tmp_path_factory):
     assert "--model BASE_DIR --adapter ADAPTER_DIR" in result["command"], result["command"]
 
 
+def test_merge_on_a_synthetic_model(tmp_path):
+    result = _bench("merge.py", tmp_path / "merge.json", "--synthetic", "tiny", "--dtype", "float32", "--rounds", "1")
+    same = result["quality"]
+    assert same["identical"] == same["tensors"] > 0, same  # float32: the same bits as PEFT
+    assert "a random tiny-shaped Llama" in result["metric"] and "--synthetic tiny" in result["command"], result
+
+
 def test_lean_memory(tmp_path):
     result = _bench("lean_memory.py", tmp_path / "lean.json", "--shapes", "smollm2-135m", "--tokens", "32")
     assert result["ours"]["value"] < result["peer"]["value"], result  # lean keeps less
