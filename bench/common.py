@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -75,6 +76,19 @@ def work_dir(prefix: str, given: str | None = None) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS in KiB: /proc's VmHWM, which starts afresh at exec. ru_maxrss
+    carries the parent's peak across fork and exec: a benchmark child started by a parent that
+    had loaded a model would report the parent's peak as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # A benchmark side that must not share a process with the other (peak memory, imports, a fresh

@@ -23,13 +23,12 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
-from common import (command_line, describe_machine, newest_artifact, print_child_result, run_child,  # bench/ is on sys.path
-                    work_dir, write_result)
+from common import (command_line, describe_machine, newest_artifact, peak_rss_kib, print_child_result,  # bench/ is on sys.path
+                    run_child, work_dir, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -124,7 +123,7 @@ def _child(args) -> dict:
 
     model_dir, adapter, out = Path(args.model), Path(args.adapter), Path(args.child_out)
     kind, dtype = model_kind(model_dir), getattr(torch, args.dtype)
-    imports_kib = _peak_kib()
+    imports_kib = peak_rss_kib()
     start = time.perf_counter()
     if args.child == "ours":
         merge_adapter(model_dir, kind, adapter, out, args.dtype)
@@ -141,23 +140,10 @@ def _child(args) -> dict:
         merged.save_pretrained(out, max_shard_size="5GB")
         tokenizer.save_pretrained(out)
     seconds = time.perf_counter() - start
-    peak_kib = _peak_kib()
+    peak_kib = peak_rss_kib()
     return {"seconds": seconds, "kind": kind, "peak_rss_mib": peak_kib / 1024,
             "rss_after_imports_mib": imports_kib / 1024, "merge_rss_mib": (peak_kib - imports_kib) / 1024,
             "written_mib": sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20}
-
-
-def _peak_kib() -> int:
-    """This process's peak RSS in KiB: /proc's VmHWM, which starts afresh at exec. ru_maxrss
-    carries the parent's peak across fork and exec, so a child started by a parent that built a
-    big synthetic model would report the parent's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _same_tensors(ours: Path, peer: Path) -> dict:

@@ -3,7 +3,7 @@
 Both sides quantize the same model with the same tokenized calibration samples (PubMedQA train
 texts, seeded, cut to --max-length tokens) and save the result; each runs in a fresh process, so
 its wall time (calibration tokenizing + load + GPTQ + save; imports excluded) and peak RSS
-(ru_maxrss, with the RSS after imports beside it) are its own. Ours is the quantize stage,
+(VmHWM, with the RSS after imports beside it) are its own. Ours is the quantize stage,
 `expert.quantize.quantize` (gptqmodel's API with our settings, see expert/quantize/gptq.py), with
 the perplexity comparison switched off; the peer is `GPTQModel.load` + `quantize` + `save` with
 gptqmodel's default QuantizeConfig, except group_size 64 when 128 does not divide the model
@@ -29,14 +29,13 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import describe_machine, print_child_result, run_child, work_dir, write_result  # bench/ is on sys.path when a script runs
+from common import describe_machine, peak_rss_kib, print_child_result, run_child, work_dir, write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -154,7 +153,7 @@ def _child(args) -> dict:
     from transformers import AutoTokenizer
 
     out = Path(args.child_out)
-    imports_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    imports_kib = peak_rss_kib()
     ticks: list[int] = []
     if args.child == "ours":
         from expert.quantize import QuantizeConfig, gptq, quantize
@@ -187,7 +186,7 @@ def _child(args) -> dict:
         model.quantize(calibration, tokenizer=tok)
         model.save(str(out))
         seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = peak_rss_kib()
     return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024, "rss_after_imports_mib": imports_kib / 1024,
             "gptq_loss_mean": _mean_loss(out / "quant_log.csv"),
             "first_layer_quantized": ticks[1] - 1 if len(ticks) > 1 else None}  # 1-based; > 1 after a resume
