@@ -52,10 +52,10 @@ KEY_LENGTH = 16
 # MB instead of the whole file (a full check is `verify(..., full=True)`, `expert verify`).
 QUICK_DIGEST_LIMIT = 8 * 1024 * 1024
 SAMPLE_BLOCKS = 32
+SAMPLE_BLOCK_BYTES = 64 * 1024
 # Hashing more than this (a full check, a new artifact's manifest) shows a progress bar: a 33B
 # model's files take minutes.
 PROGRESS_MIN_BYTES = 1 << 30
-SAMPLE_BLOCK_BYTES = 64 * 1024
 # Stage names and keys become folder names: nothing that could climb out of the store's root.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
