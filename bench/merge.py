@@ -52,7 +52,7 @@ def main() -> None:
                       f"{runs[side][-1]['merge_rss_mib']:.0f} MiB", flush=True)
         quality = _same_tensors(work / "ours-0", work / "peer-0")
     median = {side: sorted(rows, key=lambda r: r["seconds"])[(len(rows) - 1) // 2] for side, rows in runs.items()}
-    write_result(args.out, _result(args, model, median, runs, quality))
+    write_result(args.out, _result(args, median, runs, quality))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,7 +166,7 @@ def _same_tensors(ours: Path, peer: Path) -> dict:
     }
 
 
-def _result(args, model: Path, median: dict, runs: dict, quality: dict) -> dict:
+def _result(args, median: dict, runs: dict, quality: dict) -> dict:
     import peft
     import torch
     import transformers
