@@ -298,7 +298,7 @@ def _peft_merged(found: dict, kind: str, dtype: torch.dtype) -> dict[str, torch.
 
 @pytest.mark.parametrize("store", ["plain_store", "gptq_store"])
 def test_the_streamed_merge_writes_what_peft_merges_to_the_bit_in_float32(store, request, tmp_path):
-    from expert.export_merge import merge_adapter
+    from expert.export_merge import checkpoint_tensors, merge_adapter, model_tensors, read_lora
     from expert.modeling import load_model, model_kind, resolve_base
 
     _, found = request.getfixturevalue(store)
@@ -310,8 +310,6 @@ def test_the_streamed_merge_writes_what_peft_merges_to_the_bit_in_float32(store,
     for key in ours:
         assert ours[key].dtype == torch.float32 and torch.equal(ours[key], peft[key]), key
     # Both merged the adapter: the layers it adapts differ from the base's (dequantized) weights.
-    from expert.export_merge import checkpoint_tensors, model_tensors, read_lora
-
     layers = read_lora(found["select"] / "adapter")
     if kind == "gptq":
         base_tensors = model_tensors(load_model(found["quantized"], training=True, device="cpu", dtype="float32")[0])
