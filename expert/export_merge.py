@@ -215,10 +215,13 @@ def _write_shards(tensors: list[_Tensor], layers: dict[str, _Layer], dtype: torc
         return math.prod(t.shape) * torch.empty((), dtype=written(t)).element_size()
 
     shards: list[list[_Tensor]] = [[]]
+    filled = 0
     for t in tensors:  # save_pretrained's rule: a new shard when this tensor would overflow it
-        if shards[-1] and sum(map(size, shards[-1])) + size(t) > shard_bytes:
+        if shards[-1] and filled + size(t) > shard_bytes:
             shards.append([])
+            filled = 0
         shards[-1].append(t)
+        filled += size(t)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
 
