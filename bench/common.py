@@ -10,7 +10,7 @@ import resource
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +89,23 @@ def peak_rss_kib() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def alternating_rounds(rounds: int, sides: tuple[str, str], run: Callable[[str, int], dict],
+                       label: str = "round") -> dict[str, list[dict]]:
+    """`run(side, round)` for both sides, `rounds` times, alternating which goes first (the first
+    meets a cold page cache, and a shared machine's load drifts): each side's runs, in order."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for round_ in range(rounds):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            runs[side].append(run(side, round_))
+            print(f"{label} {round_ + 1}: {side} {runs[side][-1]['seconds']:.1f} s", flush=True)
+    return runs
+
+
+def median_run(rows: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count)."""
+    return sorted(rows, key=lambda row: row["seconds"])[(len(rows) - 1) // 2]
 
 
 # A benchmark side that must not share a process with the other (peak memory, imports, a fresh

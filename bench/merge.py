@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (command_line, describe_machine, newest_artifact, peak_rss_kib, print_child_result,  # bench/ is on sys.path
-                    run_child, work_dir, write_result)
+from common import (alternating_rounds, command_line, describe_machine, median_run, newest_artifact,  # bench/ is on sys.path
+                    peak_rss_kib, print_child_result, run_child, work_dir, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,17 +41,14 @@ def main() -> None:
         return
     with work_dir("bench-merge-", args.work) as work:
         model, adapter = _synthetic(args.synthetic, args.dtype, work) if args.synthetic else _inputs(args)
-        runs: dict[str, list[dict]] = {"peer": [], "ours": []}
-        for round_ in range(args.rounds):
-            for side in ("peer", "ours") if round_ % 2 == 0 else ("ours", "peer"):
-                out = work / f"{side}-{round_}"
-                cmd = [sys.executable, __file__, "--child", side, "--model", str(model), "--adapter", str(adapter),
-                       "--dtype", args.dtype, "--child-out", str(out)]
-                runs[side].append(run_child(cmd, side)[0])
-                print(f"round {round_ + 1}: {side} {runs[side][-1]['seconds']:.1f} s, "
-                      f"{runs[side][-1]['merge_rss_mib']:.0f} MiB", flush=True)
+        def merge(side: str, round_: int) -> dict:
+            cmd = [sys.executable, __file__, "--child", side, "--model", str(model), "--adapter", str(adapter),
+                   "--dtype", args.dtype, "--child-out", str(work / f"{side}-{round_}")]
+            return run_child(cmd, side)[0]
+
+        runs = alternating_rounds(args.rounds, ("peer", "ours"), merge)
         quality = _same_tensors(work / "ours-0", work / "peer-0")
-    median = {side: sorted(rows, key=lambda r: r["seconds"])[(len(rows) - 1) // 2] for side, rows in runs.items()}
+    median = {side: median_run(rows) for side, rows in runs.items()}
     write_result(args.out, _result(args, median, runs, quality))
 
 

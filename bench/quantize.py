@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import describe_machine, peak_rss_kib, print_child_result, run_child, work_dir, write_result  # bench/ is on sys.path when a script runs
+from common import (alternating_rounds, describe_machine, median_run, peak_rss_kib, print_child_result, run_child,  # bench/ is on sys.path
+                    work_dir, write_result)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,15 +48,11 @@ def main() -> None:
         print_child_result(_child(args))
         return
     with work_dir("bench-quantize-", args.work) as work:
-        # Rounds alternate which side goes first (the first reads the checkpoint from a cold page
-        # cache, and a shared machine's load drifts); each side's median run is the figure.
-        runs: dict[str, list[dict]] = {"peer": [], "ours": []}
-        for round_ in range(args.rounds):
-            for side in ("peer", "ours") if round_ % 2 == 0 else ("ours", "peer"):
-                # round 1's outputs are the ones compared below (tensors, perplexity)
-                runs[side].append(_run_child(args, side, work / (side if round_ == 0 else f"{side}-{round_}")))
-                print(f"round {round_ + 1}: {side} {runs[side][-1]['seconds']:.1f} s", flush=True)
-        sides = {side: _median_run(rows) for side, rows in runs.items()}
+        # Each side's median run is the figure; round 1's outputs are the ones compared below
+        # (tensors, perplexity).
+        runs = alternating_rounds(args.rounds, ("peer", "ours"), lambda side, round_: _run_child(
+            args, side, work / (side if round_ == 0 else f"{side}-{round_}")))
+        sides = {side: median_run(rows) for side, rows in runs.items()}
         result = _result(args, sides)
         result["runs"] = runs
         result["identical_tensors"] = _identical_tensors(work / "ours", work / "peer")
@@ -94,13 +91,11 @@ def _checkpoint(args, work: Path) -> dict:
     from expert.artifacts import folder_bytes
     from expert.quantize.gptq import block_count
 
-    runs: dict[str, list[dict]] = {"streamed": [], "checkpointed": []}
-    for round_ in range(args.rounds):
-        for side in ("streamed", "checkpointed") if round_ % 2 == 0 else ("checkpointed", "streamed"):
-            extra = ["--child-streamed"] + (["--child-work", str(work / f"ck-{round_}")] if side == "checkpointed"
-                                            else [])
-            runs[side].append(_run_child(args, "ours", work / f"{side}-{round_}", *extra))
-            print(f"checkpoint round {round_ + 1}: {side} {runs[side][-1]['seconds']:.1f} s", flush=True)
+    def streamed(side: str, round_: int) -> dict:
+        extra = ["--child-work", str(work / f"ck-{round_}")] if side == "checkpointed" else []
+        return _run_child(args, "ours", work / f"{side}-{round_}", "--child-streamed", *extra)
+
+    runs = alternating_rounds(args.rounds, ("streamed", "checkpointed"), streamed, label="checkpoint round")
     layers = block_count(Path(args.model))
     # Killed as layer k is quantized, before it is committed: the rerun starts at layer k (1-based).
     kill_after = layers // 2 + 1
@@ -110,7 +105,7 @@ def _checkpoint(args, work: Path) -> dict:
     if killed.returncode != -signal.SIGKILL:
         raise SystemExit(f"the run to kill ended otherwise (exit {killed.returncode}):\n{killed.stderr[-4000:]}")
     resumed = _run_child(args, "ours", work / "resumed", "--child-streamed", "--child-work", str(work / "ck-resume"))
-    median = {side: _median_run(rows) for side, rows in runs.items()}
+    median = {side: median_run(rows) for side, rows in runs.items()}
     return {
         "time_ratio": median["checkpointed"]["seconds"] / median["streamed"]["seconds"],  # > 1: their cost
         "peak_rss_mib": {side: row["peak_rss_mib"] for side, row in median.items()},
@@ -121,11 +116,6 @@ def _checkpoint(args, work: Path) -> dict:
                     "identical_tensors": _identical_tensors(work / "resumed", work / "streamed-0")},
         "runs": runs,
     }
-
-
-def _median_run(rows: list[dict]) -> dict:
-    """The run of median wall time (the lower middle one of an even count)."""
-    return sorted(rows, key=lambda row: row["seconds"])[(len(rows) - 1) // 2]
 
 
 def _run_child(args, side: str, out: Path, *extra: str) -> dict:
