@@ -16,6 +16,7 @@ from expert.evaluation import EvalConfig
 from expert.models import ModelConfig
 from expert.pipeline_config import DataConfig
 from flows.pipeline import DEFAULT_PRESET
+from flows.swallowed_stops import redeliver_swallowed_stops
 from tasks.data import format_mmlu, format_pubmedqa
 from tasks.evaluate import evaluate
 from tasks.model import import_model, model_folder
@@ -32,6 +33,7 @@ def evaluate_model(model: str, adapter: str | None = None, label: str = "model",
                    data: DataConfig = DEFAULT_PRESET.data, evaluation: EvalConfig = DEFAULT_PRESET.eval,
                    artifacts_dir: str = "artifacts") -> dict:
     """`model`: a model folder, or any model source the pipeline takes (embedded:, hf:, gguf:)."""
+    redeliver_swallowed_stops()  # a Ctrl-C or SIGTERM (or SIGHUP) that lands in a finalizer is not lost
     ws = artifacts_dir
     # A folder is evaluated as it is (a GPTQ folder stays quantized); other sources are imported.
     base = model_folder(model, ws) if Path(model).expanduser().is_dir() else import_model(ModelConfig(source=model), ws)

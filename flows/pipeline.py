@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from expert.pipeline_config import (PipelineConfig, StageName, check_local_sources, load_preset,
                                     warn_sections_left_out)
+from flows.swallowed_stops import redeliver_swallowed_stops
 from tasks.data import format_mmlu, format_pubmedqa
 from tasks.evaluate import evaluate_all
 from tasks.model import import_model
@@ -39,6 +40,7 @@ DEFAULT_PRESET = load_preset("default")
 
 @flow(name="expert-pipeline", flow_run_name=_run_name, validate_parameters=True)
 def pipeline(config: PipelineConfig = DEFAULT_PRESET, force: list[StageName] | None = None) -> dict:
+    redeliver_swallowed_stops()  # a Ctrl-C or SIGTERM (or SIGHUP) that lands in a finalizer is not lost
     check_local_sources(config)  # a typo in a data path fails now, not after the model import
     warn_sections_left_out(config)  # a partial `config` parameter replaced the whole preset
     ws, again = config.artifacts_dir, set(force or ())

@@ -1,0 +1,160 @@
+"""flows/swallowed_stops.py: a stop whose exception Python drops in a finalizer is sent again.
+
+Each test makes the signal's handler run inside a `__del__`, where CPython prints the exception
+as "Exception ignored in ..." and goes on: without the hook, the process carries on unstopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from prefect.exceptions import TerminationSignal
+
+from flows.swallowed_stops import redeliver_swallowed_stops
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals sent to oneself are POSIX")
+
+
+class SignalledWhenCollected:
+    """Sends `signum` to this process from its finalizer; the handler then runs right there."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        for _ in range(100):  # bytecodes: where Python runs the handler, still inside __del__
+            pass
+
+
+@pytest.fixture
+def handlers(monkeypatch):
+    """Prefect's SIGTERM behaviour during a flow run (raise TerminationSignal) and Python's Ctrl-C,
+    counted; everything restored after."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    calls: list[int] = []
+
+    def terminate(signum, frame):
+        calls.append(signum)
+        raise TerminationSignal(signal=signum)
+
+    def interrupt(signum, frame):
+        calls.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, interrupt)  # a runner started in the background may ignore SIGINT
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+    yield calls
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def collect_then_wait(signum: int) -> None:
+    SignalledWhenCollected(signum)  # collected at once: the handler runs in its __del__
+    time.sleep(5)  # the resent signal ends this well before
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGTERM, TerminationSignal), (signal.SIGINT, KeyboardInterrupt)],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_stop_dropped_in_a_finalizer_is_sent_again_and_stops(handlers, signum, stop, capfd):
+    redeliver_swallowed_stops()
+    redeliver_swallowed_stops()  # installed once: the stop is sent again once, not twice
+    started = time.monotonic()
+    with pytest.raises(stop):
+        collect_then_wait(signum)
+    assert time.monotonic() - started < 4
+    assert handlers == [signum, signum]  # dropped in __del__, then raised in ordinary code
+    name = signal.Signals(signum).name
+    assert f"{name} arrived while Python ran SignalledWhenCollected.__del__" in capfd.readouterr().err
+
+
+def test_without_the_hook_the_stop_is_lost(handlers):
+    """What the hook is for: Python drops the stop, and the code goes on to its end."""
+    sys.unraisablehook = lambda unraisable: None
+    SignalledWhenCollected(signal.SIGTERM)
+    time.sleep(0.3)
+    assert handlers == [signal.SIGTERM]
+
+
+def test_other_dropped_exceptions_go_to_the_hook_before(handlers):
+    seen = []
+    sys.unraisablehook = seen.append
+
+    class Failing:
+        def __del__(self):
+            raise ValueError("not a stop")
+
+    redeliver_swallowed_stops()
+    Failing()
+    assert [type(u.exc_value) for u in seen] == [ValueError] and handlers == []
+
+
+def test_both_flows_install_it_first(monkeypatch, tmp_path):
+    from expert.errors import ConfigError
+    from expert.pipeline_config import load_preset
+    from flows import evaluate, pipeline
+
+    class Stop(Exception):
+        pass
+
+    def first_step(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "model_folder", first_step)
+    for run, failure in ((lambda: evaluate.evaluate_model.fn(model=str(tmp_path)), Stop),
+                         (lambda: pipeline.pipeline.fn(config=load_preset(
+                             "default", [f"data.pubmedqa.source={tmp_path / 'missing.json'}"])), ConfigError)):
+        monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+        with pytest.raises(failure):
+            run()
+        assert getattr(sys.unraisablehook, "redelivers_stops", False)
+
+
+FLOW = textwrap.dedent("""
+    import os, signal, sys, time
+    from prefect import flow, task
+    from flows.hangup import stop_on_hangup
+    from flows.swallowed_stops import redeliver_swallowed_stops
+    from flows.temporary_server import detach_temporary_server
+    from tests.flows.test_swallowed_stops import SignalledWhenCollected
+
+    @task
+    def stage():
+        SignalledWhenCollected(signal.SIGHUP)
+        time.sleep(10)
+        print("stage went on to its end", flush=True)
+
+    @flow
+    def run():
+        redeliver_swallowed_stops()
+        stage()
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    detach_temporary_server()  # as `expert run`: the server ends with this process, however it ends
+    stop_on_hangup()
+    run()
+""")
+
+
+@pytest.mark.slow
+def test_a_hangup_dropped_in_a_finalizer_still_crashes_the_flow_run(tmp_path):
+    """The whole path: SIGHUP -> Prefect's SIGTERM handler -> dropped in __del__ -> sent again ->
+    Prefect records the crash and the signal ends the process."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:  # a file, not a pipe: a server left behind would hold a pipe open
+        done = subprocess.run([sys.executable, "-c", FLOW], cwd=os.getcwd(), env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=240)
+    text = log.read_text()
+    assert done.returncode == -signal.SIGHUP and "stage went on to its end" not in text, text[-3000:]
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        states = db.execute("select state_type from flow_run").fetchall()
+    assert states == [("CRASHED",)], states
