@@ -8,7 +8,8 @@ and devices, continue after the last committed layer. The weights come out bit-i
 uninterrupted run (tests/expert/test_faults.py kills one to check it). Its limits, which decide when the
 stage uses it: Llama-family (`llama`) and Qwen3-MoE models, and only when gptqmodel streams the
 checkpoint from disk (`offload_to_disk`, see gptq.py: every GPU run and every large CPU one; a
-small model on a CPU is loaded whole and quantized in a few minutes without it).
+small model on a CPU is loaded whole and quantized in a few minutes without it). A Ctrl-C or
+SIGTERM meanwhile: stops.py.
 
     checkpoint = layer_checkpoint(work_dir, model)   # None where it does not apply
     model.layer_callback = LayerProgress(total, on_layer)
@@ -59,6 +60,14 @@ def mismatch_error() -> type[Exception]:
     from gptqmodel.looper.checkpoint_store import CheckpointError
 
     return CheckpointError
+
+
+def stopped_error() -> type[Exception]:
+    """What gptqmodel raises once it has committed the layer in progress after a stop signal
+    (a CheckpointError too: catch it first)."""
+    from gptqmodel.looper.checkpoint import CheckpointStopped
+
+    return CheckpointStopped
 
 
 def _unsupported(model: Any) -> str | None:

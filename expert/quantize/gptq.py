@@ -23,16 +23,18 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from expert.errors import ConfigError
+from expert.errors import ConfigError, ExpertError
 from expert.modeling import carry_code_consent, remote_code_trusted
-from expert.quantize.checkpoint import LayerProgress, forget, layer_checkpoint, mismatch_error
+from expert.quantize.checkpoint import LayerProgress, forget, layer_checkpoint, mismatch_error, stopped_error
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
 from expert.quantize.report import weights_bytes
+from expert.quantize.stops import StopsDuringGptq
 
 _log = logging.getLogger(__name__)
 
@@ -156,9 +158,28 @@ def _load_and_quantize(config: QuantizeConfig, model_dir: Path, calibration: lis
     checkpoint = layer_checkpoint(work_dir, model)
     # min length 2: the samples were already filtered by tokenize_samples; gptqmodel's default
     # (10) would silently drop short ones the report counts.
-    log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2,
-                         **({"checkpoint": checkpoint} if checkpoint else {}))
+    if checkpoint is None:
+        return model, model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
+    stopped = None
+    with StopsDuringGptq(on_stop=_say_stopping) as stops:
+        try:
+            log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2,
+                                 checkpoint=checkpoint)
+        except stopped_error() as exc:  # a stop gptqmodel took: the layer in progress is committed
+            stopped = exc
+    if stops.received:
+        _log.warning("GPTQ: stopped, its layers committed to %s; the same command continues after them", work_dir)
+        stops.pass_on()  # a Ctrl-C ends as KeyboardInterrupt, a SIGTERM as Prefect's TerminationSignal
+    if stopped is not None:  # the signal was ignored before gptqmodel took it for itself
+        raise ExpertError(f"GPTQ stopped on a signal ({stopped}); its layers are committed to {work_dir}, "
+                          "and the same command continues after them")
     return model, log
+
+
+def _say_stopping(signum: int, taken_by_gptqmodel: bool) -> None:
+    if taken_by_gptqmodel:  # otherwise the handler before it stops the run now, as anywhere else
+        _log.warning("GPTQ: %s: stopping once the layer in progress is committed (on a large model, up to "
+                     "a layer's time); the same command then continues after it", signal.Signals(signum).name)
 
 
 def gptqmodel_config(config: QuantizeConfig, offload: bool = True, offload_path: Path | None = None):

@@ -190,6 +190,61 @@ def test_gptq_killed_after_a_layer_continues_after_it_and_ends_bit_for_bit(tmp_p
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
+GPTQ_STOP_SCRIPT = """
+import logging, os, signal, sys
+from pathlib import Path
+from expert.errors import ExpertError
+from expert.quantize import QuantizeConfig, gptq, quantize
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+gptq.offload_to_disk = lambda model_dir: True  # streamed, with layer checkpoints
+base, data, out, work = map(Path, sys.argv[1:5])
+sig, before = int(sys.argv[5]), sys.argv[6]
+# what was there before gptqmodel took the signal: Python's Ctrl-C (a background test runner may
+# have left SIGINT ignored), the default (SIGTERM), or ignored
+signal.signal(sig, {"python": signal.default_int_handler, "default": signal.SIG_DFL, "ignored": signal.SIG_IGN}[before])
+def progress(done, total):
+    if done == 2:  # the first of the tiny Llama's two layers is quantized, not yet committed
+        os.kill(os.getpid(), sig)
+try:
+    quantize(QuantizeConfig(group_size=32, num_samples=64, perplexity_samples=0), base, data, out, progress,
+             work_dir=work)
+except KeyboardInterrupt:
+    sys.exit(130)
+except ExpertError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("sig, before, code", [(signal.SIGINT, "python", 130), (signal.SIGTERM, "default", -signal.SIGTERM),
+                                               (signal.SIGTERM, "ignored", 2)], ids=["ctrl-c", "sigterm", "ignored"])
+def test_a_stop_during_gptq_commits_the_layer_then_ends_as_that_signal_would(sig, before, code, tmp_path,
+                                                                              tmp_path_factory, monkeypatch):
+    """gptqmodel takes SIGINT and SIGTERM while it checkpoints, and ended with a RuntimeError
+    (CheckpointStopped) once the layer in progress was committed: the pipeline saw a failure."""
+    from expert.quantize import QuantizeConfig, gptq, quantize
+
+    setup = tiny_setup(tmp_path_factory)
+    proc = spawn(GPTQ_STOP_SCRIPT, setup.base, setup.data, tmp_path / "stopped", tmp_path / "work", int(sig), before)
+    _, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == code, err[-3000:]
+    name = signal.Signals(sig).name
+    assert f"GPTQ: {name}: stopping once the layer in progress is committed" in err, err[-3000:]
+    assert f"GPTQ: stopped, its layers committed to {tmp_path / 'work'}" in err
+    if before == "ignored":
+        assert "GPTQ stopped on a signal (checkpoint committed; resume from step 1)" in err
+    assert not (tmp_path / "stopped" / "model.safetensors").exists()
+    if sig != signal.SIGINT:
+        return
+    # The same command again continues after the committed layer and ends as an uninterrupted run.
+    monkeypatch.setattr(gptq, "offload_to_disk", lambda model_dir: True)
+    quantize(QuantizeConfig(group_size=32, num_samples=64, perplexity_samples=0), setup.base, setup.data,
+             tmp_path / "out", work_dir=tmp_path / "work")
+    assert json.loads((tmp_path / "out" / "quantization_report.json").read_text())["resumed_at_layer"] == 2
+    resumed, whole = load_file(tmp_path / "out" / "model.safetensors"), load_file(setup.gptq / "model.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
 # ---------------------------------------------------------------- kill -9 while an artifact is written
 
 BUILD_SCRIPT = """

@@ -1,0 +1,87 @@
+"""A Ctrl-C or SIGTERM during GPTQ with layer checkpoints: said at once, passed on once the layer
+in progress is committed.
+
+While gptqmodel keeps layer checkpoints (checkpoint.py) it takes SIGINT and SIGTERM (and so a
+hangup, see flows/hangup.py) for itself: a stop commits the layer in progress, then ends
+`quantize` with CheckpointStopped, a RuntimeError. Before this module the pipeline saw a failure
+("unexpected CheckpointStopped", Failed in the Prefect UI) rather than the Ctrl-C or SIGTERM it
+was, and said nothing until the layer was done (tens of seconds a layer for a 33B model). Here the
+signals are read from Python's wakeup fd, which gets each one whoever handles it: the first stop
+is said at once, and once gptqmodel has put the handlers before it back, it is raised again, so a
+Ctrl-C ends as an interrupt and a SIGTERM as a termination (which Prefect records as a crash).
+
+    with StopsDuringGptq(on_stop=say) as stops:
+        log = model.quantize(..., checkpoint=...)   # returns, or raises CheckpointStopped
+        ...
+    stops.pass_on()   # the stop gptqmodel took, if any, goes to the handler before it
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable
+
+STOPS = frozenset(int(s) for s in (getattr(signal, name, None) for name in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
+
+
+class StopsDuringGptq:
+    """Watch the stop signals that arrive in the block (main thread only; elsewhere it sees none)."""
+
+    def __init__(self, on_stop: Callable[[int, bool], None] | None = None):
+        self.on_stop = on_stop  # (signal, taken by gptqmodel?) for the first stop, from a helper thread
+        self.received: list[int] = []
+        self._read = self._write = None
+        self._previous_fd = -1
+        self._watcher: threading.Thread | None = None
+
+    def __enter__(self) -> StopsDuringGptq:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # the C signal handler must never block on it
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        if self._previous_fd != -1:  # someone else's (an asyncio loop in this thread): leave it theirs
+            signal.set_wakeup_fd(self._previous_fd)
+            self._close()
+            return self
+        self._watcher = threading.Thread(target=self._watch, name="gptq-stops", daemon=True)
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._watcher is None:
+            return
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)  # the watcher reads to the end, then stops
+        self._write = None
+        self._watcher.join(timeout=5)
+        self._close()
+
+    def pass_on(self) -> None:
+        """Raise the first stop again, now that gptqmodel's handlers are gone: the handler before
+        them stops the process (Python's raises KeyboardInterrupt, Prefect's TerminationSignal, the
+        default ends it). Nothing happens if none came, or if that signal was ignored before."""
+        if self.received:
+            signal.raise_signal(self.received[0])  # this thread: its handler runs before this returns
+
+    def _watch(self) -> None:
+        while chunk := os.read(self._read, 64):
+            for signum in chunk:
+                if signum in STOPS:
+                    self.received.append(signum)
+                    if len(self.received) == 1 and self.on_stop is not None:
+                        self.on_stop(signum, _taken_by_gptqmodel(signum))
+
+    def _close(self) -> None:
+        for fd in (self._read, self._write):
+            if fd is not None:
+                os.close(fd)
+        self._read = self._write = None
+
+
+def _taken_by_gptqmodel(signum: int) -> bool:
+    """Whether gptqmodel's handler holds the signal now (a hangup goes where SIGTERM goes)."""
+    handler = signal.getsignal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    return getattr(handler, "__module__", "").startswith("gptqmodel")

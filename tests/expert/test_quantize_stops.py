@@ -1,0 +1,88 @@
+"""expert/quantize/stops.py on its own (with gptqmodel: test_faults.py's stop during GPTQ)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from expert.quantize.stops import StopsDuringGptq
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals sent to oneself are POSIX")
+
+
+class Stopped(Exception):
+    pass
+
+
+@pytest.fixture
+def sigterm_counted():
+    """SIGTERM handled in Python and counted: like gptqmodel's handler it returns, and like
+    Prefect's it raises once `handler.stops` is set."""
+    calls: list[int] = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        if getattr(handler, "stops", False):  # the handler a stop is passed on to
+            raise Stopped
+
+    saved = signal.signal(signal.SIGTERM, handler)
+    yield calls, handler
+    signal.signal(signal.SIGTERM, saved)
+
+
+def test_stops_are_seen_said_once_and_passed_on(sigterm_counted):
+    calls, handler = sigterm_counted
+    said = []
+    with StopsDuringGptq(on_stop=lambda signum, taken: said.append((signum, taken))) as stops:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the watcher thread reads it
+    assert stops.received == [signal.SIGTERM, signal.SIGTERM] and said == [(signal.SIGTERM, False)]
+    assert signal.set_wakeup_fd(-1) == -1  # put back as it was
+    handler.stops = True
+    with pytest.raises(Stopped):
+        stops.pass_on()
+    assert calls == [signal.SIGTERM] * 3
+
+
+def test_nothing_received_passes_nothing_on(sigterm_counted):
+    with StopsDuringGptq() as stops:
+        pass
+    stops.pass_on()
+    assert stops.received == [] and sigterm_counted[0] == []
+
+
+def test_a_wakeup_fd_someone_else_set_is_left_theirs(sigterm_counted):
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    try:
+        with StopsDuringGptq() as stops:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        assert signal.set_wakeup_fd(-1) == write and os.read(read, 8) == bytes([signal.SIGTERM])
+        assert stops.received == []
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read), os.close(write)
+
+
+def test_off_the_main_thread_it_sees_nothing_and_does_no_harm():
+    errors = []
+
+    def run():
+        try:
+            with StopsDuringGptq() as stops:
+                pass
+            stops.pass_on()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == []
