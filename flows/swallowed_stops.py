@@ -56,6 +56,8 @@ def stop_signal(exc: BaseException | None) -> int | None:
 
 
 def resend_soon(signum: int) -> None:
+    if sys.is_finalizing():  # the process is ending already (and can start no thread)
+        return
     timer = threading.Timer(RESEND_AFTER_S, os.kill, (os.getpid(), signum))
     timer.daemon = True  # a process that ends first has nothing left to stop
     timer.start()

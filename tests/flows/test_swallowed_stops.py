@@ -158,3 +158,14 @@ def test_a_hangup_dropped_in_a_finalizer_still_crashes_the_flow_run(tmp_path):
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         states = db.execute("select state_type from flow_run").fetchall()
     assert states == [("CRASHED",)], states
+
+
+def test_nothing_is_sent_again_while_the_interpreter_ends(monkeypatch):
+    """At shutdown no thread can start (a RuntimeError inside the hook); the process ends anyway."""
+    from flows import swallowed_stops
+
+    started = []
+    monkeypatch.setattr(swallowed_stops.threading, "Timer", lambda *args: started.append(args))
+    monkeypatch.setattr(sys, "is_finalizing", lambda: True)
+    swallowed_stops.resend_soon(signal.SIGTERM)
+    assert started == []
