@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from expert.artifacts import MANIFEST
 from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -225,6 +226,62 @@ def test_run_cached_rerun_and_force_through_a_worker(server, tmp_path_factory):
         "model": str(model), "adapter": str(adapter), "label": "check", "artifacts_dir": str(inputs["artifacts"]),
         "data": params["config"]["data"], "evaluation": params["config"]["eval"]})
     assert set(stage_states(server, evaluation)) >= {"evaluate pubmedqa (check)", "evaluate mmlu (check)"}
+
+
+def test_a_run_cancelled_mid_stage_stops_frees_its_slot_and_loses_nothing(server, tmp_path_factory):
+    """Cancel from the UI (here its CLI twin) while training: the run's process ends, the run is
+    Cancelled, nothing is left half-written, the deployment's one concurrency slot is free again,
+    and the next run reuses every finished stage and resumes training from its last checkpoint."""
+    from expert.train import list_checkpoints
+
+    inputs = tiny_inputs(tmp_path_factory.mktemp("inputs"))
+    params = {"config": tiny_config_dict(inputs, train={"epochs": 100, "max_steps": 120})}  # long enough to cancel
+    name = "expert-pipeline/pipeline-default"
+    started = server.cli("deployment", "run", name, "--params", json.dumps(params))
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout).group(1)
+    train = inputs["artifacts"] / "train"
+    _wait(server, lambda: any(list_checkpoints(work) for work in train.glob(".work-*")), "a training checkpoint")
+    server.cli("flow-run", "cancel", run_id)
+    _wait(server, lambda: server.get(f"/flow_runs/{run_id}")["state"]["type"] == "CANCELLED", "the run to be cancelled")
+    _wait(server, lambda: not _processes_of(run_id), "the run's process to end")
+    cancelled = stage_states(server, run_id)
+    finished = {name for name, state in cancelled.items() if state == "Completed"}
+    assert {"import model", "quantize gptq 4-bit"} <= finished and "train LoRA r4" not in finished, cancelled
+    assert not list(inputs["artifacts"].glob("*/.tmp-*")), "a half-written artifact was left"
+    (work,) = train.glob(".work-*")
+    kept = list_checkpoints(work)[-1][0]
+
+    again = deployment_run(server, name, params)  # waits for the slot: it must have been released
+    states = stage_states(server, again)
+    assert finished <= set(states) - recomputed(states) and "train LoRA r4" in recomputed(states), states
+    (summary,) = train.glob("*/summary.json")
+    assert json.loads(summary.read_text())["resumed_from"] == [kept]
+
+
+def _task_states(server: Server, run_id: str) -> dict[str, str]:
+    runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    return {r["name"].split(" [")[0]: r["state"]["name"] for r in runs}
+
+
+def _processes_of(run_id: str) -> list[int]:
+    """Processes running the flow run (the worker gives each its id in the environment; Linux /proc)."""
+    mark = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if Path("/proc").is_dir() else []):
+        try:
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _wait(server: Server, done, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what}\n{server.logs()}")
+        time.sleep(0.5)
 
 
 def test_make_keeps_what_an_operator_changed_and_deploys_only_what_is_missing(server):
