@@ -216,7 +216,8 @@ except ExpertError as exc:
 """
 
 
-@pytest.mark.parametrize("sig, before, code", [(signal.SIGINT, "python", 130), (signal.SIGTERM, "default", -signal.SIGTERM),
+@pytest.mark.parametrize("sig, before, code", [(signal.SIGINT, "python", 130),
+                                               (signal.SIGTERM, "default", -signal.SIGTERM),
                                                (signal.SIGTERM, "ignored", 2)], ids=["ctrl-c", "sigterm", "ignored"])
 def test_a_stop_during_gptq_commits_the_layer_then_ends_as_that_signal_would(sig, before, code, tmp_path,
                                                                               tmp_path_factory, monkeypatch):
