@@ -41,7 +41,11 @@ class StopsDuringGptq:
             return self
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)  # the C signal handler must never block on it
-        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        try:
+            self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        except ValueError:  # Windows takes sockets only: no watching there
+            self._close()
+            return self
         if self._previous_fd != -1:  # someone else's (an asyncio loop in this thread): leave it theirs
             signal.set_wakeup_fd(self._previous_fd)
             self._close()
