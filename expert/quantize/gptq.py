@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -161,7 +160,7 @@ def _load_and_quantize(config: QuantizeConfig, model_dir: Path, calibration: lis
     if checkpoint is None:
         return model, model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
     stopped = None
-    with StopsDuringGptq(on_stop=_say_stopping) as stops:
+    with StopsDuringGptq() as stops:
         try:
             log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2,
                                  checkpoint=checkpoint)
@@ -174,12 +173,6 @@ def _load_and_quantize(config: QuantizeConfig, model_dir: Path, calibration: lis
         raise ExpertError(f"GPTQ stopped on a signal ({stopped}); its layers are committed to {work_dir}, "
                           "and the same command continues after them")
     return model, log
-
-
-def _say_stopping(signum: int, taken_by_gptqmodel: bool) -> None:
-    if taken_by_gptqmodel:  # otherwise the handler before it stops the run now, as anywhere else
-        _log.warning("GPTQ: %s: stopping once the layer in progress is committed (on a large model, up to "
-                     "a layer's time); the same command then continues after it", signal.Signals(signum).name)
 
 
 def gptqmodel_config(config: QuantizeConfig, offload: bool = True, offload_path: Path | None = None):

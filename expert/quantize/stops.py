@@ -10,7 +10,7 @@ signals are read from Python's wakeup fd, which gets each one whoever handles it
 is said at once, and once gptqmodel has put the handlers before it back, it is raised again, so a
 Ctrl-C ends as an interrupt and a SIGTERM as a termination (which Prefect records as a crash).
 
-    with StopsDuringGptq(on_stop=say) as stops:
+    with StopsDuringGptq() as stops:
         log = model.quantize(..., checkpoint=...)   # returns, or raises CheckpointStopped
         ...
     stops.pass_on()   # the stop gptqmodel took, if any, goes to the handler before it
@@ -18,10 +18,12 @@ Ctrl-C ends as an interrupt and a SIGTERM as a termination (which Prefect record
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
-from typing import Callable
+
+_log = logging.getLogger(__name__)
 
 STOPS = frozenset(int(s) for s in (getattr(signal, name, None) for name in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
 
@@ -29,21 +31,18 @@ STOPS = frozenset(int(s) for s in (getattr(signal, name, None) for name in ("SIG
 class StopsDuringGptq:
     """Watch the stop signals that arrive in the block (main thread only; elsewhere it sees none)."""
 
-    def __init__(self, on_stop: Callable[[int, bool], None] | None = None):
-        self.on_stop = on_stop  # (signal, taken by gptqmodel?) for the first stop, from a helper thread
+    def __init__(self):
         self.received: list[int] = []
         self._read = self._write = None
         self._previous_fd = -1
         self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> StopsDuringGptq:
-        if threading.current_thread() is not threading.main_thread():
-            return self
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)  # the C signal handler must never block on it
         try:
             self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        except ValueError:  # Windows takes sockets only: no watching there
+        except ValueError:  # not the main thread, or Windows (sockets only): no watching there
             self._close()
             return self
         if self._previous_fd != -1:  # someone else's (an asyncio loop in this thread): leave it theirs
@@ -75,8 +74,10 @@ class StopsDuringGptq:
             for signum in chunk:
                 if signum in STOPS:
                     self.received.append(signum)
-                    if len(self.received) == 1 and self.on_stop is not None:
-                        self.on_stop(signum, _taken_by_gptqmodel(signum))
+                    if len(self.received) == 1 and _taken_by_gptqmodel(signum):  # else its handler stops now
+                        _log.warning("GPTQ: %s: stopping once the layer in progress is committed (on a large "
+                                     "model, up to a layer's time); the same command then continues after it",
+                                     signal.Signals(signum).name)
 
     def _close(self) -> None:
         for fd in (self._read, self._write):

@@ -34,19 +34,28 @@ def sigterm_counted():
     signal.signal(signal.SIGTERM, saved)
 
 
-def test_stops_are_seen_said_once_and_passed_on(sigterm_counted):
+def test_stops_are_seen_said_once_and_passed_on(sigterm_counted, caplog):
     calls, handler = sigterm_counted
-    said = []
-    with StopsDuringGptq(on_stop=lambda signum, taken: said.append((signum, taken))) as stops:
+    handler.__module__ = "gptqmodel.looper.gptq_checkpoint"  # as gptqmodel's own handler: the stop is said
+    with caplog.at_level("WARNING", logger="expert.quantize.stops"), StopsDuringGptq() as stops:
         for _ in range(2):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the watcher thread reads it
-    assert stops.received == [signal.SIGTERM, signal.SIGTERM] and said == [(signal.SIGTERM, False)]
+    assert stops.received == [signal.SIGTERM, signal.SIGTERM]
+    assert [r.getMessage()[:63] for r in caplog.records] == ["GPTQ: SIGTERM: stopping once the layer in "
+                                                              "progress is committed"]
     assert signal.set_wakeup_fd(-1) == -1  # put back as it was
     handler.stops = True
     with pytest.raises(Stopped):
         stops.pass_on()
     assert calls == [signal.SIGTERM] * 3
+
+
+def test_a_stop_another_handler_holds_is_not_said(sigterm_counted, caplog):
+    with caplog.at_level("WARNING", logger="expert.quantize.stops"), StopsDuringGptq() as stops:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+    assert stops.received == [signal.SIGTERM] and caplog.records == []
 
 
 def test_nothing_received_passes_nothing_on(sigterm_counted):
