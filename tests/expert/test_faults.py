@@ -200,8 +200,12 @@ gptq.offload_to_disk = lambda model_dir: True  # streamed, with layer checkpoint
 base, data, out, work = map(Path, sys.argv[1:5])
 sig, before = int(sys.argv[5]), sys.argv[6]
 # what was there before gptqmodel took the signal: Python's Ctrl-C (a background test runner may
-# have left SIGINT ignored), the default (SIGTERM), or ignored
-signal.signal(sig, {"python": signal.default_int_handler, "default": signal.SIG_DFL, "ignored": signal.SIG_IGN}[before])
+# have left SIGINT ignored), the default (SIGTERM), ignored, or `expert run`'s hangup routing
+signal.signal(sig, {"python": signal.default_int_handler, "default": signal.SIG_DFL, "ignored": signal.SIG_IGN,
+                    "hangup": signal.SIG_DFL}[before])
+if before == "hangup":
+    from flows.hangup import stop_on_hangup
+    stop_on_hangup()  # SIGHUP goes where SIGTERM goes: gptqmodel's handler, then the default
 def progress(done, total):
     if done == 2:  # the first of the tiny Llama's two layers is quantized, not yet committed
         os.kill(os.getpid(), sig)
@@ -218,7 +222,9 @@ except ExpertError as exc:
 
 @pytest.mark.parametrize("sig, before, code", [(signal.SIGINT, "python", 130),
                                                (signal.SIGTERM, "default", -signal.SIGTERM),
-                                               (signal.SIGTERM, "ignored", 2)], ids=["ctrl-c", "sigterm", "ignored"])
+                                               (signal.SIGTERM, "ignored", 2),
+                                               (signal.SIGHUP, "hangup", -signal.SIGHUP)],
+                         ids=["ctrl-c", "sigterm", "ignored", "hangup"])
 def test_a_stop_during_gptq_commits_the_layer_then_ends_as_that_signal_would(sig, before, code, tmp_path,
                                                                               tmp_path_factory, monkeypatch):
     """gptqmodel takes SIGINT and SIGTERM while it checkpoints, and ended with a RuntimeError
