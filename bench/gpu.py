@@ -1032,6 +1032,7 @@ def _gptq_train_child(args) -> dict:
         started = time.perf_counter()
         model, _ = load_model(quantized, device=device.type, gptq_kernel=kernel)
         load_s = time.perf_counter() - started
+        model = _CacheKwarg.wrap(model)
         _phase(f"loaded for inference in {load_s:.1f} s: {quantized_kernels(model)}")
         with torch.no_grad():
             loss = float(answer_loss_sum(model, shared, device) / labelled)
@@ -1059,6 +1060,7 @@ def _gptq_train_child(args) -> dict:
     # gptqmodel's layer), which must give the loss the trained model gave, not the base's.
     checkpoint = Path(row["gptq"]["resume"].pop("checkpoint"))  # (a temporary folder: not for the result)
     model, _ = load_model(quantized, adapter_dir=checkpoint, device=device.type, gptq_kernel=kernels_wanted[0])
+    model = _CacheKwarg.wrap(model)
     with torch.no_grad():
         adapted = float(answer_loss_sum(model, shared, device) / labelled)
     row["eval"]["adapter"] = {"loss": round(adapted, 4), "lora_layers": sum(1 for m in model.modules()
@@ -1136,7 +1138,9 @@ def _identical_tensors(a: Path, b: Path) -> dict:
 
 class _CacheKwarg(nn.Module):
     """transformers before 5.2x names the KV cache `past_key_values` (in and out), later `cache`;
-    the project pins a later one, the GPU image may hold an earlier one."""
+    the project pins a later one, the GPU image may hold an earlier one (5.17). Every model the
+    script scores with expert's scoring goes through `wrap`: the GPTQ check's did not, and its
+    first prefix-cached scoring died on 5.17 (H200, 2026-11-28)."""
 
     def __init__(self, model):
         super().__init__()
@@ -1146,7 +1150,9 @@ class _CacheKwarg(nn.Module):
     def wrap(cls, model):
         import inspect
 
-        return model if "cache" in inspect.signature(model.forward).parameters else cls(model)
+        # A PEFT model's forward takes **kwargs whatever the version: ask the model it wraps.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return model if "cache" in inspect.signature(base.forward).parameters else cls(model)
 
     def forward(self, **kwargs):
         if "cache" in kwargs:

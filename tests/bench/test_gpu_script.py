@@ -8,10 +8,12 @@ only that each case produced its rows and its quality checks).
 import json
 import os
 import subprocess
+import types
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -237,3 +239,45 @@ def test_a_failed_gptq_child_leaves_its_whole_output_in_its_log(monkeypatch, tmp
     assert len(row["error"]) <= 600 and 'File "where.py"' not in row["error"]
     log = (tmp_path / "gptq_train.log").read_text()
     assert "loaded the trained adapter" in log and 'File "where.py"' in log and "x" * 5000 in log
+
+
+def test_scoring_through_an_older_transformers_cache_name(monkeypatch):
+    # The GPU image's transformers (5.17) names the KV cache `past_key_values`, the pinned one
+    # `cache`; expert's prefix-cached scoring speaks the latter. The GPTQ check scored without the
+    # wrapper once and died on the H200. A model speaking the old names, wrapped, scores as the
+    # model itself; models that already speak `cache`, PEFT ones included, are left as they are.
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+    from peft import LoraConfig, get_peft_model
+
+    from expert.evaluation.scoring import Question, score_questions
+    from tests.fixtures.models import _tiny_llama
+
+    model, _ = _tiny_llama(seed=0, tie_word_embeddings=True)
+
+    class OldNames(torch.nn.Module):  # what 5.17's forward takes and returns
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **kwargs):  # 5.17 takes (and drops) the rest
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+            return types.SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+    old = OldNames(model)
+    wrapped = gpu._CacheKwarg.wrap(old)
+    assert wrapped is not old
+    prefix = [5 + i % 20 for i in range(24)]  # over MIN_PREFIX_TOKENS: the run uses the prefix cache
+    questions = [Question(prefix + [30 + i, 31], [[3], [4], [5]]) for i in range(4)]
+    with torch.no_grad():
+        ours = score_questions(wrapped, questions, max_length=64, groups=[list(range(4))])
+        with pytest.raises(AttributeError, match="cache"):  # what the GPTQ check met
+            score_questions(old, questions, max_length=64, groups=[list(range(4))])
+        plain = score_questions(model, questions, max_length=64)
+    assert max(abs(a - b) for x, y in zip(ours, plain) for a, b in zip(x, y)) < 1e-4
+
+    assert gpu._CacheKwarg.wrap(model) is model
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert gpu._CacheKwarg.wrap(peft) is peft  # its forward takes **kwargs: the model inside decides
