@@ -62,6 +62,30 @@ def inference_backend(stored: dict[str, Any], device: torch.device, dtype: torch
     return backend
 
 
+def training_backend(stored: dict[str, Any], device: torch.device) -> str:
+    """The kernel gptqmodel's "auto_trainable" would train with on `device`, by name.
+
+    gptqmodel's auto choice walks its kernels in order and runs each one's one-off check before it
+    asks whether the kernel trains, and that check builds the kernel's extension: on a fresh H200,
+    about 30 s building ExLlamaV2 for a model it then trained with Triton
+    (bench/results/gpu_h200_2026-11-28d.log). Here only kernels that train on this kind of device
+    are checked, in gptqmodel's own order. "auto_trainable" where none fits or the order is not
+    gptqmodel 7's.
+    """
+    try:
+        from gptqmodel.quantization import FORMAT, METHOD
+        from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
+        order = AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ]
+    except (ImportError, AttributeError, KeyError):
+        return "auto_trainable"
+    for backend, cls in order.items():
+        devices = {getattr(d, "value", d) for d in getattr(cls, "SUPPORTS_DEVICES", ())}
+        if (getattr(cls, "SUPPORTS_TRAINING", False) and devices & {device.type, "all"}
+                and _kernel_fits(backend.value, stored, device, None)):
+            return backend.value
+    return "auto_trainable"
+
+
 def chosen_backend(kernel: str, stored: dict[str, Any], device: torch.device, training: bool,
                    setting: str) -> str:
     """gptqmodel's name for the kernel the user named in `setting` ("marlin": "gptq_marlin"),

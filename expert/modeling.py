@@ -39,7 +39,7 @@ import torch
 
 from expert.artifacts import file_digest
 from expert.errors import ConfigError, ModelError
-from expert.gptq_kernel import aten_int4_fits, chosen_backend, inference_backend
+from expert.gptq_kernel import aten_int4_fits, chosen_backend, inference_backend, training_backend
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +278,11 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, dtype: torch.dty
 
     For training, gptqmodel's plain torch kernel on the CPU (TorchAtenLinear, picked by "auto",
     latches into inference mode, see the module docstring; "auto_trainable" still picks it), and
-    a trainable kernel on a GPU. For inference, gptqmodel's fastest kernel ("auto"), except on a
-    CPU scoring in bf16 where the dequantized weights fit (`_gptq_dense_cache_fits`), on a CPU
-    scoring in another dtype (below), and on a Hopper GPU without Machete's sources
-    (`expert.gptq_kernel`). A kernel the user named
+    on a GPU the trainable kernel gptqmodel's "auto_trainable" would pick, named, so that the
+    kernels it would pass over are not built (`expert.gptq_kernel.training_backend`). For
+    inference, gptqmodel's fastest kernel ("auto"), except on a CPU scoring in bf16 where the
+    dequantized weights fit (`_gptq_dense_cache_fits`), on a CPU scoring in another dtype (below),
+    and on a Hopper GPU without Machete's sources (`expert.gptq_kernel`). A kernel the user named
     (`kernel` other than "auto") is taken as named, once gptqmodel accepts it here.
     """
     from transformers import GPTQConfig
@@ -292,7 +293,7 @@ def _gptq_loading_config(model_dir: Path, device: torch.device, dtype: torch.dty
         backend = chosen_backend(kernel, stored, device, training,
                                  "train.gptq_kernel" if training else "eval.gptq_kernel")
     elif training or dense_cache:
-        backend = "gptq_torch" if device.type == "cpu" else "auto_trainable"
+        backend = "gptq_torch" if device.type == "cpu" else training_backend(stored, device)
     elif device.type == "cpu" and (dtype != torch.bfloat16 or not aten_int4_fits(stored)):
         # "auto" picks the int4 ATen kernel for any 4-bit model. It fails on the first forward
         # for group sizes it lacks, and it multiplies in bf16 whatever dtype it is given: scoring

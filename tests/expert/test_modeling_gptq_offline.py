@@ -127,8 +127,9 @@ def test_a_prebuilt_machete_keeps_auto_without_looking_for_sources(setup, hopper
 def test_gpus_without_machete_cpus_and_training_never_look_for_cutlass(setup, hopper):
     hopper["patch"].setattr(hopper["machete"], "_validate_machete_device_support", lambda device=None: False)
     assert backend(setup) == "auto"  # an A100, say: auto picks Marlin itself
-    assert backend(setup, training=True) == "auto_trainable"
-    assert hopper["urls"] == [] and hopper["asked"] == []
+    assert hopper["asked"] == []
+    assert backend(setup, training=True) == "gptq_triton"  # see below
+    assert hopper["urls"] == []
 
 
 def test_a_cpu_load_is_untouched(setup, hopper):
@@ -159,3 +160,22 @@ def test_machete_named_without_its_sources_fails_before_the_load_saying_how_to_g
     assert "GPTQMODEL_CUTLASS_DIR" in message
     # The kernels that fit (the fixture's), in the setting's order.
     assert "Kernels that run it here: marlin, exllama_v2, triton, torch;" in message
+
+
+def test_gpu_training_names_the_trainable_kernel_without_checking_the_others(setup, hopper):
+    """gptqmodel's "auto_trainable" runs each kernel's one-off check, which builds its extension,
+    before asking whether it trains: ExLlamaV2 was built for 30 s on an H200 for a model then
+    trained with Triton. Only the kernels that train on a GPU are checked, in gptqmodel's order."""
+    from gptqmodel.quantization import FORMAT, METHOD
+    from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
+
+    order = [(b.value, c.SUPPORTS_TRAINING) for b, c in AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ].items()]
+    # Why: kernels that cannot train come first in gptqmodel's order (the one built was ExLlamaV2).
+    assert order.index(("gptq_exllama_v2", False)) < order.index(("gptq_triton", True))
+    assert backend(setup, training=True) == "gptq_triton"
+    assert hopper["asked"] == ["gptq_triton"]  # not the CPU-only ones, not those that cannot train
+    hopper["fits"].discard("gptq_triton")  # no Triton on that machine, say
+    assert backend(setup, training=True) == "gptq_torch"
+    hopper["fits"].discard("gptq_torch")
+    assert backend(setup, training=True) == "auto_trainable"  # gptqmodel's own error, then
+    assert hopper["asked"] == ["gptq_triton", "gptq_triton", "gptq_torch", "gptq_triton", "gptq_torch"]
