@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -130,3 +132,46 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has ended; only its parent's wait is missing
+
+
+# `expert run`, with the quantize stage's GPTQ streamed and checkpointed per layer as on every GPU,
+# sent SIGTERM once the first layer is quantized and not yet committed.
+CHECKPOINTED_GPTQ_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from expert.cli import main
+    from expert.quantize import checkpoint, gptq
+    gptq.offload_to_disk = lambda model_dir: True
+    quantized = checkpoint.LayerProgress.__call__
+    def then_stop(self, layer_idx, submodule_finalized):
+        quantized(self, layer_idx, submodule_finalized)
+        if layer_idx == 0 and not submodule_finalized:
+            os.kill(os.getpid(), signal.SIGTERM)
+    checkpoint.LayerProgress.__call__ = then_stop
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_during_checkpointed_gptq_commits_the_layer_and_prefect_records_the_crash(tmp_path):
+    """While GPTQ keeps layer checkpoints, gptqmodel holds SIGTERM (what a deployment's cancel or
+    a container stop sends): the layer in progress is committed, then the stop must reach
+    Prefect's handler, not end the stage as a failed CheckpointStopped (`expert/quantize/stops.py`)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
+    home, log = tmp_path / "prefect", tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "-c", CHECKPOINTED_GPTQ_RUN, "run", str(config)], cwd=tmp_path,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                               env={**os.environ, "PREFECT_HOME": str(home)}, preexec_fn=_default_signals)
+    try:
+        returned = run.wait(timeout=300)
+    finally:
+        _stop(run)
+    text = log.read_text()
+    assert returned == -signal.SIGTERM, text[-3000:]
+    assert "GPTQ: SIGTERM: stopping once the layer in progress is committed" in text, text[-3000:]
+    committed = re.search(r"GPTQ: stopped, its layers committed to (\S+?);", text)
+    assert committed and any(Path(committed[1]).iterdir()), text[-3000:]
+    assert "CheckpointStopped" not in text and "train: building" not in text, text[-3000:]
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute("select state_type from flow_run").fetchall()
+    assert states == [("CRASHED",)], states
