@@ -50,8 +50,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: setup
 	$(BIN)/expert run $(CONFIG) $(LOCAL_DATA) $(SET)
 
+# The slowest tests close the log: CI has a 30-minute budget on 2 cores, and this says where it goes.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 server: setup
 	$(BIN)/prefect server start --host $(HOST) --port $(PORT)

@@ -1000,7 +1000,7 @@ def _gptq_train_child(args) -> dict:
         # B of the first layer starts at 0 and moves only if the gradient came back through the
         # quantized layers above it: the kernel's backward works.
         first = model.get_base_model().model.layers[0].self_attn.q_proj
-        moved = float(next(first.lora_B[name].weight for name in first.lora_B).abs().sum())
+        moved = float(next(first.lora_B[name].weight for name in first.lora_B).detach().abs().sum())
         row = {"kernels": kernels, "optimizer": type(optimizer).__name__, "load_seconds": round(load_s, 1),
                "initial_loss": round(initial, 4), "losses": losses, "first_layer_lora_b_abs_sum": moved,
                "first_step_seconds": round(first_s, 2), "tokens_per_s": round(tokens / seconds, 1)}
