@@ -8,8 +8,8 @@ only that each case produced its rows and its quality checks).
 import json
 import os
 import subprocess
-import types
 import sys
+import types
 from pathlib import Path
 
 import pytest

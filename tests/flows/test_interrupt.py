@@ -10,9 +10,9 @@ a session of its own.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
-import re
 import subprocess
 import sys
 import textwrap
