@@ -37,15 +37,22 @@ def _default_signals():
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
-    """`expert run` of the tiny preset in a session of its own, once a stage is computing."""
+def _launch(tmp_path: Path, expert: list[str]) -> tuple[subprocess.Popen, Path, Path]:
+    """`expert run` of the tiny preset (started by the command `expert`) in a session of its own,
+    as a terminal's foreground job; its Prefect home and its log file."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
     home, log = tmp_path / "prefect", tmp_path / "run.log"
     with open(log, "w") as out:
-        run = subprocess.Popen([EXPERT, "run", str(config)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        run = subprocess.Popen([*expert, "run", str(config)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
                                preexec_fn=_default_signals)
+    return run, home, log
+
+
+def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """`_launch`, returned once a stage is computing."""
+    run, home, log = _launch(tmp_path, [EXPERT])
     deadline = time.monotonic() + 240
     while "train: building" not in log.read_text():  # mid-run: a stage is computing
         if run.poll() is not None or time.monotonic() > deadline:
@@ -155,13 +162,7 @@ def test_sigterm_during_checkpointed_gptq_commits_the_layer_and_prefect_records_
     """While GPTQ keeps layer checkpoints, gptqmodel holds SIGTERM (what a deployment's cancel or
     a container stop sends): the layer in progress is committed, then the stop must reach
     Prefect's handler, not end the stage as a failed CheckpointStopped (`expert/quantize/stops.py`)."""
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
-    home, log = tmp_path / "prefect", tmp_path / "run.log"
-    with open(log, "w") as out:
-        run = subprocess.Popen([sys.executable, "-c", CHECKPOINTED_GPTQ_RUN, "run", str(config)], cwd=tmp_path,
-                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "PREFECT_HOME": str(home)}, preexec_fn=_default_signals)
+    run, home, log = _launch(tmp_path, [sys.executable, "-c", CHECKPOINTED_GPTQ_RUN])
     try:
         returned = run.wait(timeout=300)
     finally:
