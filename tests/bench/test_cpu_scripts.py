@@ -118,9 +118,10 @@ def test_scale(inputs, tmp_path):
 def test_quantize(inputs, tmp_path):
     result = _bench("quantize.py", tmp_path / "quantize.json", "--model", str(inputs["model"]),
                     "--data", str(inputs["data"]), "--samples", "8", "--max-length", "64", "--group-size", "32",
-                    "--perplexity", "4", "--rounds", "2", "--checkpoint")
-    assert [len(result["runs"][side]) for side in ("peer", "ours")] == [2, 2]  # the median of each side's runs
-    assert result["ours"]["value"] in [run["seconds"] for run in result["runs"]["ours"]]
+                    "--perplexity", "4", "--rounds", "1", "--checkpoint")
+    # One round per side (what several give is tests/bench/test_common.py's): its run is the figure.
+    assert [len(result["runs"][side]) for side in ("peer", "ours")] == [1, 1]
+    assert result["ours"]["value"] == result["runs"]["ours"][0]["seconds"]
     same = result["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same  # our settings are gptqmodel's defaults
     # The layer checkpoints: written, the same weights, and a run killed as it quantized layer 2 of 2
