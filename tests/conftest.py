@@ -5,6 +5,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Set before anything imports prefect: its settings are read at import time.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="expert-tests-prefect-")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -18,3 +20,16 @@ os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="expert-tests-hf-module
 # once the test server has stopped writing its database: a test run leaves nothing in /tmp.
 for _folder in (os.environ["PREFECT_HOME"], os.environ["HF_MODULES_CACHE"]):
     atexit.register(shutil.rmtree, _folder, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)  # marks before any plugin reads them: pytest-xdist renames what it groups
+def pytest_collection_modifyitems(items):
+    """Under `make test`'s two workers (`--dist loadgroup`), the tests of a module that share a
+    module-scoped fixture (a trained run, a Prefect server) run on one worker, so it is built
+    once; every other test is handed out on its own, to whichever worker is free."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(fixture.scope == "module"
+                                    for fixtures in info.name2fixturedefs.values() for fixture in fixtures):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    return (yield)
