@@ -37,29 +37,29 @@ def _default_signals():
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def _launch(tmp_path: Path, expert: list[str]) -> tuple[subprocess.Popen, Path, Path]:
+def _launch(tmp_path: Path, home: Path, expert: list[str]) -> tuple[subprocess.Popen, Path]:
     """`expert run` of the tiny preset (started by the command `expert`) in a session of its own,
-    as a terminal's foreground job; its Prefect home and its log file."""
+    as a terminal's foreground job, with Prefect's state in `home`; its log file."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(tiny_inputs(tmp_path / "inputs"))))
-    home, log = tmp_path / "prefect", tmp_path / "run.log"
+    log = tmp_path / "run.log"
     with open(log, "w") as out:
         run = subprocess.Popen([*expert, "run", str(config)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
                                env={**os.environ, "PREFECT_HOME": str(home)}, start_new_session=True,
                                preexec_fn=_default_signals)
-    return run, home, log
+    return run, log
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+def _start(tmp_path: Path, home: Path) -> tuple[subprocess.Popen, Path]:
     """`_launch`, returned once a stage is computing."""
-    run, home, log = _launch(tmp_path, [EXPERT])
+    run, log = _launch(tmp_path, home, [EXPERT])
     deadline = time.monotonic() + 240
     while "train: building" not in log.read_text():  # mid-run: a stage is computing
         if run.poll() is not None or time.monotonic() > deadline:
             _stop(run)
             pytest.fail(log.read_text()[-3000:])
         time.sleep(0.2)
-    return run, home, log
+    return run, log
 
 
 def _stop(run: subprocess.Popen, servers: list[int] = ()) -> None:
@@ -73,11 +73,11 @@ def _stop(run: subprocess.Popen, servers: list[int] = ()) -> None:
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM),
                                        (signal.SIGHUP, -signal.SIGHUP)], ids=["ctrl-c", "sigterm", "hangup"])
-def test_a_signal_to_the_group_stops_the_run_and_prefect_records_it(sig, code, tmp_path):
+def test_a_signal_to_the_group_stops_the_run_and_prefect_records_it(sig, code, tmp_path, prefect_home):
     # SIGTERM to the group is what `timeout`, systemd and container stops send, SIGHUP what a closed
     # terminal sends (flows/hangup.py); Prefect records the crash, then lets the signal end the
     # process as it would have.
-    run, home, log = _start(tmp_path)
+    run, log = _start(tmp_path, prefect_home)
     servers = _servers_of(run)
     try:
         os.killpg(run.pid, sig)  # the whole group, as a terminal's Ctrl-C does
@@ -89,16 +89,16 @@ def test_a_signal_to_the_group_stops_the_run_and_prefect_records_it(sig, code, t
     assert returned == code and "ConnectError" not in text, text[-3000:]
     if sig == signal.SIGINT:
         assert "interrupted; completed stages are kept" in text, text[-3000:]
-    with sqlite3.connect(home / "prefect.db") as db:  # the run as the UI shows it
+    with sqlite3.connect(prefect_home / "prefect.db") as db:  # the run as the UI shows it
         states = db.execute("select state_type from flow_run").fetchall()
     assert states == [("CRASHED",)], states
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_the_server_does_not_outlive_a_killed_run(tmp_path):
+def test_the_server_does_not_outlive_a_killed_run(tmp_path, prefect_home):
     """Out of the run's process group, the server must still end with it: a `kill -9` or a
     closed terminal must not leave a server behind."""
-    run, _, log = _start(tmp_path)
+    run, log = _start(tmp_path, prefect_home)
     servers = _servers_of(run)
     try:
         run.kill()  # expert alone, SIGKILL: no atexit, no Prefect clean-up
@@ -158,11 +158,11 @@ CHECKPOINTED_GPTQ_RUN = textwrap.dedent("""
 """)
 
 
-def test_sigterm_during_checkpointed_gptq_commits_the_layer_and_prefect_records_the_crash(tmp_path):
+def test_sigterm_during_checkpointed_gptq_commits_the_layer_and_prefect_records_the_crash(tmp_path, prefect_home):
     """While GPTQ keeps layer checkpoints, gptqmodel holds SIGTERM (what a deployment's cancel or
     a container stop sends): the layer in progress is committed, then the stop must reach
     Prefect's handler, not end the stage as a failed CheckpointStopped (`expert/quantize/stops.py`)."""
-    run, home, log = _launch(tmp_path, [sys.executable, "-c", CHECKPOINTED_GPTQ_RUN])
+    run, log = _launch(tmp_path, prefect_home, [sys.executable, "-c", CHECKPOINTED_GPTQ_RUN])
     try:
         returned = run.wait(timeout=300)
     finally:
@@ -173,6 +173,6 @@ def test_sigterm_during_checkpointed_gptq_commits_the_layer_and_prefect_records_
     committed = re.search(r"GPTQ: stopped, its layers committed to (\S+?);", text)
     assert committed and any(Path(committed[1]).iterdir()), text[-3000:]
     assert "CheckpointStopped" not in text and "train: building" not in text, text[-3000:]
-    with sqlite3.connect(home / "prefect.db") as db:
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
         states = db.execute("select state_type from flow_run").fetchall()
     assert states == [("CRASHED",)], states

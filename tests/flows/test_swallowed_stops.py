@@ -146,18 +146,18 @@ FLOW = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_hangup_dropped_in_a_finalizer_still_crashes_the_flow_run(tmp_path):
+def test_a_hangup_dropped_in_a_finalizer_still_crashes_the_flow_run(tmp_path, prefect_home):
     """The whole path: SIGHUP -> Prefect's SIGTERM handler -> dropped in __del__ -> sent again ->
     Prefect records the crash and the signal ends the process."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    env["PREFECT_HOME"] = str(prefect_home)
     log = tmp_path / "run.log"
     with open(log, "w") as out:  # a file, not a pipe: a server left behind would hold a pipe open
         done = subprocess.run([sys.executable, "-c", FLOW], cwd=os.getcwd(), env=env, stdout=out,
                               stderr=subprocess.STDOUT, timeout=240)
     text = log.read_text()
     assert done.returncode == -signal.SIGHUP and "stage went on to its end" not in text, text[-3000:]
-    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
         states = db.execute("select state_type from flow_run").fetchall()
     assert states == [("CRASHED",)], states
 
