@@ -19,8 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _smoke(tmp_path: Path, *args: str) -> dict:
-    """`bench/gpu.py --smoke ARGS`: its gpu.json, once it exited 0 and left no temp folder behind."""
+def _smoke(tmp_path: Path, *args: str) -> tuple[dict, dict]:
+    """`bench/gpu.py --smoke ARGS`, once it exited 0 and left no temp folder behind: its gpu.json,
+    and its summary rows in the issue's result format (by metric) but the original job's."""
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(tmp_path), *args]
     tmp = tmp_path / "tmp"  # the script's temp folders, which it must remove
     tmp.mkdir()
@@ -32,17 +33,21 @@ def _smoke(tmp_path: Path, *args: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(tmp.glob("gptq-*")), sorted(p.name for p in tmp.iterdir())
-    return json.loads((tmp_path / "gpu.json").read_text())
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    summary = {row["metric"].split(",")[0]: row for row in result["results"] if "original job" not in row["metric"]}
+    assert all({"metric", "unit", "peer", "ours", "ratio", "quality"} <= set(row) for row in summary.values()), summary
+    return result, summary
 
 
 def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     # Two calls, so that CI's two workers can take one each; the 8B case runs below, without
     # --ours-compile: its compiled side is the 33B case's code on other LoRA targets, and
     # compiling costs about a minute here.
-    result = _smoke(tmp_path, "--cases", "eval,llama-33b,gptq", "--ours-plain", "--ours-divisor", "--ours-compile",
-                    "--train-fresh", "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
-                    "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
-                    "--gptq-train-compile", "--gptq-checkpoint", "--gptq-eval-kernels", "auto,torch_aten")
+    result, summary = _smoke(
+        tmp_path, "--cases", "eval,llama-33b,gptq", "--ours-plain", "--ours-divisor", "--ours-compile",
+        "--train-fresh", "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
+        "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
+        "--gptq-train-compile", "--gptq-checkpoint", "--gptq-eval-kernels", "auto,torch_aten")
 
     # The 33B case's step of 50 on the CPU (auto allows up to 8 there): ours in micro-batches of 8 and 7,
     # then at 5, the largest divisor, and the peer at 8.
@@ -61,9 +66,7 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     setup = compiled["quality"]["setup_seconds"]
     assert setup["compiled"] > setup["eager"], setup  # the compiling falls in the first forward and the plan
 
-    summary = {row["metric"].split(",")[0]: row for row in result["results"] if "original job" not in row["metric"]}
     assert set(summary) == {"MMLU-shaped 5-shot scoring", "GPTQ 4-bit quantization wall time"}, sorted(summary)
-    assert all({"metric", "unit", "peer", "ours", "ratio", "quality"} <= set(row) for row in summary.values())
 
     ev = result["eval"]
     assert "error" not in ev, ev
@@ -126,10 +129,9 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     assert compiled["first_step_seconds"] > train["gptq"]["first_step_seconds"], compiled  # the compiling
 
 
-
 def test_gpu_script_smoke_runs_the_8b_preset_case(tmp_path):
-    result = _smoke(tmp_path, "--cases", "llama3-8b", "--ours-plain", "--ours-pad-multiple", "64", "--train-profile",
-                    "--train-fresh")
+    result, summary = _smoke(tmp_path, "--cases", "llama3-8b", "--ours-plain", "--ours-pad-multiple", "64",
+                             "--train-profile", "--train-fresh")
     # The 8B preset's 48 divides by 8: no ours-divisor side, no peer at ours' micro-batch (the peer's own).
     train = [row for row in result["train"] if row["case"].startswith("8b")]
     assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64"], train
@@ -148,11 +150,9 @@ def test_gpu_script_smoke_runs_the_8b_preset_case(tmp_path):
     # Both sides trained the same objective: the same loss on the same batch before training (LoRA's B is 0).
     assert abs(train[0]["initial_loss"] - train[1]["initial_loss"]) < 1e-2 * train[0]["initial_loss"], train
     assert all(row["timed_examples"] > 0 < row["timed_mean_tokens"] for row in train), train
-    summary = {row["metric"].split(",")[0]: row for row in result["results"] if "original job" not in row["metric"]}
     assert set(summary) == {"LoRA training"}, sorted(summary)
     assert summary["LoRA training"]["quality"]["same_objective"] is True
     assert summary["LoRA training"]["quality"]["ours_within_memory_limit"] is None  # no GPU peak on the CPU
-    assert all({"metric", "unit", "peer", "ours", "ratio", "quality"} <= set(row) for row in summary.values())
 
 
 def same_count(gptq: dict) -> int:
