@@ -31,9 +31,11 @@ questions x 10 epochs at the mean length).
 
 Evaluation, MMLU 5-shot shapes (57 subjects: prefix and question lengths) on an 8B-shaped bf16 model:
 - ours: `expert.evaluation.scoring.score_questions`: each subject's prefix runs once, then its
-  questions' suffixes run packed into long sequences after that prefix's KV cache (a block-diagonal
-  mask keeps each question to itself), logits only at the scored positions; on a GPU the packs and
-  caches are padded to a few shapes (`--eval-variants` times other ways on the same questions);
+  questions' suffixes run packed, several to a row and several rows to a forward, after that
+  prefix's KV cache (a block-diagonal mask keeps each question to itself), logits only at the
+  scored positions; on a GPU the packs and caches are padded to a few shapes, and the host reads a
+  forward's scores only after queuing the next (`--eval-variants` times other ways on the same
+  questions);
 - peer: lm-evaluation-harness's way: one forward per question over its whole 5-shot context (its
   cache of one-token continuations scores the 4 letters from it), length-sorted batches of 32,
   log_softmax over the full [batch, length, vocabulary] logits.
@@ -175,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-variants", default="",
                    help="comma-separated scoring variants also timed on the same questions: exact (packs "
                         "and caches unpadded), fixed (padded to few shapes, the default on a GPU), "
-                        "efficient (exact, SDPA kept off cuDNN), fixed-efficient")
+                        "efficient (exact, SDPA kept off cuDNN), fixed-efficient, one-row (fixed, one row "
+                        "per pack: attention over the whole pack), read-each (fixed, each forward's "
+                        "scores read as soon as it is queued)")
     p.add_argument("--eval-profile", action="store_true",
                    help="profile the scoring of one subject: top kernels and how busy the GPU is")
     p.add_argument("--train-profile", action="store_true",
@@ -563,6 +567,7 @@ def _eval_case(args, device, lengths) -> dict:
     ours_s = time.perf_counter() - start
     ours_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     work = model.summary(cfg, ours_s)
+    from expert.evaluation.packing import ROW_TOKENS, row_shape
     from expert.evaluation.scoring import pack_tokens
 
     prefix_tokens = sum(lengths["mmlu"][subject]["prefix"] // scale * len(g) for subject, g in zip(subjects, groups))
@@ -578,6 +583,7 @@ def _eval_case(args, device, lengths) -> dict:
     diff = max(abs(a - b) for i, p in zip(sample, peer) for a, b in zip(ours[i], p))
     ours_qps, peer_qps = len(questions) / ours_s, len(sample) / peer_s
     pack = pack_tokens(model)
+    height, width = row_shape(pack, ROW_TOKENS)
     first = questions[:len(groups[0])]
     extra = {}
     if args.eval_variants:
@@ -592,7 +598,8 @@ def _eval_case(args, device, lengths) -> dict:
             "subjects": len(subjects), "ours_questions": len(questions), "peer_questions": len(sample),
             "ours_questions_per_s": round(ours_qps, 1), "peer_questions_per_s": round(peer_qps, 1),
             "ratio": round(ours_qps / peer_qps, 2),
-            "ours_path": f"packed suffixes after each subject's prefix cache, {pack} tokens per pack",
+            "ours_path": f"packed suffixes after each subject's prefix cache, {pack} tokens per pack in "
+                         f"{height} row{'s' * (height > 1)} of {width}",
             "ours_suffix_tokens": suffix_tokens,
             "ours_suffix_tokens_per_s": round(suffix_tokens / ours_s),
             "ours_full_mmlu_s": round(MMLU_QUESTIONS / ours_qps, 1),
@@ -606,29 +613,39 @@ def _eval_case(args, device, lengths) -> dict:
 
 def _variants(model, questions, groups, device, names: str) -> list[dict]:
     """Questions/s of other ways to run the same packs: with the shapes unpadded (every pack a new
-    attention shape) or padded to a few (`fixed_shapes`), and with SDPA kept off cuDNN, whose
-    kernels plan once per shape."""
+    attention shape) or padded to a few (`fixed_shapes`), with SDPA kept off cuDNN, whose
+    kernels plan once per shape, with one row per pack (the layout before 2026-11-28: attention
+    over the whole pack), and with each forward's scores read as soon as it is queued."""
     import contextlib
+    from unittest import mock
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from expert.evaluation.scoring import score_questions
+    from expert.evaluation import scoring
 
     off_cudnn = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    settings = {"exact": (False, None), "fixed": (True, None), "efficient": (False, off_cudnn),
-                "fixed-efficient": (True, off_cudnn)}
+    settings = {"exact": (False, None, {}), "fixed": (True, None, {}), "efficient": (False, off_cudnn, {}),
+                "fixed-efficient": (True, off_cudnn, {}), "one-row": (True, None, {"ROW_TOKENS": 10**9}),
+                "read-each": (True, None, {"IN_FLIGHT": 0})}
     rows = []
     for name in names.split(","):
-        fixed, backends = settings[name]
-        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-            score_questions(model, questions[:len(groups[0])], max_length=4096, groups=groups[:1],
-                            fixed_shapes=fixed)
+        fixed, backends, patches = settings[name]
+        with contextlib.ExitStack() as stack:
+            if backends:
+                stack.enter_context(sdpa_kernel(backends))
+            for attribute, value in patches.items():
+                stack.enter_context(mock.patch.object(scoring, attribute, value))
+            scoring.score_questions(model, questions[:len(groups[0])], max_length=4096, groups=groups[:1],
+                                    fixed_shapes=fixed)
             _sync(device)
+            model.reset()
             start = time.perf_counter()
-            score_questions(model, questions, max_length=4096, groups=groups, fixed_shapes=fixed)
+            scoring.score_questions(model, questions, max_length=4096, groups=groups, fixed_shapes=fixed)
             _sync(device)
-        qps = len(questions) / (time.perf_counter() - start)
-        rows.append({"variant": name, "questions_per_s": round(qps, 1), "full_mmlu_s": round(MMLU_QUESTIONS / qps, 1)})
+            seconds = time.perf_counter() - start
+        qps = len(questions) / seconds
+        rows.append({"variant": name, "questions_per_s": round(qps, 1), "full_mmlu_s": round(MMLU_QUESTIONS / qps, 1),
+                     "work": model.summary(model.config, seconds)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -46,7 +46,7 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     result, summary = _smoke(
         tmp_path, "--cases", "eval,llama-33b,gptq", "--ours-plain", "--ours-divisor", "--ours-compile",
         "--train-fresh", "--ours-pad-multiple", "64", "--eval-profile", "--eval-pack-sweep", "64",
-        "--eval-variants", "exact,fixed,efficient,fixed-efficient", "--gptq-layers", "1", "--gptq-gpu-pack",
+        "--eval-variants", "exact,fixed,efficient,fixed-efficient,one-row,read-each", "--gptq-layers", "1", "--gptq-gpu-pack",
         "--gptq-train-compile", "--gptq-checkpoint", "--gptq-eval-kernels", "auto,torch_aten")
 
     # The 33B case's step of 50 on the CPU (auto allows up to 8 there): ours in micro-batches of 8 and 7,
@@ -71,7 +71,9 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     ev = result["eval"]
     assert "error" not in ev, ev
     assert ev["same_prediction"] == f"{ev['peer_questions']}/{ev['peer_questions']}"
-    assert [v["variant"] for v in ev["variants"]] == ["exact", "fixed", "efficient", "fixed-efficient"]
+    assert [v["variant"] for v in ev["variants"]] == ["exact", "fixed", "efficient", "fixed-efficient", "one-row",
+                                                      "read-each"]
+    assert all(v["work"]["tokens"] >= ev["ours_suffix_tokens"] for v in ev["variants"]), ev["variants"]
     assert ev["pack_sweep"][0]["pack_tokens"] == 64 and ev["profile"]["top"]
     assert ev["ours_peak_gib"] is None  # measured on a GPU only
     work = ev["ours_work"]  # every question's suffix went through the layers, and some pack padding

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from expert.evaluation.scoring import _mask_kind as real_mask_kind
+from expert.evaluation.forwards import mask_kind as real_mask_kind
 from expert.evaluation.scoring import encode_questions, model_max_length, one_pass, score_questions
 from tests.expert.eval_fixtures import loaded, llama_dir, mmlu_frame, pubmedqa_frame  # noqa: F401
 
@@ -75,11 +75,11 @@ def test_left_truncation_matches_lm_eval(loaded):
 
 
 def test_prefix_cache_equals_uncached(loaded, monkeypatch):
-    from expert.evaluation import scoring
+    from expert.evaluation import forwards
 
     prefixes = []
-    real = scoring._prefix_cache
-    monkeypatch.setattr(scoring, "_prefix_cache", lambda m, p, d, *a: prefixes.append(len(p)) or real(m, p, d, *a))
+    real = forwards.prefix_cache
+    monkeypatch.setattr(forwards, "prefix_cache", lambda m, p, d, *a: prefixes.append(len(p)) or real(m, p, d, *a))
     frame = mmlu_frame(4)
     questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), [LETTERS] * len(frame))
     groups = list(frame.groupby("subject", sort=False).indices.values())
@@ -96,49 +96,67 @@ def test_prefix_cache_equals_uncached(loaded, monkeypatch):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_suffixes_equal_padded_batches(loaded, monkeypatch, attention):
-    # Grouped questions run as packs: one sequence of several suffixes after the prefix cache,
-    # each attending to the prefix and to itself only. A tiny budget makes several packs per
-    # subject, and multi-token choices put several scored positions in a suffix.
-    from expert.evaluation import scoring
+@pytest.mark.parametrize("budget, row_tokens", [(80, 768), (240, 80), (96, 32)],
+                         ids=["one-row", "three-rows", "wide-rows"])
+def test_packed_suffixes_equal_padded_batches(loaded, monkeypatch, attention, budget, row_tokens):
+    # Grouped questions run as packs: rows of several suffixes after the prefix cache, each
+    # attending to the prefix and to itself only. Tiny budgets make several packs per subject
+    # (suffixes here are 30-36 tokens): one row of 80 tokens; three rows of 80; rows of 32,
+    # which every suffix overflows (each gets a wider row of its own). Multi-token choices put
+    # several scored positions in a suffix.
+    from expert.evaluation import forwards, scoring
 
     frame = mmlu_frame(4)
     groups = list(frame.groupby("subject", sort=False).indices.values())
-    packs = []
-    real = scoring._forward_packed
-    monkeypatch.setattr(scoring, "_forward_packed", lambda m, ps, *a: packs.append(len(ps)) or real(m, ps, *a))
-    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 80)
+    packs = []  # passes per row, per pack
+    real = forwards.forward_packed
+    monkeypatch.setattr(forwards, "forward_packed",
+                        lambda m, rows, *a: packs.append([len(r) for r in rows]) or real(m, rows, *a))
+    monkeypatch.setattr(scoring, "pack_tokens", lambda model: budget)
+    monkeypatch.setattr(scoring, "ROW_TOKENS", row_tokens)
     monkeypatch.setattr(loaded.model.config, "_attn_implementation", attention)
     for texts in (LETTERS, [" xyzzy", " B", " no plugh", " D"]):
         questions = encode_questions(loaded.tokenizer, frame["prompt"].tolist(), [texts] * len(frame))
-        monkeypatch.setattr(scoring, "_mask_kind", lambda model: None)
+        monkeypatch.setattr(forwards, "mask_kind", lambda model: None)
         padded = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups)
         assert not packs
-        monkeypatch.setattr(scoring, "_mask_kind", real_mask_kind)
+        monkeypatch.setattr(forwards, "mask_kind", real_mask_kind)
         packed = score_questions(loaded.model, questions, max_length=256, batch_size=4, groups=groups)
-        assert packs and max(packs) > 1 and len(packs) > len(groups), packs
+        assert sum(map(sum, packs)) == len(scoring_passes(questions)), packs  # each pass in one pack
+        if row_tokens == 32:
+            assert {n for rows in packs for n in rows} == {1}, packs
+        else:
+            assert max(n for rows in packs for n in rows) == 2, packs
+            assert (max(map(len, packs)) > 1) == (row_tokens == 80), packs
         assert packed == [pytest.approx(row, abs=1e-4) for row in padded]
         packs.clear()
 
 
+def scoring_passes(questions):
+    from expert.evaluation.scoring import _make_passes
+
+    return [p for i, q in enumerate(questions) for p in _make_passes(i, q, 256)]
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded, monkeypatch, attention):
-    # On a GPU every pack is padded to the pack budget and every prefix cache to a multiple of
-    # SHAPE_STEP (cuDNN attention plans once per shape). The filler must change no score: the
-    # cache's filler slots are masked out for every token, the pack's filler is its own segment.
+@pytest.mark.parametrize("row_tokens", [768, 50], ids=["one-row", "three-rows"])
+def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded, monkeypatch, attention, row_tokens):
+    # On a GPU every pack of a row width has the same rows, filled up to that width, and every
+    # prefix cache is padded to a multiple of SHAPE_STEP (cuDNN attention plans once per shape).
+    # The filler must change no score: the cache's filler slots are masked out for every token,
+    # a row's filler is its own segment, and a pack's missing rows are all filler.
     import torch
 
-    from expert.evaluation import scoring
+    from expert.evaluation import forwards, scoring
 
     frame = mmlu_frame(4)
     groups = list(frame.groupby("subject", sort=False).indices.values())
     shapes, caches = set(), []
-    real_forward, real_cache = scoring._forward_packed, scoring._prefix_cache
+    real_forward, real_cache = forwards.forward_packed, forwards.prefix_cache
 
-    def forward(model, passes, shape, cache, *rest):
-        out = real_forward(model, passes, shape, cache, *rest)
-        shapes.add((shape.cached, max(shape.length, sum(len(p.tokens) - shape.prefix for p in passes))))
-        return out
+    def forward(model, rows, shape, cache, *rest):
+        shapes.add((shape.cached, shape.width, shape.height, len(rows)))
+        return real_forward(model, rows, shape, cache, *rest)
 
     def prefix_cache(model, prefix, device, length=None):
         cache = real_cache(model, prefix, device, length)
@@ -149,9 +167,10 @@ def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded
     hook = loaded.model.register_forward_pre_hook(
         lambda module, args, kwargs: positions.append(int(kwargs["position_ids"].max()))
         if kwargs.get("position_ids") is not None else None, with_kwargs=True)
-    monkeypatch.setattr(scoring, "_forward_packed", forward)
-    monkeypatch.setattr(scoring, "_prefix_cache", prefix_cache)
-    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 150)  # 3 + 1 questions
+    monkeypatch.setattr(forwards, "forward_packed", forward)
+    monkeypatch.setattr(forwards, "prefix_cache", prefix_cache)
+    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 150)  # one row: 3 + 1 questions
+    monkeypatch.setattr(scoring, "ROW_TOKENS", row_tokens)  # 50: three rows of one question
     monkeypatch.setattr(scoring, "SHAPE_STEP", 64)
     monkeypatch.setattr(loaded.model.config, "_attn_implementation", attention)
     for texts in (LETTERS, [" xyzzy", " B", " no plugh", " D"]):
@@ -167,8 +186,9 @@ def test_fixed_shapes_pad_packs_and_prefix_caches_without_changing_scores(loaded
         assert fixed == [pytest.approx(row, abs=1e-4) for row in exact]
         assert all(not math.isnan(v) for row in fixed for v in row)
         assert all(slots % 64 == 0 and slots > n for n, slots in caches), caches
-        assert {length for _, length in shapes} <= {150, 192, 256}, shapes
-        assert all(cached % 64 == 0 for cached, _ in shapes), shapes
+        assert {(width, height) for _, width, height, _ in shapes} == {(150, 1) if row_tokens == 768 else (50, 3)}
+        assert any(real < height for *_, height, real in shapes) == (row_tokens == 50), shapes  # filler rows
+        assert all(cached % 64 == 0 for cached, *_ in shapes), shapes
         # Filler never takes a position a real token would not: the highest stays the same.
         assert max(positions) == exact_top, (positions, exact_top)
         caches.clear()
@@ -235,6 +255,43 @@ def test_every_question_reported_done_once(loaded):
                              on_question_done=lambda q, row: done.append((q, list(row))))
     assert sorted(q for q, _ in done) == list(range(len(prompts)))
     assert all(row == scores[q] for q, row in done)  # each question's whole row, as returned
+
+
+@pytest.mark.parametrize("in_flight", [0, 1, 2])
+def test_a_forwards_scores_are_read_once_the_next_is_queued(loaded, monkeypatch, in_flight):
+    # Reading scores waits for the GPU: with IN_FLIGHT = 1 the host queues forward n + 1 before it
+    # reads forward n, on packs (grouped MMLU questions) and padded batches (ungrouped PubMedQA).
+    from expert.evaluation import forwards, scoring
+
+    events, real_read = [], forwards.Scored.read
+    for name in ("forward_packed", "forward_padded", "prefix_cache"):
+        real = getattr(forwards, name)
+
+        def launch(*args, _real=real, _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            if _name != "prefix_cache":
+                out.number = sum(kind == "queued" for kind, _ in events)
+                events.append(("queued", out.number))
+            return out
+        monkeypatch.setattr(forwards, name, launch)
+    monkeypatch.setattr(forwards.Scored, "read", lambda self: events.append(("read", self.number)) or real_read(self))
+    monkeypatch.setattr(scoring, "IN_FLIGHT", in_flight)
+    monkeypatch.setattr(scoring, "pack_tokens", lambda model: 80)
+    frame = mmlu_frame(4)
+    prompts = frame["prompt"].tolist() + pubmedqa_frame()["prompt"].tolist()
+    questions = encode_questions(loaded.tokenizer, prompts, [LETTERS] * len(prompts))
+    groups = list(frame.groupby("subject", sort=False).indices.values())
+    done = []
+    scores = score_questions(loaded.model, questions, max_length=256, batch_size=3, groups=groups,
+                             on_question_done=lambda q, row: done.append(q))
+    total = sum(kind == "queued" for kind, _ in events)
+    assert total > 6 and sorted(done) == list(range(len(prompts)))
+    assert [n for kind, n in events if kind == "read"] == list(range(total))
+    for at, (kind, n) in enumerate(events):
+        if kind == "read":
+            assert sum(k == "queued" for k, _ in events[:at]) == min(n + 1 + in_flight, total), events
+    monkeypatch.setattr(scoring, "IN_FLIGHT", 1)
+    assert score_questions(loaded.model, questions, max_length=256, batch_size=3, groups=groups) == scores
 
 
 def test_model_max_length_reads_the_config(loaded):
