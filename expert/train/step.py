@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from expert.modeling import cpu_has_native_bf16, gpu_has_bf16
 from expert.train.data import IGNORE, EncodedSplit, collate, eval_batches
 from expert.train.distributed import Ranks
+from expert.transfer import to_device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -121,13 +122,15 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device)
     labels = batch["labels"]
     # position p predicts token p + 1; found on the host (the batch is built there): no device sync
     rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    target = labels[:, 1:][rows, cols].to(device)
-    rows, cols = rows.to(device), cols.to(device)
+    # Queued, not waited for (expert.transfer): the host builds and launches this micro-batch
+    # while the GPU still runs the last one's backward.
+    target = to_device(labels[:, 1:][rows, cols], device)
+    rows, cols = to_device(rows, device), to_device(cols, device)
     # No attention mask: padding is on the right, so causal attention never lets a real token
     # see a pad, and pad positions carry no label. Without a mask SDPA takes its plain causal
     # (flash) path; with one, on an H100 it took cuDNN attention, which builds a graph for
     # every new batch shape (a third of a step's CPU time on SmolLM2-135M).
-    ids = batch["input_ids"].to(device)
+    ids = to_device(batch["input_ids"], device)
     with _HeadInput(model, rows, cols, ids.shape) as head:
         out = model(input_ids=ids, logits_to_keep=0, use_cache=False)  # 0: every position reaches the head
     if head.gathered:
