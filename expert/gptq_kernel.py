@@ -30,7 +30,8 @@ from expert.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# gptqmodel 7.6's "auto" order on CUDA after Machete (Swordfish, before it, is Blackwell-only).
+# gptqmodel 7.6's "auto" order on CUDA after Machete (Swordfish, before it, is Blackwell-only), for
+# a gptqmodel whose order cannot be read (`_after_machete` reads it from gptqmodel itself).
 AFTER_MACHETE = ("gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_torch")
 # Per process: why the CUTLASS sources could not be had, so that later loads do not try again.
 _missing_sources: dict[str, str] = {}
@@ -52,7 +53,7 @@ def inference_backend(stored: dict[str, Any], device: torch.device, dtype: torch
     reason = _cutlass_missing()
     if reason is None:
         return "auto"
-    backend = next((name for name in AFTER_MACHETE if _kernel_fits(name, stored, device, dtype)), "gptq_torch")
+    backend = next((name for name in _after_machete() if _kernel_fits(name, stored, device, dtype)), "gptq_torch")
     log.warning("gptqmodel's Machete kernel (Hopper GPUs) is built from the CUTLASS v4.7.1 sources, "
                 "which could not be had (%s); EXPERT loads the GPTQ model with %s instead. To use "
                 "Machete, set GPTQMODEL_CUTLASS_DIR to a CUTLASS v4.7.1 checkout, or load once online "
@@ -72,18 +73,36 @@ def training_backend(stored: dict[str, Any], device: torch.device) -> str:
     are checked, in gptqmodel's own order. "auto_trainable" where none fits or the order is not
     gptqmodel 7's.
     """
+    for backend, cls in _auto_order() or ():
+        if (getattr(cls, "SUPPORTS_TRAINING", False) and _devices(cls) & {device.type, "all"}
+                and _kernel_fits(backend, stored, device, None)):
+            return backend
+    return "auto_trainable"
+
+
+def _auto_order() -> list[tuple[str, type]] | None:
+    """gptqmodel's "auto" order of GPTQ kernels, (backend name, layer class); None where this
+    gptqmodel keeps no such table (not gptqmodel 7)."""
     try:
         from gptqmodel.quantization import FORMAT, METHOD
         from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
-        order = AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ]
+        return [(backend.value, cls) for backend, cls in AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ].items()]
     except (ImportError, AttributeError, KeyError):
-        return "auto_trainable"
-    for backend, cls in order.items():
-        devices = {getattr(d, "value", d) for d in getattr(cls, "SUPPORTS_DEVICES", ())}
-        if (getattr(cls, "SUPPORTS_TRAINING", False) and devices & {device.type, "all"}
-                and _kernel_fits(backend.value, stored, device, None)):
-            return backend.value
-    return "auto_trainable"
+        return None
+
+
+def _devices(cls: type) -> set[str]:
+    return {getattr(d, "value", d) for d in getattr(cls, "SUPPORTS_DEVICES", ())}
+
+
+def _after_machete() -> tuple[str, ...]:
+    """The CUDA kernels "auto" would consider after Machete, in gptqmodel's own order (a new
+    gptqmodel may add or reorder kernels); AFTER_MACHETE where that order cannot be read."""
+    order = _auto_order()
+    names = [name for name, _ in order or ()]
+    if "gptq_machete" not in names:
+        return AFTER_MACHETE
+    return tuple(name for name, cls in order[names.index("gptq_machete") + 1:] if _devices(cls) & {"cuda", "all"})
 
 
 def chosen_backend(kernel: str, stored: dict[str, Any], device: torch.device, training: bool,

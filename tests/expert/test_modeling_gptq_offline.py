@@ -98,6 +98,29 @@ def test_the_next_kernel_is_the_first_that_fits_the_model(setup, hopper):
     assert hopper["asked"] == ["gptq_marlin", "gptq_exllama_v2"]
 
 
+def test_the_kernels_after_machete_follow_gptqmodels_own_order(setup, hopper):
+    from gptqmodel.utils import importer
+
+    # gptqmodel 7.6's order: BitBLAS comes after Triton (it needs the bitblas package).
+    assert gptq_kernel._after_machete() == ("gptq_marlin", "gptq_exllama_v2", "gptq_triton", "gptq_bitblas",
+                                            "gptq_torch")
+    # A gptqmodel that puts Triton before ExLlamaV2 (and drops Marlin) is followed, not 7.6's list.
+    table = importer.AUTO_BACKEND_KERNEL_MAPPING
+    (method, formats), = [(m, f) for m, f in table.items() if getattr(m, "value", m) == "gptq"]
+    (fmt, order), = [(f, o) for f, o in formats.items() if getattr(f, "value", f) == "gptq"]
+    names = {getattr(b, "value", b): b for b in order}
+    shuffled = {names[n]: order[names[n]] for n in ("gptq_torch_aten", "gptq_machete", "gptq_triton",
+                                                     "gptq_exllama_v2", "gptq_torch")}
+    hopper["patch"].setitem(formats, fmt, shuffled)
+    assert backend(setup) == "gptq_triton"
+    assert hopper["asked"] == ["gptq_triton"]
+    hopper["fits"].discard("gptq_triton")
+    assert backend(setup) == "gptq_exllama_v2"
+    # Without a table to read, 7.6's order.
+    hopper["patch"].delitem(formats, fmt)
+    assert gptq_kernel._after_machete() == gptq_kernel.AFTER_MACHETE
+
+
 def test_declared_offline_never_tries_the_network(setup, hopper):
     declare_offline(hopper)
     assert backend(setup) == "gptq_marlin"
