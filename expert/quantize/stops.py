@@ -9,15 +9,22 @@ was, and said nothing until the layer was done (tens of seconds a layer for a 33
 signals are read from Python's wakeup fd, which gets each one whoever handles it: the first stop
 is said at once, and once gptqmodel has put the handlers before it back, it is raised again, so a
 Ctrl-C ends as an interrupt and a SIGTERM as a termination (which Prefect records as a crash).
+A second stop does not wait for the layer: `StopNow` is raised in the main thread (where
+gptqmodel quantizes), which drops the layer in progress and keeps the committed ones, as a kill
+would (gptqmodel's commits survive one: tests/expert/test_faults.py), and the first stop is then
+passed on as above. Press Ctrl-C twice, as with other tools that stop gracefully first.
 
-    with StopsDuringGptq() as stops:
-        log = model.quantize(..., checkpoint=...)   # returns, or raises CheckpointStopped
-        ...
+    try:
+        with StopsDuringGptq() as stops:
+            log = model.quantize(..., checkpoint=...)   # returns, or raises CheckpointStopped
+    except StopNow:
+        ...                                             # a second stop: the layer in progress dropped
     stops.pass_on()   # the stop gptqmodel took, if any, goes to the handler before it
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -26,6 +33,11 @@ import threading
 _log = logging.getLogger(__name__)
 
 STOPS = frozenset(int(s) for s in (getattr(signal, name, None) for name in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
+
+
+class StopNow(BaseException):
+    """A second stop during GPTQ, raised in the main thread: quit without finishing the layer.
+    A BaseException, so that no `except Exception` on the way swallows it."""
 
 
 class StopsDuringGptq:
@@ -56,11 +68,13 @@ class StopsDuringGptq:
     def __exit__(self, *exc_info) -> None:
         if self._watcher is None:
             return
-        signal.set_wakeup_fd(self._previous_fd)
-        os.close(self._write)  # the watcher reads to the end, then stops
-        self._write = None
-        self._watcher.join(timeout=5)
-        self._close()
+        try:
+            signal.set_wakeup_fd(self._previous_fd)
+            os.close(self._write)  # the watcher reads to the end, then stops
+            self._write = None
+            self._watcher.join(timeout=5)
+        finally:  # a StopNow the watcher raised may land here: close all the same
+            self._close()
 
     def pass_on(self) -> None:
         """Raise the first stop again, now that gptqmodel's handlers are gone: the handler before
@@ -72,12 +86,20 @@ class StopsDuringGptq:
     def _watch(self) -> None:
         while chunk := os.read(self._read, 64):
             for signum in chunk:
-                if signum in STOPS:
-                    self.received.append(signum)
-                    if len(self.received) == 1 and _taken_by_gptqmodel(signum):  # else its handler stops now
-                        _log.warning("GPTQ: %s: stopping once the layer in progress is committed (on a large "
-                                     "model, up to a layer's time); the same command then continues after it",
-                                     signal.Signals(signum).name)
+                if signum not in STOPS:
+                    continue
+                self.received.append(signum)
+                if not _taken_by_gptqmodel(signum):  # its handler stops the process now
+                    continue
+                name = signal.Signals(signum).name
+                if len(self.received) == 1:
+                    _log.warning("GPTQ: %s: stopping once the layer in progress is committed (on a large model, up "
+                                 "to a layer's time); the same command then continues after it. Stop again to "
+                                 "quit now, without that layer", name)
+                elif len(self.received) == 2:
+                    _log.warning("GPTQ: %s again: quitting now; the layer in progress is dropped, the layers "
+                                 "committed before it are kept", name)
+                    _raise_in_main_thread(StopNow)
 
     def _close(self) -> None:
         for fd in (self._read, self._write):
@@ -90,3 +112,10 @@ def _taken_by_gptqmodel(signum: int) -> bool:
     """Whether gptqmodel's handler holds the signal now (a hangup goes where SIGTERM goes)."""
     handler = signal.getsignal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
     return getattr(handler, "__module__", "").startswith("gptqmodel")
+
+
+def _raise_in_main_thread(error: type[BaseException]) -> None:
+    """Raise `error` in the main thread at its next Python instruction (CPython's
+    PyThreadState_SetAsyncExc: a signal handler cannot be added there, gptqmodel holds them)."""
+    ident = threading.main_thread().ident
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))

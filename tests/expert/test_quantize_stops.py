@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from expert.quantize.stops import StopsDuringGptq
+from expert.quantize.stops import StopNow, StopsDuringGptq
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals sent to oneself are POSIX")
 
@@ -36,9 +36,10 @@ def sigterm_counted():
 
 def test_stops_are_seen_said_once_and_passed_on(sigterm_counted, caplog):
     calls, handler = sigterm_counted
-    handler.__module__ = "gptqmodel.looper.gptq_checkpoint"  # as gptqmodel's own handler: the stop is said
+    # first as gptqmodel's own handler: the stop is said
     with caplog.at_level("WARNING", logger="expert.quantize.stops"), StopsDuringGptq() as stops:
-        for _ in range(2):
+        for module in ("gptqmodel.looper.gptq_checkpoint", __name__):  # then gptqmodel puts the handler back
+            handler.__module__ = module
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the watcher thread reads it
     assert stops.received == [signal.SIGTERM, signal.SIGTERM]
@@ -49,6 +50,32 @@ def test_stops_are_seen_said_once_and_passed_on(sigterm_counted, caplog):
     with pytest.raises(Stopped):
         stops.pass_on()
     assert calls == [signal.SIGTERM] * 3
+
+
+def test_a_second_stop_raises_stop_now_in_the_main_thread(sigterm_counted, caplog):
+    # gptqmodel's handler only sets a flag, read once the layer in progress is committed (tens of
+    # seconds on a large model): a second stop must not wait for it.
+    calls, handler = sigterm_counted
+    handler.__module__ = "gptqmodel.looper.gptq_checkpoint"
+    stops, reached = StopsDuringGptq(), []
+    with caplog.at_level("WARNING", logger="expert.quantize.stops"), pytest.raises(StopNow):
+        with stops:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            reached.append("first stop taken, work goes on")
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the layer's work, in Python: interrupted at its next instruction
+                time.sleep(0.05)
+            reached.append("the layer's end")
+    assert reached == ["first stop taken, work goes on"]
+    assert stops.received == [signal.SIGTERM, signal.SIGTERM] and calls == [signal.SIGTERM] * 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "Stop again to quit now" in messages[0], messages
+    assert messages[1].startswith("GPTQ: SIGTERM again: quitting now; the layer in progress is dropped")
+    assert signal.set_wakeup_fd(-1) == -1  # put back as it was
+    handler.stops = True
+    with pytest.raises(Stopped):
+        stops.pass_on()
 
 
 def test_a_stop_another_handler_holds_is_not_said(sigterm_counted, caplog):
