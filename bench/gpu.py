@@ -60,6 +60,7 @@ Machete, or Marlin, which gptqmodel builds on first use) is loaded and timed las
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -116,7 +117,7 @@ def main() -> None:
     _train_sides(args)  # a bad --sides or --gptq-sides fails here, before any case has spent GPU time
     _gptq_sides(args)
     if "eval" in cases:
-        result["eval"] = _guarded(lambda: _eval_case(args, device, lengths))
+        result["eval"] = _guarded(lambda: _eval_case_rows(args, device, lengths))
         print(json.dumps(result["eval"]), flush=True)
         _write(out, result)
     for name, size, lora, peer_micro, effective in TRAIN_CASES:
@@ -536,6 +537,17 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
 
 # ---------------------------------------------------------------- evaluation
 
+def _eval_case_rows(args, device, lengths) -> dict:
+    """The eval case; in a smoke run with rows of 64 tokens, so that the tiny model's packs (256
+    tokens) have several rows, as an 8B model's have."""
+    from unittest import mock
+
+    from expert.evaluation import scoring
+
+    with mock.patch.object(scoring, "ROW_TOKENS", 64) if args.smoke else contextlib.nullcontext():
+        return _eval_case(args, device, lengths)
+
+
 def _eval_case(args, device, lengths) -> dict:
     from expert.evaluation.scoring import Question, score_questions
 
@@ -567,7 +579,8 @@ def _eval_case(args, device, lengths) -> dict:
     ours_s = time.perf_counter() - start
     ours_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     work = model.summary(cfg, ours_s)
-    from expert.evaluation.packing import ROW_TOKENS, row_shape
+    from expert.evaluation import scoring
+    from expert.evaluation.packing import row_shape
     from expert.evaluation.scoring import pack_tokens
 
     prefix_tokens = sum(lengths["mmlu"][subject]["prefix"] // scale * len(g) for subject, g in zip(subjects, groups))
@@ -583,7 +596,7 @@ def _eval_case(args, device, lengths) -> dict:
     diff = max(abs(a - b) for i, p in zip(sample, peer) for a, b in zip(ours[i], p))
     ours_qps, peer_qps = len(questions) / ours_s, len(sample) / peer_s
     pack = pack_tokens(model)
-    height, width = row_shape(pack, ROW_TOKENS)
+    height, width = row_shape(pack, scoring.ROW_TOKENS)
     first = questions[:len(groups[0])]
     extra = {}
     if args.eval_variants:
@@ -616,7 +629,6 @@ def _variants(model, questions, groups, device, names: str) -> list[dict]:
     attention shape) or padded to a few (`fixed_shapes`), with SDPA kept off cuDNN, whose
     kernels plan once per shape, with one row per pack (the layout before 2026-11-28: attention
     over the whole pack), and with each forward's scores read as soon as it is queued."""
-    import contextlib
     from unittest import mock
 
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -74,6 +74,11 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     assert [v["variant"] for v in ev["variants"]] == ["exact", "fixed", "efficient", "fixed-efficient", "one-row",
                                                       "read-each"]
     assert all(v["work"]["tokens"] >= ev["ours_suffix_tokens"] for v in ev["variants"]), ev["variants"]
+    # The smoke's packs have rows of 64 tokens (4 to a pack of 256): far fewer attention pairs than
+    # the same tokens in one row, the layout of variant one-row.
+    assert ev["ours_path"].endswith("256 tokens per pack in 4 rows of 64"), ev["ours_path"]
+    by_name = {v["variant"]: v["work"] for v in ev["variants"]}
+    assert by_name["one-row"]["attention_pairs"] > 1.25 * by_name["fixed"]["attention_pairs"], by_name
     assert ev["pack_sweep"][0]["pack_tokens"] == 64 and ev["profile"]["top"]
     assert ev["ours_peak_gib"] is None  # measured on a GPU only
     work = ev["ours_work"]  # every question's suffix went through the layers, and some pack padding
