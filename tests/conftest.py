@@ -26,10 +26,24 @@ for _folder in (os.environ["PREFECT_HOME"], os.environ["HF_MODULES_CACHE"]):
 def pytest_collection_modifyitems(items):
     """Under `make test`'s two workers (`--dist loadgroup`), the tests of a module that share a
     module-scoped fixture (a trained run, a Prefect server) run on one worker, so it is built
-    once; every other test is handed out on its own, to whichever worker is free."""
+    once; every other test is handed out on its own, to whichever worker is free, slow modules
+    first."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is not None and any(fixture.scope == "module"
                                     for fixtures in info.name2fixturedefs.values() for fixture in fixtures):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # Modules with a slow test go first, whole, those with a group (a chain of tests that one
+    # worker runs in turn: a Prefect server's takes minutes) before the others: long runs start
+    # at the beginning instead of near the end, where one worker would run them alone, and the
+    # many short tests even out the two workers' ends. Each module's tests stay together, so a
+    # module-scoped fixture is still built once on a single worker.
+    slow = {_module(item) for item in items if item.get_closest_marker("slow")}
+    chains = {_module(item) for item in items if item.get_closest_marker("xdist_group")}
+    items.sort(key=lambda item: (_module(item) not in slow, _module(item) not in chains))  # stable within
     return (yield)
+
+
+def _module(item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else ""

@@ -19,6 +19,8 @@ import pytest
 from tests.fixtures.data import write_pubmedqa_json
 from tests.fixtures.models import tiny_llama_dir
 
+pytestmark = pytest.mark.slow  # each test runs a benchmark script on a model
+
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = {"metric", "unit", "peer", "ours", "ratio", "machine", "versions", "command", "date"}
 

@@ -39,6 +39,7 @@ def _smoke(tmp_path: Path, *args: str) -> tuple[dict, dict]:
     return result, summary
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     # Two calls, so that CI's two workers can take one each; the 8B case runs below, without
     # --ours-compile: its compiled side is the 33B case's code on other LoRA targets, and
@@ -136,6 +137,7 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     assert compiled["first_step_seconds"] > train["gptq"]["first_step_seconds"], compiled  # the compiling
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_runs_the_8b_preset_case(tmp_path):
     result, summary = _smoke(tmp_path, "--cases", "llama3-8b", "--ours-plain", "--ours-pad-multiple", "64",
                              "--train-profile", "--train-fresh")
