@@ -8,8 +8,8 @@ token costs attention over (prefix cache + row width) keys, and the linear layer
 same per token however the tokens are arranged. One long row per pack (what EXPERT did until
 2026-11-28) made an 8B model's MMLU packs 2,969 tokens wide: attention was 13% of the FLOPs
 and a quarter of the GPU's time (bench/README). Several rows of ~ROW_TOKENS keep the matmuls
-as large (the same tokens per forward) and cut the attention pairs by more than half
-(`bench/gpu.py`'s plan count on the real MMLU lengths: 6.8 G -> 3.0 G pairs).
+as large (the same tokens per forward) and cut the attention pairs by more than half (the
+full MMLU plan for that model, counted on the CPU: 6.6 G -> 3.0 G pairs; bench/README).
 
 Suffixes go into rows first-fit, longest first, so rows come out nearly full; a suffix longer
 than a row gets a wider row of its own (rounded up to `step` when shapes are fixed), and the
