@@ -46,19 +46,20 @@ class PackShape:
 
 class Scored:
     """A forward's scores, still on the device until `read`: values[j] is the log-prob of the
-    j-th target token, in the order of `passes`, their choices (targets[i][c]) and its tokens."""
+    j-th target token, in the order of `passes`, their choices and their tokens (counts[i][c]
+    tokens for pass i's choice c)."""
 
-    def __init__(self, passes: list[Pass], values: torch.Tensor, targets: list[list[list[int]]]):
-        self.passes, self.values, self.targets = passes, values, targets
+    def __init__(self, passes: list[Pass], values: torch.Tensor, counts: list[list[int]]):
+        self.passes, self.values, self.counts = passes, values, counts
 
     def read(self) -> list[list[float]]:
         """Summed log-probs of each pass's targets (one transfer to the host for the forward)."""
         values, out, at = self.values.tolist(), [], 0
-        for entry in self.targets:
+        for entry in self.counts:
             sums = []
-            for target in entry:
-                sums.append(math.fsum(values[at:at + len(target)]))
-                at += len(target)
+            for count in entry:
+                sums.append(math.fsum(values[at:at + count]))
+                at += count
             out.append(sums)
         return out
 
@@ -76,7 +77,7 @@ def scored(passes: list[Pass], logits: torch.Tensor, picks: list[list[tuple[list
     kept = logits[to_device(torch.tensor(list(order), dtype=torch.long), device)]
     logprobs = torch.log_softmax(kept.float(), dim=-1)
     index = to_device(torch.tensor([rows, ids], dtype=torch.long), device)
-    return Scored(passes, logprobs[index[0], index[1]], [[target for _, target in entry] for entry in picks])
+    return Scored(passes, logprobs[index[0], index[1]], [[len(target) for _, target in entry] for entry in picks])
 
 
 def expand_cache(cache, batch: int):
