@@ -77,7 +77,8 @@ class TrainConfig(StageConfig):
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward (a third more compute, far less memory); "
-                            "'auto': only when the micro-batch does not fit memory_limit_gib without it"
+                            "'auto': only when the micro-batch does not fit memory_limit_gib without it, "
+                            "and then only in as many layers as it needs"
     )
     lean_activations: bool = Field(
         True, description="keep less for the backward (expert/train/lean.py): the same numbers, a bigger "

@@ -36,7 +36,8 @@ from expert.train.distributed import Ranks, shard_base
 from expert.train.frozen import cast_frozen_linears, dense_gptq_bytes, dense_gptq_layers
 from expert.train.logging import Progress, QuietLogger, TrainLogger, log, plot_loss
 from expert.train.lora import attach_lora, make_optimizer, make_scheduler, name_base
-from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory, set_checkpointing
+from expert.train.memory import MemoryPlan, out_of_memory_error, plan_memory
+from expert.train.recompute import set_checkpointing
 from expert.train.resume import pick_checkpoint, resumed_precision
 from expert.train.step import Runner, autocast_dtype
 
@@ -107,7 +108,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     if ranks.main:
         log.info("%d training examples, %d optimizer steps of %d micro-batches of %s (gradient checkpointing "
                  "%s%s); padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum,
-                 plan.micro_text, "on" if memory.gradient_checkpointing else "off",
+                 plan.micro_text, memory.checkpointing_text,
                  f"; {ranks.world} processes, {ranks.strategy}" if ranks.many else "", plan.padding_fraction())
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer, plan.total_steps)
@@ -185,7 +186,7 @@ def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, le
     saved = read_state(picked[1]).get("memory") if picked else None
     if saved:
         plan = MemoryPlan.from_dict(saved)
-        set_checkpointing(model, plan.gradient_checkpointing)
+        set_checkpointing(model, plan.gradient_checkpointing, plan.recomputed_layers)
         return plan
     device = next(p for p in model.parameters() if p.requires_grad).device
     return plan_memory(model, config, max(lengths), device, ranks, answer_tokens=answers,

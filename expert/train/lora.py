@@ -18,7 +18,7 @@ from expert.train.compiling import compile_decoder_layers
 from expert.train.config import TrainConfig
 from expert.train.lean import make_lean
 from expert.train.logging import log
-from expert.train.memory import set_checkpointing
+from expert.train.recompute import set_checkpointing
 
 
 def linear_module_names(model: torch.nn.Module) -> dict[str, list[str]]:

@@ -11,15 +11,19 @@ dequantized once per micro-batch: on an H100 the 33B job ran 1.17x faster as 8+7
 than as micro-batches of 5, the largest divisor of 50 that fits 24 GiB (bench/README.md).
 Memory grows with the micro-batch, so the largest that fits is found by bisection.
 `gradient_checkpointing: auto` then leaves checkpointing off when that micro-batch fits
-without it: recomputing every layer's forward costs a third of a step's compute, paid only when
-memory is short. When it does not fit, the largest micro-batch that fits without checkpointing
-(unless that is a single example against 4 or more) is timed against it, both at the typical
-example's length (the median: most batches are near it), and the smaller one wins only when it
-is more than SPEED_MARGIN faster. A probe times one pass over one shape; costs it does not see
-(one per micro-batch, more of them the smaller the micro-batch) made the close call go the wrong
-way on the 8B preset: 7 examples without checkpointing, timed at the longest length 0.7% faster
-than 48 with it, ran at 3,600 tokens/s where 48 with checkpointing had run at 5,450-6,268 (H100,
-bench/README.md).
+without it: recomputing a layer's forward costs a third of that layer's compute, paid only when
+memory is short. When it does not fit, only as many decoder layers as it needs recompute
+(`expert.train.recompute`; the count by bisection, started from a guess the probes' peaks give):
+each layer left out keeps its activations and saves its recompute. The largest micro-batch that
+fits without checkpointing (unless that is a single example against 4 or more), and a
+micro-batch between the two with as few layers recomputed as it needs, are then timed against
+it, all at the typical example's length (the median: most batches are near it); a smaller
+micro-batch wins only when it is more than SPEED_MARGIN faster than the best larger one. Which wins depends on the card and model: fewer
+recomputed layers save compute, a bigger micro-batch dequantizes a 4-bit base's weights for more
+tokens. A probe times one pass over one shape; costs it does not see (one per micro-batch, more
+of them the smaller the micro-batch) made the close call go the wrong way on the 8B preset: 7
+examples without checkpointing, timed at the longest length 0.7% faster than 48 with it, ran at
+3,600 tokens/s where 48 with checkpointing had run at 5,450-6,268 (H100, bench/README.md).
 
 On a GPU, "fits" is measured: one forward + backward of a batch of the longest example's length,
 each with as many labelled tokens as the most any example has (the vocabulary projection is
@@ -49,9 +53,10 @@ from expert.errors import ExpertError
 from expert.train.config import TrainConfig
 from expert.train.data import IGNORE, step_sizes
 from expert.train.distributed import Ranks
+from expert.train.recompute import decoder_layers, fewest, recompute, set_checkpointing
 
 HEADROOM = 0.9  # share of the limit a probe may reach: the allocator fragments, batches vary
-SPEED_MARGIN = 1.05  # how much faster a smaller micro-batch without checkpointing must time to win
+SPEED_MARGIN = 1.05  # how much faster a smaller micro-batch must time to win over a larger one
 CPU_AUTO_MICRO = 8
 MAX_AUTO_MICRO = 64
 
@@ -62,9 +67,11 @@ class MemoryPlan:
     gradient_checkpointing: bool
     limit_gib: float | None  # None on the CPU
     probe_peak_gib: float | None = None  # measured peak of the chosen setting (GPU only)
-    # tokens/s of the micro-batch with checkpointing and the largest one without, when both
-    # fit and the choice between them was timed (GPU only)
+    # tokens/s of each setting timed against the others, when there was a choice (GPU only)
     probe_tokens_per_s: dict[str, float] | None = None
+    # With checkpointing on: how many decoder layers (the first ones) recompute their forward;
+    # None: all of them (and plans recorded before there was a choice)
+    recomputed_layers: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> MemoryPlan:
@@ -72,6 +79,13 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def checkpointing_text(self) -> str:
+        """'off', 'on' or 'on for the first 20 layers' (what the run log says)."""
+        if not self.gradient_checkpointing:
+            return "off"
+        return "on" if self.recomputed_layers is None else f"on for the first {self.recomputed_layers} layers"
 
 
 def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
@@ -86,39 +100,78 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
         set_checkpointing(model, checkpointing[0])
         limit = _limit_bytes(config, device) if device.type == "cuda" else None
         return MemoryPlan(micros[0], checkpointing[0], limit and round(limit / 2**30, 2))
+    # Settings are (micro-batch, layers recomputed): 0 is no checkpointing, `every` all layers.
+    every = max(1, len(decoder_layers(model)))
     if device.type == "cuda":
-        fits, limit = _probe_fits(model, device, config, answer_tokens), _limit_bytes(config, device)
+        fits, limit = _probe_fits(model, device, config, every, answer_tokens), _limit_bytes(config, device)
     else:
-        fits, limit = _estimate_fits(model), None
+        fits, limit = _estimate_fits(model, every), None
+    frugal = every if checkpointing[-1] else 0
     # The largest micro-batch that fits with the most frugal allowed setting ...
-    frugal = checkpointing[-1]
     chosen = _largest(micros, lambda m: ranks.agree(fits(m, longest, frugal, limit)))
     if chosen is None:
         raise out_of_memory_error(config, limit, f"even {micros[-1]} example(s) of {longest} tokens did not fit")
-    # ... then the cheaper compute, if that micro-batch fits without checkpointing too ...
-    use, measured = frugal, None
-    if frugal and not checkpointing[0] and ranks.agree(fits(chosen, longest, False, limit)):
-        use = False
-    elif frugal and not checkpointing[0] and hasattr(fits, "speed"):
-        # ... else the largest smaller micro-batch without checkpointing, if it is faster. Which
-        # wins depends on the card and model: no recompute saves a third of the compute, a
-        # smaller micro-batch dequantizes a 4-bit base's weights for fewer tokens. Measured.
-        plain = _largest([m for m in micros if m < chosen], lambda m: ranks.agree(fits(m, longest, False, limit)))
-        # One example at a time is not timed against 4 or more: on every H100 run of the 33B shape
-        # it was 1.6-2.8x slower than the checkpointed micro-batch, and under train.compile its
-        # probe costs a compile of its own (a dimension of size 1 is specialized).
-        if plain is not None and not (plain == 1 and chosen >= 4):
-            width = min(typical or longest, longest)
-            measured = {f"{chosen} with checkpointing": fits.speed(chosen, width, True, limit),
-                        f"{plain} without": fits.speed(plain, width, False, limit)}
-            # Agreed, like every choice here: ranks that chose differently would split steps differently.
-            faster = measured[f"{plain} without"] > SPEED_MARGIN * measured[f"{chosen} with checkpointing"]
-            if ranks.agree(faster):
-                chosen, use = plain, False
-    peak = getattr(fits, "peaks", {}).get((chosen, longest, use))
-    set_checkpointing(model, use)
-    return MemoryPlan(chosen, use, limit and round(limit / 2**30, 2), peak and round(peak / 2**30, 2),
-                      measured and {k: round(v) for k, v in measured.items()})
+    setting, measured = (chosen, frugal), None
+    if checkpointing == [False, True]:
+        def needs(micro: int) -> int:
+            # Each rank's guess comes from its own card's peaks: ranks that probed different counts
+            # would agree on answers to different questions. So several ranks bisect alone.
+            guess = None if ranks.many else getattr(fits, "guess", None)
+            return fewest(every, lambda r: ranks.agree(fits(micro, longest, r, limit)),
+                          guess and (lambda: guess(micro, longest, every, limit)))
+
+        # ... recomputing as few layers as it needs (none, if it fits without) ...
+        setting = (chosen, needs(chosen))
+        if setting[1] and hasattr(fits, "speed"):
+            # ... against smaller micro-batches that recompute fewer layers, timed.
+            options = [setting, *_smaller_options(micros, setting, needs,
+                                                  lambda m: ranks.agree(fits(m, longest, 0, limit)))]
+            if len(options) > 1:
+                width = min(typical or longest, longest)
+                speeds = [fits.speed(m, width, r, limit) for m, r in options]
+                measured = {_setting_text(m, r, every): s for (m, r), s in zip(options, speeds)}
+                best = 0
+                for i in range(1, len(options)):
+                    # Agreed, like every choice here: ranks that chose differently would split steps differently.
+                    if ranks.agree(speeds[i] > SPEED_MARGIN * speeds[best]):
+                        best = i
+                setting = options[best]
+    chosen, recomputed = setting
+    peak = getattr(fits, "peaks", {}).get((chosen, longest, recomputed))
+    recompute(model, recomputed, every)
+    return MemoryPlan(chosen, recomputed > 0, limit and round(limit / 2**30, 2), peak and round(peak / 2**30, 2),
+                      measured and {k: round(v) for k, v in measured.items()},
+                      recomputed if 0 < recomputed < every else None)
+
+
+def _smaller_options(micros: list[int], setting: tuple[int, int], needs, fits_plain) -> list[tuple[int, int]]:
+    """What a checkpointed setting (micro-batch, layers recomputed) is timed against, larger
+    micro-batch first: the candidate nearest the geometric middle of it and the largest smaller
+    micro-batch that fits without checkpointing (1 when none does), with as few layers recomputed
+    as it needs, if that is fewer; and that micro-batch without checkpointing.
+
+    One example at a time is not timed against 4 or more: on every H100 run of the 33B shape it
+    was 1.6-2.8x slower than the checkpointed micro-batch, and under train.compile its probe costs
+    a compile of its own (a dimension of size 1 is specialized)."""
+    chosen, recomputed = setting
+    smaller = [m for m in micros if m < chosen and not (m == 1 and chosen >= 4)]
+    plain = _largest(smaller, fits_plain)
+    options = []
+    between = [m for m in smaller if m > (plain or 0)]
+    if between:
+        middle = min(between, key=lambda m: abs(m * m - chosen * (plain or 1)))
+        layers = needs(middle)
+        if layers < recomputed:
+            options.append((middle, layers))
+    if plain is not None:
+        options.append((plain, 0))
+    return options
+
+
+def _setting_text(micro: int, recomputed: int, every: int) -> str:
+    if recomputed == 0:
+        return f"{micro} without"
+    return f"{micro} with checkpointing" if recomputed == every else f"{micro} recomputing {recomputed} of {every}"
 
 
 def _micro_candidates(config: TrainConfig, device: torch.device) -> list[int]:
@@ -150,30 +203,9 @@ def _limit_bytes(config: TrainConfig, device: torch.device) -> int:
     return free + torch.cuda.memory_allocated(device)
 
 
-def set_checkpointing(model, on: bool) -> None:
-    """Switch non-reentrant gradient checkpointing of the (PEFT-wrapped) model on or off."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if on:
-        kwargs = {"use_reentrant": False}  # needs no input grads and replays dropout's RNG exactly
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    elif _checkpointing(base):
-        if hasattr(base, "activation_checkpointing_disable"):
-            base.activation_checkpointing_disable()
-        else:
-            base.gradient_checkpointing_disable()
-
-
-def _checkpointing(model) -> bool:
-    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
-
-
-def _probe_fits(model, device: torch.device, config: TrainConfig, answer_tokens: int = 3):
-    """fits(micro, length, checkpointing, limit): run one forward + backward and read the peak."""
+def _probe_fits(model, device: torch.device, config: TrainConfig, every: int, answer_tokens: int = 3):
+    """fits(micro, length, recomputed, limit): run one forward + backward with that many layers
+    recomputed and read the peak."""
     from expert.train.step import answer_loss_sum, autocast_dtype
 
     amp = autocast_dtype(config.precision, device)  # probe as the run will compute
@@ -181,23 +213,31 @@ def _probe_fits(model, device: torch.device, config: TrainConfig, answer_tokens:
     moments = 0 if config.optimizer != "adamw" else 2 * 4 * trainable  # 8-bit optimizers: ~4x less, ignored
     peaks: dict[tuple, int | None] = {}
 
-    def fits(micro: int, length: int, checkpointing: bool, limit: int) -> bool:
-        key = (micro, length, checkpointing)
+    def fits(micro: int, length: int, recomputed: int, limit: int) -> bool:
+        key = (micro, length, recomputed)
         if key not in peaks:
             with _capped(device, limit):
-                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, checkpointing, amp=amp,
+                peaks[key] = _probe(model, answer_loss_sum, device, micro, length, (recomputed, every), amp=amp,
                                     answer_tokens=answer_tokens)
         peak = peaks[key]
         return peak is not None and peak + moments <= HEADROOM * limit
 
-    def speed(micro: int, length: int, checkpointing: bool, limit: int) -> float:
+    def speed(micro: int, length: int, recomputed: int, limit: int) -> float:
         """Tokens/s of a forward + backward, timed after a warm-up pass."""
         with _capped(device, limit):
-            peak = _probe(model, answer_loss_sum, device, micro, length, checkpointing, repeats=2, amp=amp,
+            peak = _probe(model, answer_loss_sum, device, micro, length, (recomputed, every), repeats=2, amp=amp,
                           answer_tokens=answer_tokens)
         return 0.0 if peak is None else micro * length / _probe.seconds
 
-    fits.peaks, fits.speed = peaks, speed
+    def guess(micro: int, length: int, every: int, limit: int) -> int | None:
+        """The fewest layers to recompute, from the peaks with all of them and one fewer: each layer
+        left out adds about what that one did."""
+        most, fewer = peaks.get((micro, length, every)), peaks.get((micro, length, every - 1))
+        if most is None or fewer is None or fewer <= most:
+            return None
+        return every - 1 - int((HEADROOM * limit - moments - fewer) // (fewer - most))
+
+    fits.peaks, fits.speed, fits.guess = peaks, speed, guess
     return fits
 
 
@@ -217,14 +257,15 @@ def _capped(device: torch.device, limit: int):
         torch.cuda.set_per_process_memory_fraction(1.0, index)
 
 
-def _probe(model, loss_fn, device, micro: int, length: int, checkpointing: bool, repeats: int = 1,
+def _probe(model, loss_fn, device, micro: int, length: int, layers: tuple[int, int], repeats: int = 1,
            amp: torch.dtype | None = torch.bfloat16, answer_tokens: int = 3) -> int | None:
-    """Peak bytes of forward + backward on a (micro, length) batch; None when it ran out of memory.
+    """Peak bytes of forward + backward on a (micro, length) batch with `layers` (how many
+    recompute, of how many); None when it ran out of memory.
 
     With repeats > 1 the last pass is timed (the earlier ones warm the allocator and kernels)
     and the seconds land in `_probe.seconds`.
     """
-    set_checkpointing(model, checkpointing)
+    recompute(model, *layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     peak = None
@@ -258,18 +299,20 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
-def _estimate_fits(model):
-    """CPU: saved activations of a Llama-style block without checkpointing, in float32, vs RAM."""
+def _estimate_fits(model, every: int):
+    """CPU: saved activations of Llama-style blocks in float32 vs RAM: those of every layer not
+    recomputed, and of one layer at a time for those that are."""
     cfg = model.config
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-    per_token = cfg.num_hidden_layers * (8 * hidden + 4 * inter) * 4
+    per_layer, layers = (8 * hidden + 4 * inter) * 4, cfg.num_hidden_layers
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume it fits
         available = None
 
-    def fits(micro: int, length: int, checkpointing: bool, limit) -> bool:
-        need = micro * length * per_token / (cfg.num_hidden_layers if checkpointing else 1)
+    def fits(micro: int, length: int, recomputed: int, limit) -> bool:
+        recomputed = round(layers * recomputed / every)  # `every` is 1 for a model checkpointed whole
+        need = micro * length * per_layer * (layers - recomputed + (recomputed > 0))
         return available is None or need <= available / 2
 
     return fits

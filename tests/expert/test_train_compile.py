@@ -14,7 +14,7 @@ from expert.errors import ConfigError
 from expert.train import TrainConfig, train
 from expert.train.compiling import _check_backend, compile_decoder_layers
 from expert.train.lean import make_lean
-from expert.train.memory import set_checkpointing
+from expert.train.recompute import set_checkpointing
 from tests.expert.test_train_lean import assert_grads_close, ids, tiny_lora
 from tests.expert.train_fixtures import llama_dir, one_thread, write_toy_data  # noqa: F401 (fixtures)
 
@@ -43,10 +43,10 @@ def loss_and_grads(model, batch, seed: int = 5):
     return loss.detach(), grads
 
 
-def lean_model(dropout: float, checkpointing: bool = False):
+def lean_model(dropout: float, checkpointing: bool = False, layers: int | None = None):
     model = tiny_lora(dropout)
     make_lean(model)
-    set_checkpointing(model, checkpointing)
+    set_checkpointing(model, checkpointing, layers)  # layers: how many recompute, the first ones
     model.train()
     return model
 
@@ -90,22 +90,24 @@ def test_the_layers_share_their_compiled_code():
 def test_compiled_dropout_is_drawn_again_alike_in_the_checkpointed_recompute():
     """With dropout, the masks come from the compiler's generator: not the eager run's, but seeded,
     and the backward of a checkpointed layer (its forward recomputed) must see the same masks as
-    the forward did, or the gradient would belong to another network."""
+    the forward did, or the gradient would belong to another network. Also with only the first
+    layer checkpointed (the two variants of the one compiled code side by side)."""
     counters.clear()
     batch = ids(2, 12)
     runs = {}
-    for checkpointing in (False, True):
-        model = lean_model(0.1, checkpointing)
+    for checkpointing, layers in ((False, None), (True, None), (True, 1)):
+        model = lean_model(0.1, checkpointing, layers)
         compile_decoder_layers(model, CPU)
-        runs[checkpointing] = loss_and_grads(model, batch)
-    assert torch.equal(runs[True][0], runs[False][0])
-    for name in runs[False][1]:
-        assert torch.equal(runs[True][1][name], runs[False][1][name]), name
-    again = loss_and_grads(model, batch)
-    assert torch.equal(again[0], runs[True][0])  # seeded: a run repeats itself
+        runs[checkpointing, layers] = loss_and_grads(model, batch)
+    for setting in ((True, None), (True, 1)):
+        assert torch.equal(runs[setting][0], runs[False, None][0]), setting
+        for name in runs[False, None][1]:
+            assert torch.equal(runs[setting][1][name], runs[False, None][1][name]), (setting, name)
+    again = loss_and_grads(model, batch)  # the last model's
+    assert torch.equal(again[0], runs[True, 1][0])  # seeded: a run repeats itself
     no_dropout = lean_model(0.0, checkpointing=True)
     compile_decoder_layers(no_dropout, CPU)
-    assert not torch.equal(loss_and_grads(no_dropout, batch)[0], runs[True][0])  # the dropout is real
+    assert not torch.equal(loss_and_grads(no_dropout, batch)[0], runs[True, None][0])  # the dropout is real
     assert graph_breaks() == {}
 
 

@@ -10,7 +10,9 @@ from expert.train import TrainConfig, train
 from expert.train import memory
 from expert.train.data import IGNORE, step_sizes
 from expert.train.lora import attach_lora
-from expert.train.memory import MemoryPlan, _checkpointing, plan_memory, set_checkpointing
+from expert.train.memory import MemoryPlan, plan_memory
+from expert.train import recompute
+from expert.train.recompute import is_checkpointing, set_checkpointing
 from expert.train.step import Runner
 from tests.expert.train_fixtures import plain_load, write_toy_data, llama_dir, one_thread  # noqa: F401 (fixtures)
 
@@ -24,27 +26,54 @@ def lora_model(llama_dir, **overrides):
     return attach_lora(model, TrainConfig(**overrides))
 
 
-def fake_gpu(monkeypatch, most, limit=24 * 2**30, speeds=None):
-    """Pretend the probe measured: a micro-batch fits when it is at most most[checkpointing]
-    (absent: nothing fits), and speeds[(micro, checkpointing)] -> tokens/s (the timing only a
-    GPU probe offers)."""
+def fake_gpu(monkeypatch, most, limit=24 * 2**30, speeds=None, guess=None):
+    """Pretend the probe measured: a micro-batch fits when it is at most most[recomputed], the
+    layers recomputed: True stands for all of them, False for none, a count for itself and every
+    count above it up to the next one given (absent: what no checkpointing fits; nothing given:
+    nothing fits). speeds[(micro, recomputed)] -> tokens/s (the timing only a GPU probe offers);
+    guess(micro, length, every, limit): the probe's guess of the fewest layers to recompute."""
     calls = []
 
-    def probe_fits(model, device, config, answer_tokens=3):
+    def probe_fits(model, device, config, every, answer_tokens=3):
         calls.append(("answer_tokens", answer_tokens))
 
-        def fits(micro, length, checkpointing, limit):
-            calls.append((micro, checkpointing))
-            return micro <= most.get(checkpointing, 0)
+        def largest(recomputed):
+            if recomputed == every:
+                return most.get(True, 0)
+            given = [k for k in most if not isinstance(k, bool) and k <= recomputed]
+            return most[max(given)] if given else most.get(False, 0)
+
+        def key(micro, recomputed):
+            return (micro, {0: False, every: True}.get(recomputed, recomputed))
+
+        def fits(micro, length, recomputed, limit):
+            calls.append(key(micro, recomputed))
+            return micro <= largest(recomputed)
         if speeds is not None:
-            fits.speed = lambda micro, length, checkpointing, limit: (
-                calls.append(("timed", micro, checkpointing)) or calls.append(("timed at", length))
-                or speeds[(micro, checkpointing)])
+            fits.speed = lambda micro, length, recomputed, limit: (
+                calls.append(("timed", *key(micro, recomputed))) or calls.append(("timed at", length))
+                or speeds[key(micro, recomputed)])
+        if guess is not None:
+            fits.guess = guess
         return fits
 
     monkeypatch.setattr(memory, "_probe_fits", probe_fits)
     monkeypatch.setattr(memory, "_limit_bytes", lambda config, device: limit)
     return calls
+
+
+def layered_model(layers: int = 8):
+    """A LoRA-wrapped random Llama of `layers` tiny decoder layers (built, not saved)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, vocab_size=96)
+    torch.manual_seed(0)
+    return attach_lora(LlamaForCausalLM(config), TrainConfig())
+
+
+def recomputing(model) -> list[bool]:
+    return [layer.gradient_checkpointing for layer in recompute.decoder_layers(model)]
 
 
 # micro 'auto' on a GPU: the largest micro-batch that fits (a divisor of effective_batch_size or
@@ -78,7 +107,7 @@ def test_gpu_plan_picks_the_largest_fitting_micro_batch(llama_dir, monkeypatch, 
     plan = plan_memory(model, TrainConfig(**overrides), longest=500, device=torch.device("cuda"))
     assert (plan.micro_batch_size, plan.gradient_checkpointing) == expected
     assert plan.limit_gib == 24.0
-    assert _checkpointing(model.get_base_model()) == expected[1]
+    assert is_checkpointing(model.get_base_model()) == expected[1]
 
 
 @pytest.mark.parametrize("device, processes, candidates", [
@@ -116,7 +145,7 @@ def test_a_smaller_micro_batch_without_checkpointing_wins_when_it_is_faster(llam
     assert {c for c in calls if c[0] == "timed"} == {("timed", 12, True), ("timed", 4, False)}
     assert plan.probe_tokens_per_s == {"12 with checkpointing": speeds[(12, True)],
                                        "4 without": speeds[(4, False)]}
-    assert _checkpointing(model.get_base_model()) == expected[1]
+    assert is_checkpointing(model.get_base_model()) == expected[1]
     assert MemoryPlan.from_dict(plan.as_dict()) == plan
 
 
@@ -144,6 +173,160 @@ def test_one_example_without_checkpointing_is_timed_only_against_a_small_micro_b
     assert (plan.probe_tokens_per_s is not None) == timed
 
 
+@pytest.mark.parametrize("every", [1, 2, 7, 8, 60])
+def test_fewest_finds_the_least_layers_to_recompute_by_bisection(every):
+    for needed in range(every + 1):
+        asked = []
+        found = recompute.fewest(every, lambda r: asked.append(r) or r >= needed)
+        assert found == needed
+        # none first, then one fewer than all: a micro-batch that needs every layer costs two probes
+        assert asked[:2] == [0, every - 1][:len(asked[:2])] and len(asked) <= 2 + max(1, every - 1).bit_length()
+
+
+@pytest.mark.parametrize("off", [None, 0, 1, -1, 2, -2, 7, -30, 100])
+def test_a_guess_of_the_fewest_layers_costs_two_probes_when_right_and_is_never_wrong(off):
+    every = 60
+    for needed in range(1, every):
+        asked = []
+        guess = None if off is None else (lambda: needed + off)
+        assert recompute.fewest(every, lambda r: asked.append(r) or r >= needed, guess) == needed, off
+        probes = len(asked) - 2  # after none and all but one
+        if off is not None and -1 <= off <= 1 and 2 < needed < every - 2:
+            assert probes == {0: 2, -1: 2, 1: 3}[off], asked  # the guess and a neighbour or two
+        assert probes <= 3 + (every - 2).bit_length(), asked  # a wrong guess: three, then a bisection
+
+
+def test_the_probe_guesses_from_the_peaks_with_all_layers_and_one_fewer(monkeypatch):
+    # Peaks of 10 GiB with all 8 layers recomputed and 11 GiB with 7: each layer left out adds 1 GiB.
+    # Under 90% of a 20 GiB limit, minus the optimizer's moments, that leaves room for 4 more.
+    model = layered_model(8)
+    fits = memory._probe_fits(model, torch.device("cuda"), TrainConfig(), every=8)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    moments = 8 * trainable
+    gib = 2**30
+    fits.peaks.update({(4, 100, 8): 10 * gib, (4, 100, 7): 11 * gib})
+    limit = (15.5 * gib + moments) / memory.HEADROOM  # room for 4.5 layers above the 7's peak
+    assert fits.guess(4, 100, 8, limit) == 3
+    assert fits.guess(5, 100, 8, limit) is None  # no peaks measured
+    fits.peaks[(5, 100, 8)], fits.peaks[(5, 100, 7)] = 10 * gib, None  # one fewer did not fit
+    assert fits.guess(5, 100, 8, limit) is None
+
+
+def test_auto_recomputes_only_the_layers_the_micro_batch_needs(monkeypatch):
+    # 10 fits when at least 5 of 8 layers recompute; without checkpointing only 3 fit, and no
+    # probe can time them (a CPU-like fits): the 10 keeps the other 3 layers' activations.
+    calls = fake_gpu(monkeypatch, {True: 10, 5: 10, False: 3})
+    model = layered_model(8)
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto")
+    plan = plan_memory(model, config, longest=500, device=torch.device("cuda"))
+    assert (plan.micro_batch_size, plan.gradient_checkpointing, plan.recomputed_layers) == (10, True, 5)
+    assert recomputing(model) == [True] * 5 + [False] * 3  # the first ones
+    assert plan.checkpointing_text == "on for the first 5 layers"
+    assert len({c for c in calls if c[0] == 10}) <= 6  # all, none, 7, then bisection over 1-7 (3)
+    assert MemoryPlan.from_dict(plan.as_dict()) == plan
+
+
+@pytest.mark.parametrize("speeds, expected", [
+    ((3000.0, 3100.0, 3100.0), (10, 5)),  # within the margin: the biggest micro-batch stays
+    ((3000.0, 3400.0, 3500.0), (5, 2)),   # 5 beats 10; 3 is not 5% faster than 5
+    ((3000.0, 3100.0, 3200.0), (3, 0)),   # 3 beats 10 by more than 5%
+])
+def test_a_smaller_micro_batch_recomputing_fewer_layers_is_timed(monkeypatch, speeds, expected):
+    # 10 needs 5 of 8 layers recomputed, 3 fits without; the middle candidate 5 (sqrt(30) = 5.5)
+    # needs only 2. All three are timed, largest first.
+    timings = dict(zip([(10, 5), (5, 2), (3, False)], speeds))
+    calls = fake_gpu(monkeypatch, {True: 10, 5: 10, 2: 6, False: 3}, speeds=timings)
+    model = layered_model(8)
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto")
+    plan = plan_memory(model, config, longest=500, typical=300, device=torch.device("cuda"))
+    assert (plan.micro_batch_size, plan.recomputed_layers or 0) == expected
+    assert plan.gradient_checkpointing == (expected[1] > 0)
+    assert [c for c in calls if c[0] == "timed"] == [("timed", 10, 5), ("timed", 5, 2), ("timed", 3, False)]
+    assert {c for c in calls if c[0] == "timed at"} == {("timed at", 300)}
+    assert plan.probe_tokens_per_s == {"10 recomputing 5 of 8": speeds[0], "5 recomputing 2 of 8": speeds[1],
+                                       "3 without": speeds[2]}
+    assert recomputing(model) == [i < expected[1] for i in range(8)]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_only_a_single_process_starts_from_the_probes_guess(monkeypatch, world):
+    # Each rank's guess comes from its own card: ranks must bisect alike, so several do without.
+    from expert.train.distributed import Ranks
+
+    class Agreeing(Ranks):  # what every rank answered alike, without a process group
+        def agree(self, ok):
+            return ok
+
+    guesses = []
+    fake_gpu(monkeypatch, {True: 10, 5: 10, False: 3}, guess=lambda *a: guesses.append(a) or 5)
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto")
+    plan = plan_memory(layered_model(8), config, longest=500, device=torch.device("cuda"),
+                       ranks=Agreeing(world=world, strategy="single" if world == 1 else "ddp"))
+    assert (plan.micro_batch_size, plan.recomputed_layers) == (10, 5)
+    assert guesses == ([(10, 500, 8, 24 * 2**30)] if world == 1 else [])
+
+
+def test_a_middle_micro_batch_that_needs_as_many_layers_is_not_timed(monkeypatch):
+    calls = fake_gpu(monkeypatch, {True: 10, 5: 10, False: 3}, speeds={(10, 5): 1.0, (3, False): 1.0})
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing="auto")
+    plan_memory(layered_model(8), config, longest=500, device=torch.device("cuda"))
+    assert [c for c in calls if c[0] == "timed"] == [("timed", 10, 5), ("timed", 3, False)]
+
+
+def test_the_cpu_estimate_recomputes_only_the_layers_it_must(monkeypatch):
+    # Available RAM set so that 8 examples fit with 4 of 8 layers' activations kept (plus the one
+    # being recomputed), not with 5: the estimate's own arithmetic, on the real model's layers.
+    model = layered_model(8)
+    cfg = model.config
+    per_token_layer = (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+    pages = 8 * 100 * per_token_layer * 5 * 2 // 4096 + 1
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": pages, "SC_PAGE_SIZE": 4096}[name])
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=8)
+    plan = plan_memory(model, config, longest=100, device=torch.device("cpu"))
+    assert (plan.micro_batch_size, plan.recomputed_layers) == (8, 4)
+    assert recomputing(model) == [True] * 4 + [False] * 4
+
+
+def test_partial_recompute_gives_the_same_loss_and_gradients_and_recomputes_only_those_layers():
+    from tests.expert.test_train_lean import tiny_lora
+
+    batch = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    runs, forwards = {}, {}
+    for recomputed in (0, 2, 4):  # none, the first two of four, all
+        model = tiny_lora(0.1, layers=4)
+        recompute.recompute(model, recomputed, 4)
+        counts = [0] * 4
+        for index, layer in enumerate(recompute.decoder_layers(model)):
+            # a pre-hook: the recompute stops once it has what the backward needs, before the MLP returns
+            layer.mlp.register_forward_pre_hook(lambda *a, i=index: counts.__setitem__(i, counts[i] + 1))
+        torch.manual_seed(5)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        runs[recomputed] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        forwards[recomputed] = counts
+    assert forwards == {0: [1, 1, 1, 1], 2: [2, 2, 1, 1], 4: [2, 2, 2, 2]}
+    for recomputed in (2, 4):  # dropout's masks are replayed: the same network, the same numbers
+        assert torch.equal(runs[recomputed][0], runs[0][0])
+        for name, grad in runs[0][1].items():
+            assert torch.equal(runs[recomputed][1][name], grad), name
+
+
+def test_a_resumed_run_recomputes_the_layers_its_plan_says(monkeypatch):
+    from expert.train import loop
+    from expert.train.distributed import Ranks
+
+    model = layered_model(8)
+    saved = MemoryPlan(6, True, 24.0, recomputed_layers=3)
+    monkeypatch.setattr(loop, "read_state", lambda path: {"memory": saved.as_dict()})
+    config = TrainConfig(micro_batch_size="auto", effective_batch_size=12)
+    assert loop._memory_plan((2, "checkpoint"), config, model, [100], 3, Ranks()) == saved
+    assert recomputing(model) == [True] * 3 + [False] * 5
+    old = {k: v for k, v in saved.as_dict().items() if k != "recomputed_layers"}  # recorded before the choice
+    monkeypatch.setattr(loop, "read_state", lambda path: {"memory": old})
+    assert loop._memory_plan((2, "checkpoint"), config, model, [100], 3, Ranks()).recomputed_layers is None
+    assert recomputing(model) == [True] * 8
+
+
 def test_fixed_settings_are_not_probed(llama_dir, monkeypatch):
     calls = fake_gpu(monkeypatch, {})
     config = TrainConfig(micro_batch_size=2, effective_batch_size=4, gradient_checkpointing=False)
@@ -167,14 +350,14 @@ def test_cpu_auto_turns_checkpointing_off_and_caps_the_micro_batch(llama_dir):
     model = lora_model(llama_dir, gradient_checkpointing=True)
     plan = plan_memory(model, config, longest=100, device=torch.device("cpu"))
     assert plan == MemoryPlan(micro_batch_size=8, gradient_checkpointing=False, limit_gib=None)
-    assert not _checkpointing(model.get_base_model())
+    assert not is_checkpointing(model.get_base_model())
 
 
 def test_explicit_checkpointing_is_switched_on_and_off(llama_dir):
     model = lora_model(llama_dir, gradient_checkpointing=True)
-    assert _checkpointing(model.get_base_model())
+    assert is_checkpointing(model.get_base_model())
     set_checkpointing(model, False)
-    assert not _checkpointing(model.get_base_model())
+    assert not is_checkpointing(model.get_base_model())
 
 
 def test_auto_micro_batch_needs_resolving():
@@ -206,8 +389,8 @@ def test_the_plan_is_recorded_and_a_resume_keeps_it(llama_dir, tmp_path, monkeyp
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["micro_batch_size"] == 4
     assert summary["memory"] == {"micro_batch_size": 4, "gradient_checkpointing": False, "limit_gib": None,
-                                 "probe_tokens_per_s": None,
-                                 "probe_peak_gib": None}
+                                 "probe_tokens_per_s": None, "probe_peak_gib": None,
+                                 "recomputed_layers": None}
 
     # A resumed run must not plan again (its data order depends on the micro-batch).
     def no_planning(*args, **kwargs):
@@ -249,7 +432,7 @@ def test_the_probe_labels_as_many_tokens_as_the_longest_answer(llama_dir, monkey
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
     model, _ = plain_load(llama_dir)
-    assert memory._probe(model, loss_fn, torch.device("cpu"), 2, 64, False, amp=None, answer_tokens=40) == 123
+    assert memory._probe(model, loss_fn, torch.device("cpu"), 2, 64, (0, 2), amp=None, answer_tokens=40) == 123
     assert (seen[0] != IGNORE).sum(dim=1).tolist() == [40, 40]
-    assert memory._probe(model, loss_fn, torch.device("cpu"), 2, 8, False, amp=None, answer_tokens=40) == 123
+    assert memory._probe(model, loss_fn, torch.device("cpu"), 2, 8, (0, 2), amp=None, answer_tokens=40) == 123
     assert (seen[1] != IGNORE).sum(dim=1).tolist() == [7, 7]  # the first token stays prompt
