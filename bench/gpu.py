@@ -22,7 +22,8 @@ and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effecti
   ours' own (side "ours-divisor": what 'auto' chose before uneven micro-batches; skipped when ours'
   micro-batch divides it anyway), `--ours-compile` ours with train.compile (each decoder layer
   compiled, expert/train/compiling.py; side "ours-compile", its compile time in its cold pass,
-  `initial_seconds` and `plan_seconds`).
+  `initial_seconds` and `plan_seconds`), `--ours-whole-recompute` ours with checkpointing all or
+  nothing (side "ours-whole": what 'auto' chose before it could recompute only the first layers).
 `--train-fresh` also times each side on batches it has not seen (new widths: attention kernels that
 plan per shape pay again), `--ours-pad-multiple N` adds ours with widths rounded up to N (side "ours-padN").
 Reported: useful (non-padding) tokens/s, model TFLOP/s at 6N FLOPs per useful token (N = matmul
@@ -153,7 +154,7 @@ def _train_sides(args) -> list[str]:
     sides = ["peer", "ours"] + (["ours-plain"] if args.ours_plain else []) \
         + ([f"ours-pad{args.ours_pad_multiple}"] if args.ours_pad_multiple else []) \
         + (["ours-divisor"] if args.ours_divisor else []) + (["ours-compile"] if args.ours_compile else []) \
-        + ["peer@ours-micro"]
+        + (["ours-whole"] if args.ours_whole_recompute else []) + ["peer@ours-micro"]
     if not args.sides:
         return sides
     wanted = args.sides.split(",")
@@ -190,6 +191,9 @@ def _parser() -> argparse.ArgumentParser:
                         "batch widths, and attention kernels that plan per shape pay for each")
     p.add_argument("--ours-pad-multiple", type=int, default=0,
                    help="also run ours with batch widths rounded up to this multiple (side ours-padN): fewer shapes")
+    p.add_argument("--ours-whole-recompute", action="store_true",
+                   help="also run ours with checkpointing all or nothing, as 'auto' chose before it could "
+                        "recompute only some layers (side ours-whole)")
     p.add_argument("--ours-divisor", action="store_true",
                    help="also run ours at the largest micro-batch dividing the effective batch (side ours-divisor)")
     p.add_argument("--sides", default="",
@@ -323,7 +327,8 @@ def _train_case(args, device, size, lora, peer_micro, effective, lengths, side) 
     if side.startswith("ours"):
         row = _ours_train(args, model, examples, lora, effective, device, lean=side != "ours-plain",
                           pad_multiple=args.ours_pad_multiple if side.startswith("ours-pad") else 1,
-                          micro=peer_micro if side == "ours-divisor" else "auto", compile=side == "ours-compile")
+                          micro=peer_micro if side == "ours-divisor" else "auto", compile=side == "ours-compile",
+                          whole_recompute=side == "ours-whole")
     else:
         row = _peer_train(args, model, examples, lora, peer_micro, effective, device)
     flops = 6 * matmul_params(cfg)
@@ -439,14 +444,17 @@ def _padded(batch):
 
 
 def _ours_train(args, model, examples, lora, effective, device, lean: bool = True,
-                pad_multiple: int = 1, micro: int | str = "auto", compile: bool = False) -> dict:
+                pad_multiple: int = 1, micro: int | str = "auto", compile: bool = False,
+                whole_recompute: bool = False) -> dict:
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
     without the lean activations, to see what they add; pad_multiple > 1: batch widths rounded up
     to it, to see what fewer shapes buy; micro: a micro-batch size instead of 'auto'; compile:
-    train.compile, whose compiling falls in the first forwards: `initial_seconds`, `plan_seconds`)."""
+    train.compile, whose compiling falls in the first forwards: `initial_seconds`, `plan_seconds`;
+    whole_recompute: the plan recomputes every layer or none, as before it could do some)."""
     import contextlib
     from unittest import mock
 
+    from expert.train import memory as memory_module  # its `fewest`, patched for side ours-whole
     from expert.train import step as step_module
     from expert.train import TrainConfig
     from expert.train.data import IGNORE, BatchPlan, EncodedSplit, step_sizes
@@ -470,8 +478,10 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
     initial_seconds = time.perf_counter() - started
     lengths = [len(e.input_ids) for e in examples]
     planned = time.perf_counter()
-    memory = plan_memory(model, config, max(lengths), device, typical=int(statistics.median(lengths)),
-                         answer_tokens=max(e.answer_tokens for e in examples))
+    whole = mock.patch.object(memory_module, "fewest", _all_or_none)
+    with whole if whole_recompute else contextlib.nullcontext():
+        memory = plan_memory(model, config, max(lengths), device, typical=int(statistics.median(lengths)),
+                             answer_tokens=max(e.answer_tokens for e in examples))
     plan_seconds = time.perf_counter() - planned
     plan = BatchPlan(lengths, step_sizes(effective, memory.micro_batch_size), epochs=10, seed=0)
     accum = plan.accum
@@ -519,20 +529,25 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
             new_tokens, new_seconds = timed(fresh)
             extra["fresh_tokens_per_s"] = round(new_tokens / new_seconds, 1)
             extra["fresh_mean_tokens"] = round(statistics.mean(lengths[i] for b in unseen for i in b), 1)
-        if args.train_profile and lean and pad_multiple == 1 and not compile:
+        if args.train_profile and lean and pad_multiple == 1 and not compile and not whole_recompute:
             # The first window of the seen set: its narrower half (run 2026-11-27a: 262.5 tokens an
             # example against the timed 333.5), so the profile says which tokens it covered.
             extra["profile"] = {**_profile(lambda: runner.step(windows[0]), device),
                                 "useful_tokens": sum(lengths[i] for b in windows[0] for i in b),
                                 "micro_batches": len(windows[0])}
     return {**extra, "micro_batch": memory.micro_batch_size, "step_micro_batches": plan.sizes,
-            "gradient_checkpointing": memory.gradient_checkpointing,
+            "gradient_checkpointing": memory.gradient_checkpointing, "recomputed_layers": memory.recomputed_layers,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
             "initial_seconds": round(initial_seconds, 1), "initial_loss": round(initial, 4),
             "timed_examples": sum(len(b) for b in seen),
             "timed_mean_tokens": round(statistics.mean(lengths[i] for b in seen for i in b), 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
             "padding_fraction": round(1 - tokens / padded, 3), "seconds": round(passes[1], 2)}
+
+
+def _all_or_none(every: int, ok, guess=None) -> int:
+    """`memory.fewest` as the planner had it before partial recompute: no layer if that fits, else all."""
+    return 0 if ok(0) else every
 
 
 # ---------------------------------------------------------------- evaluation
@@ -1312,12 +1327,20 @@ def _training_row(case: str, sides: dict[str, dict]) -> dict:
                        # (None: no peak measured, the CPU smoke run)
                        "ours_within_memory_limit": None if ours.get("peak_gib") is None
                        else ours["peak_gib"] <= MEMORY_LIMIT_GIB}}
-    if "ours-divisor" in sides:  # what the micro-batch that need not divide the step buys
+    if "tokens_per_s" in sides.get("ours-divisor", {}):  # what the micro-batch that need not divide the step buys
         divisor = sides["ours-divisor"]
         row["uneven_micro_batches"] = {
             "ours": {"micro_batch": ours["micro_batch"], "tokens_per_s": ours["tokens_per_s"]},
             "divisor": {"micro_batch": divisor["micro_batch"], "tokens_per_s": divisor["tokens_per_s"]},
             "ratio": round(ours["tokens_per_s"] / divisor["tokens_per_s"], 2)}
+    if "tokens_per_s" in sides.get("ours-whole", {}):  # what recomputing only the layers the micro-batch needs buys
+        whole = sides["ours-whole"]
+        row["partial_recompute"] = {
+            side: {"micro_batch": r["micro_batch"], "gradient_checkpointing": r["gradient_checkpointing"],
+                   "recomputed_layers": r.get("recomputed_layers"), "tokens_per_s": r["tokens_per_s"],
+                   "probe_tokens_per_s": r["memory_plan"]["probe_tokens_per_s"]}
+            for side, r in (("ours", ours), ("whole", whole))}
+        row["partial_recompute"]["ratio"] = round(ours["tokens_per_s"] / whole["tokens_per_s"], 2)
     return row
 
 
@@ -1352,7 +1375,9 @@ def _print_table(result: dict) -> None:
         if "error" in r:
             print(f"{r['case']:32} {r['side']:15} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['case']:32} {r['side']:15} {r['micro_batch']:>5} {str(r['gradient_checkpointing']):>5} "
+        # ckpt: True, False, or how many layers recompute when only the first ones do ("20L")
+        ckpt = f"{r['recomputed_layers']}L" if r.get("recomputed_layers") else str(r["gradient_checkpointing"])
+        print(f"{r['case']:32} {r['side']:15} {r['micro_batch']:>5} {ckpt:>5} "
               f"{r['tokens_per_s']:>12,.0f} {r['model_tflops']:>8} {r['padding_fraction']:>6} "
               f"{r.get('peak_gib') or '-':>8} {r['original_job_min']:>8}")
     by_case: dict[str, dict] = {}

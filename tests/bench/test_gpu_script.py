@@ -140,10 +140,10 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
 @pytest.mark.slow
 def test_gpu_script_smoke_runs_the_8b_preset_case(tmp_path):
     result, summary = _smoke(tmp_path, "--cases", "llama3-8b", "--ours-plain", "--ours-pad-multiple", "64",
-                             "--train-profile", "--train-fresh")
+                             "--train-profile", "--train-fresh", "--ours-whole-recompute")
     # The 8B preset's 48 divides by 8: no ours-divisor side, no peer at ours' micro-batch (the peer's own).
     train = [row for row in result["train"] if row["case"].startswith("8b")]
-    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64"], train
+    assert [row["side"] for row in train] == ["peer", "ours", "ours-plain", "ours-pad64", "ours-whole"], train
     assert all("error" not in row and row["tokens_per_s"] > 0 < row["fresh_tokens_per_s"] for row in train), train
     assert all(row["fresh_mean_tokens"] > 0 for row in train), train
     assert train[1]["profile"]["top"] and all("profile" not in row for row in train[2:])  # ours only
@@ -162,6 +162,10 @@ def test_gpu_script_smoke_runs_the_8b_preset_case(tmp_path):
     assert set(summary) == {"LoRA training"}, sorted(summary)
     assert summary["LoRA training"]["quality"]["same_objective"] is True
     assert summary["LoRA training"]["quality"]["ours_within_memory_limit"] is None  # no GPU peak on the CPU
+    # Recomputing only some layers against all or none: the same plan here, where all fits without.
+    partial = summary["LoRA training"]["partial_recompute"]
+    assert partial["ours"]["gradient_checkpointing"] is partial["whole"]["gradient_checkpointing"] is False
+    assert partial["ours"]["micro_batch"] == partial["whole"]["micro_batch"] and partial["ratio"] > 0, partial
 
 
 def same_count(gptq: dict) -> int:
@@ -212,12 +216,23 @@ def test_a_peak_over_the_memory_limit_is_flagged(monkeypatch):
         assert summary[0]["quality"]["ours_within_memory_limit"] is within
 
 
+def test_the_whole_recompute_side_plans_as_before_partial_recompute(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    from expert.train.recompute import fewest
+
+    for needed in range(9):  # the fewest layers the micro-batch needs: the old plan takes none or all
+        assert gpu._all_or_none(8, lambda r: r >= needed) == (0 if needed == 0 else 8)
+        assert fewest(8, lambda r: r >= needed) == needed
+
+
 def test_sides_cut_a_call_to_the_sides_named(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import gpu
 
-    args = gpu._parser().parse_args(["--out", "x", "--ours-compile", "--ours-divisor"])
-    assert gpu._train_sides(args) == ["peer", "ours", "ours-divisor", "ours-compile", "peer@ours-micro"]
+    args = gpu._parser().parse_args(["--out", "x", "--ours-compile", "--ours-divisor", "--ours-whole-recompute"])
+    assert gpu._train_sides(args) == ["peer", "ours", "ours-divisor", "ours-compile", "ours-whole", "peer@ours-micro"]
     args.sides = "ours-compile,ours"
     assert gpu._train_sides(args) == ["ours", "ours-compile"]  # the run's order, not the flag's
     args.sides = "ours,ours-compiled"
