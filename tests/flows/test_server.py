@@ -25,11 +25,11 @@ import pytest
 
 from expert.artifacts import MANIFEST
 from tests.fixtures.pipeline import tiny_config_dict, tiny_inputs
+from tests.fixtures.prefect_home import PREFECT
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "expert-process"
 DOCKER_POOL = "expert-docker"  # pipeline-gpu's; no Docker worker here (test_docker_pool.py renders its jobs)
 
