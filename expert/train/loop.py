@@ -30,7 +30,7 @@ from expert.modeling import resolve_device
 from expert.train.checkpoint import (ADAPTER_FILES, complete_checkpoints, load_checkpoint, rank_rng, read_state,
                                      save_checkpoint, set_aside, verify_checkpoint)
 from expert.train.config import TrainConfig
-from expert.train.data import (BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
+from expert.train.data import (BUCKET_BATCHES, BatchPlan, EncodedSplit, encode_split, read_split, step_sizes,
                                 unbucketed_padding_fraction)
 from expert.train.distributed import Ranks, shard_base
 from expert.train.frozen import cast_frozen_linears, dense_gptq_bytes, dense_gptq_layers
@@ -101,10 +101,13 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     if ranks.strategy == "fsdp":
         shard_base(model, ranks, device)
     answers = max(e.answer_tokens for e in train_set.examples)
-    memory = _memory_plan(picked, config, model, train_set.lengths, answers, ranks)
+    saved = read_state(picked[1]) if picked else None
+    memory = _memory_plan(saved, config, model, train_set.lengths, answers, ranks)
     micro = memory.micro_batch_size
+    # A resumed run keeps its data order: its checkpoint's bucket size (older ones: the only one there was)
     plan = BatchPlan(train_set.lengths, step_sizes(config.effective_batch_size, micro, config.processes),
-                     config.epochs, config.seed, config.max_steps)
+                     config.epochs, config.seed, config.max_steps,
+                     saved.get("bucket_batches", BUCKET_BATCHES) if saved is not None else None)
     if ranks.main:
         log.info("%d training examples, %d optimizer steps of %d micro-batches of %s (gradient checkpointing "
                  "%s%s); padding fraction %.3f", len(train_set.examples), plan.total_steps, plan.accum,
@@ -114,6 +117,7 @@ def _train(config: TrainConfig, model_dir: Path, data_dir: Path, out_dir: Path, 
     scheduler = make_scheduler(config, optimizer, plan.total_steps)
     state = _resume(picked, model, optimizer, scheduler, ranks)
     state["memory"] = memory.as_dict()
+    state["bucket_batches"] = plan.bucket_batches
     state["precision"] = precision
     state["gptq_kernel"] = kernel  # this attempt's: a resume on another machine may load another
     runner = Runner(model, optimizer, scheduler, train_set, _pad_id(tokenizer), config.max_grad_norm, ranks,
@@ -180,12 +184,12 @@ def _encode(tokenizer, rows: dict[str, list[str]], max_length: int, ranks: Ranks
     return split
 
 
-def _memory_plan(picked: tuple[int, Path] | None, config: TrainConfig, model, lengths: list[int], answers: int,
+def _memory_plan(saved: dict | None, config: TrainConfig, model, lengths: list[int], answers: int,
                  ranks: Ranks) -> MemoryPlan:
-    """The resumed checkpoint's own choice (the data order depends on it), else a fresh one."""
-    saved = read_state(picked[1]).get("memory") if picked else None
-    if saved:
-        plan = MemoryPlan.from_dict(saved)
+    """The resumed checkpoint's own choice (`saved`: its state; the data order depends on it), else
+    a fresh one."""
+    if saved and saved.get("memory"):
+        plan = MemoryPlan.from_dict(saved["memory"])
         set_checkpointing(model, plan.gradient_checkpointing, plan.recomputed_layers)
         return plan
     device = next(p for p in model.parameters() if p.requires_grad).device

@@ -2,11 +2,12 @@
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from expert.errors import DataError
-from expert.train.data import (IGNORE, BatchPlan, collate, encode_split, epoch_batches, read_split, step_sizes,
+from expert.train.data import (IGNORE, BatchPlan, bucket_size, collate, encode_split, epoch_batches, read_split, step_sizes,
                                unbucketed_padding_fraction)
 from tests.expert.train_fixtures import toy_rows, write_toy_data
 from tests.fixtures.models import tiny_tokenizer
@@ -90,6 +91,29 @@ def test_bucketing_cuts_padding():
     plan = BatchPlan(lengths, [4, 4], epochs=1, seed=0)
     bucketed, plain = plan.padding_fraction(), unbucketed_padding_fraction(lengths, 4, seed=0)
     assert bucketed < plain / 3, (bucketed, plain)
+
+
+@pytest.mark.parametrize("per_epoch, size", [(4, 8), (16, 8), (17, 8), (63, 31), (100, 50), (4000, 50)])
+def test_a_bucket_holds_half_an_epoch_of_micro_batches_from_8_to_50(per_epoch, size):
+    assert bucket_size(per_epoch) == size
+
+
+def test_half_epoch_buckets_pad_far_less_and_still_group_each_epoch_differently():
+    # 450 examples spread like PubMedQA's prompts, a step of 50 in micro-batches of 8 and 7
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.normal(337, 75, 450), 120, 512).astype(int).tolist()
+    sizes = step_sizes(50, 8)
+    plan = BatchPlan(lengths, sizes, epochs=3, seed=0)
+    old = BatchPlan(lengths, sizes, epochs=3, seed=0, bucket_batches=8)
+    assert (plan.per_epoch, plan.bucket_batches, old.bucket_batches) == (63, 31, 8)
+    assert plan.padding_fraction() < old.padding_fraction() / 2, (plan.padding_fraction(), old.padding_fraction())
+    # Two buckets an epoch: an example meets other examples each epoch.
+    epochs = [{frozenset(b) for b in epoch_batches(lengths, sizes, 0, e, plan.bucket_batches)} for e in range(3)]
+    assert len(epochs[0] & epochs[1]) < len(epochs[0]) / 4 and len(epochs[1] & epochs[2]) < len(epochs[1]) / 4
+    for e in range(3):  # every example once an epoch, every step its sizes
+        batches = epoch_batches(lengths, sizes, 0, e, plan.bucket_batches)
+        assert sorted(i for b in batches for i in b) == list(range(450))
+        assert [len(b) for b in batches[:len(sizes)]] == sizes
 
 
 def test_plan_steps_run_through_epochs_in_order():

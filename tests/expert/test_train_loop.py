@@ -502,3 +502,30 @@ def test_log_every_steps_is_not_in_the_key_and_a_new_value_resumes(llama_dir, da
     logged = [r["step"] for r in map(json.loads, (tmp_path / "out" / "train_log.jsonl").read_text().splitlines())
               if "loss" in r]
     assert logged == [1, 2, 3, 6]  # every step before the resume, every third after
+
+
+def test_a_resumed_run_keeps_the_bucket_size_its_checkpoint_recorded(llama_dir, data_dir, tmp_path, monkeypatch):
+    # The data order depends on the bucket size: a run resumed from a checkpoint written before
+    # buckets grew with the epoch (no "bucket_batches" in it) must go on with the 8 it had.
+    from expert.train import loop
+    from expert.train.data import BatchPlan
+
+    seen = []
+
+    class Recording(BatchPlan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.bucket_batches)
+
+    monkeypatch.setattr(loop, "BatchPlan", Recording)
+    config = TrainConfig(**{**RUN, "max_steps": 2})
+    train(config, llama_dir, data_dir, tmp_path / "out", tmp_path / "work", device="cpu")
+    (step, path), = list_checkpoints(tmp_path / "out")
+    assert json.loads((path / STATE).read_text())["bucket_batches"] == seen[0] == 8  # 6 an epoch: the least
+    real = loop.read_state
+    for recorded, expected in ((13, 13), (None, 8)):
+        monkeypatch.setattr(loop, "read_state", lambda p, r=recorded: {
+            **{k: v for k, v in real(p).items() if k != "bucket_batches"},
+            **({"bucket_batches": r} if r else {})})
+        train(config, llama_dir, data_dir, tmp_path / f"out{recorded}", tmp_path / "work", device="cpu")
+        assert seen[-1] == expected

@@ -311,19 +311,17 @@ def test_partial_recompute_gives_the_same_loss_and_gradients_and_recomputes_only
             assert torch.equal(runs[recomputed][1][name], grad), name
 
 
-def test_a_resumed_run_recomputes_the_layers_its_plan_says(monkeypatch):
+def test_a_resumed_run_recomputes_the_layers_its_plan_says():
     from expert.train import loop
     from expert.train.distributed import Ranks
 
     model = layered_model(8)
     saved = MemoryPlan(6, True, 24.0, recomputed_layers=3)
-    monkeypatch.setattr(loop, "read_state", lambda path: {"memory": saved.as_dict()})
     config = TrainConfig(micro_batch_size="auto", effective_batch_size=12)
-    assert loop._memory_plan((2, "checkpoint"), config, model, [100], 3, Ranks()) == saved
+    assert loop._memory_plan({"memory": saved.as_dict()}, config, model, [100], 3, Ranks()) == saved
     assert recomputing(model) == [True] * 3 + [False] * 5
     old = {k: v for k, v in saved.as_dict().items() if k != "recomputed_layers"}  # recorded before the choice
-    monkeypatch.setattr(loop, "read_state", lambda path: {"memory": old})
-    assert loop._memory_plan((2, "checkpoint"), config, model, [100], 3, Ranks()).recomputed_layers is None
+    assert loop._memory_plan({"memory": old}, config, model, [100], 3, Ranks()).recomputed_layers is None
     assert recomputing(model) == [True] * 8
 
 
