@@ -7,11 +7,10 @@ import torch
 
 from expert.errors import ExpertError
 from expert.train import TrainConfig, train
-from expert.train import memory
+from expert.train import memory, recompute
 from expert.train.data import IGNORE, step_sizes
 from expert.train.lora import attach_lora
 from expert.train.memory import MemoryPlan, plan_memory
-from expert.train import recompute
 from expert.train.recompute import is_checkpointing, set_checkpointing
 from expert.train.step import Runner
 from tests.expert.train_fixtures import plain_load, write_toy_data, llama_dir, one_thread  # noqa: F401 (fixtures)
