@@ -61,7 +61,7 @@ def fewest(every: int, ok, guess=None) -> int:
     fewer first, so a micro-batch that needs them all costs one more probe, not a bisection; then,
     if given, about guess() and up to two counts next to it toward the answer (a probe of a big
     model takes seconds, and the peak grows by about the same with each layer left out: a guess
-    from two peaks is seldom far off; right, it costs two probes)."""
+    from two peaks is seldom far off, and a right one costs two probes)."""
     if ok(0):
         return 0
     if every == 1 or not ok(every - 1):
