@@ -227,6 +227,22 @@ def test_the_whole_recompute_side_plans_as_before_partial_recompute(monkeypatch)
         assert fewest(8, lambda r: r >= needed) == needed
 
 
+def test_a_failed_comparison_side_leaves_the_ratio_of_record(monkeypatch):
+    # A side that failed (its row holds only "error") must not take the summary, and so the
+    # whole JSON, down with it: its comparison is left out, the ratio against the peer stays.
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    side = {"initial_loss": 5.0, "micro_batch": 8, "tokens_per_s": 100.0, "timed_mean_tokens": 300.0,
+            "gradient_checkpointing": True, "memory_plan": {"probe_tokens_per_s": None}}
+    sides = {"peer": side, "ours": {**side, "tokens_per_s": 200.0}, "ours-whole": {"error": "OOM"},
+             "ours-divisor": {"error": "OOM"}}
+    row = gpu._training_row("33b", sides)
+    assert row["ratio"] == 2.0 and "partial_recompute" not in row and "uneven_micro_batches" not in row
+    sides["ours-whole"] = {**side, "tokens_per_s": 160.0}
+    assert gpu._training_row("33b", sides)["partial_recompute"]["ratio"] == 1.25
+
+
 def test_sides_cut_a_call_to_the_sides_named(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import gpu
