@@ -6,18 +6,28 @@
 there is no reason to start this module by hand. `@record` writes a failing rank's traceback
 to the error file torchrun names, so the launcher can say which rank failed and why.
 
+A rank ends with `os._exit` once its work is done (or has failed), after the atexit handlers and
+a flush: skipping the interpreter's finalization, where a C++ thread (gloo's, or a library's)
+that still wants the GIL is ended by CPython 3.11 with pthread_exit and aborts the process
+("terminate called without an active exception", SIGABRT). Seen once in CI on a rank whose
+training had finished: torchrun then reported the run failed.
+
 Fault injection for the tests: `EXPERT_TRAIN_KILL=RANK:STEP` in the environment makes that
 rank SIGKILL itself once optimizer step STEP is done (read here only, never by the library).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -59,5 +69,21 @@ def _progress(rank: int):
     return progress
 
 
+def run_and_exit(entry: Callable[[], None]) -> NoReturn:
+    """Run `entry`, then end the process without finalizing the interpreter: 0 if it returned, 1
+    (its traceback printed; @record has written the error file torchrun reads) if it raised."""
+    code = 0
+    try:
+        entry()
+    except BaseException:  # noqa: BLE001 (a KeyboardInterrupt or SystemExit ends the rank as a failure too)
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # what a normal exit runs first (temporary folders, compile workers)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)
