@@ -8,6 +8,8 @@ KeyboardInterrupt for Ctrl-C) is printed as "Exception ignored in ..." and dropp
 to the end as if it had never been signalled (seen once in CI, in tests/flows/test_interrupt.py).
 CPython hands every such dropped exception to `sys.unraisablehook`; the hook installed here sends
 the signal again a moment later from a helper thread, so that its handler runs in ordinary code.
+A stop dropped without a trace (caught by a library's `except BaseException`) is expert.signals'
+to raise again, at the run's next progress point: the flows start its watch here too.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import sys
 import threading
 from typing import Any
 
+from expert.signals import watch_stops
+
 RESEND_AFTER_S = 0.05  # long enough for the hook and the finalizer to return first
 
 
 def redeliver_swallowed_stops() -> None:
-    """Install the hook (once per process; any other unraisable exception goes to the hook before it)."""
+    """Watch the stops from now on (expert.signals, a fresh watch per run) and install the hook
+    (once per process; any other unraisable exception goes to the hook before it)."""
+    watch_stops()
     if getattr(sys.unraisablehook, "redelivers_stops", False):
         return
     previous = sys.unraisablehook

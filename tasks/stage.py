@@ -20,6 +20,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from expert.config import StageConfig
+from expert.signals import raise_swallowed_stop
 from expert.stages import Stage
 from expert.workspace import Workspace
 
@@ -39,6 +40,7 @@ def fetch_inputs(stage: Stage, config: StageConfig, workspace_root: str) -> dict
       cache_result_in_memory=False)
 def build_stage(stage: Stage, config: StageConfig, upstream: dict[str, dict], inputs: dict[str, Any],
                 workspace_root: str, cache_key: str, forced: bool = False) -> dict[str, str]:
+    raise_swallowed_stop()  # one the stage before lost at its very end
     logger = get_run_logger()
     library_logs_at_info()
     store = Workspace.at(workspace_root).store
@@ -103,7 +105,8 @@ def read_json(ref: dict[str, str], name: str):
 
 
 class _ProgressArtifact:
-    """A Prefect progress artifact, created on first use and updated at most every 1%."""
+    """A Prefect progress artifact, created on first use and updated at most every 1%; each call is
+    also where a stop that library code swallowed is raised again (expert.signals)."""
 
     def __init__(self, description: str):
         self.description = description
@@ -111,6 +114,7 @@ class _ProgressArtifact:
         self.last = -1.0
 
     def __call__(self, done: int, total: int) -> None:
+        raise_swallowed_stop()  # a Ctrl-C or SIGTERM that library code caught on its way ends the run here
         pct = 100.0 * done / max(total, 1)
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(pct, description=self.description)

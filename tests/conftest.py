@@ -47,3 +47,14 @@ def pytest_collection_modifyitems(items):
 def _module(item) -> str:
     module = getattr(item, "module", None)
     return module.__name__ if module is not None else ""
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_watch_carried_over():
+    """An in-process flow run starts expert.signals' watch of stops, for the rest of the process:
+    a stop a later test sends its own process (and catches) would be raised again at the next
+    progress point, and the wakeup fd would not be free. Each test starts without it."""
+    yield
+    from expert.signals import stop_watching
+
+    stop_watching()

@@ -30,9 +30,9 @@ import os
 import signal
 import threading
 
-_log = logging.getLogger(__name__)
+from expert.signals import STOPS, held_by_gptqmodel, watcher_fd
 
-STOPS = frozenset(int(s) for s in (getattr(signal, name, None) for name in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
+_log = logging.getLogger(__name__)
 
 
 class StopNow(BaseException):
@@ -46,7 +46,7 @@ class StopsDuringGptq:
     def __init__(self):
         self.received: list[int] = []
         self._read = self._write = None
-        self._previous_fd = -1
+        self._previous_fd = -1  # restored on exit: expert.signals' watch, which this one stands in for
         self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> StopsDuringGptq:
@@ -57,7 +57,7 @@ class StopsDuringGptq:
         except ValueError:  # not the main thread, or Windows (sockets only): no watching there
             self._close()
             return self
-        if self._previous_fd != -1:  # someone else's (an asyncio loop in this thread): leave it theirs
+        if self._previous_fd not in (-1, watcher_fd()):  # someone else's (an asyncio loop's): leave it theirs
             signal.set_wakeup_fd(self._previous_fd)
             self._close()
             return self
@@ -89,7 +89,7 @@ class StopsDuringGptq:
                 if signum not in STOPS:
                     continue
                 self.received.append(signum)
-                if not _taken_by_gptqmodel(signum):  # its handler stops the process now
+                if not held_by_gptqmodel(signum):  # its handler stops the process now
                     continue
                 name = signal.Signals(signum).name
                 if len(self.received) == 1:
@@ -106,12 +106,6 @@ class StopsDuringGptq:
             if fd is not None:
                 os.close(fd)
         self._read = self._write = None
-
-
-def _taken_by_gptqmodel(signum: int) -> bool:
-    """Whether gptqmodel's handler holds the signal now (a hangup goes where SIGTERM goes)."""
-    handler = signal.getsignal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
-    return getattr(handler, "__module__", "").startswith("gptqmodel")
 
 
 def _raise_in_main_thread(error: type[BaseException]) -> None:

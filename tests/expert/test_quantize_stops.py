@@ -137,3 +137,18 @@ def test_where_a_pipe_cannot_be_the_wakeup_fd_it_watches_nothing(monkeypatch):
     assert stops.received == []
     if open_before is not None:
         assert len(os.listdir("/proc/self/fd")) == open_before  # the pipe was closed
+
+
+def test_it_stands_in_for_the_runs_watch_and_gives_it_back(sigterm_counted):
+    """A flow run watches the stops (expert.signals); GPTQ's watch takes the wakeup fd over meanwhile."""
+    from expert import signals
+
+    assert signals.watch_stops()
+    try:
+        with StopsDuringGptq() as stops:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        assert stops.received == [signal.SIGTERM]
+        assert signal.set_wakeup_fd(signals.watcher_fd()) == signals.watcher_fd()  # the run's watch again
+    finally:
+        signals.stop_watching()

@@ -145,18 +145,51 @@ FLOW = textwrap.dedent("""
 """)
 
 
+CAUGHT_FLOW = textwrap.dedent("""
+    import os, signal, time
+    from prefect import flow, task
+    from expert import signals
+    from flows.swallowed_stops import redeliver_swallowed_stops
+    from flows.temporary_server import detach_temporary_server
+    from tasks.stage import _ProgressArtifact
+
+    @task
+    def stage():
+        try:  # as gptqmodel's import-time `except BaseException: pass`
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        except BaseException:
+            pass
+        time.sleep(signals.GRACE_S + 0.5)
+        _ProgressArtifact("stage")(1, 10)  # the stage's next progress point
+        print("stage went on to its end", flush=True)
+
+    @flow
+    def run():
+        redeliver_swallowed_stops()
+        stage()
+
+    detach_temporary_server()
+    run()
+""")
+
+
 @pytest.mark.slow
-def test_a_hangup_dropped_in_a_finalizer_still_crashes_the_flow_run(tmp_path, prefect_home):
-    """The whole path: SIGHUP -> Prefect's SIGTERM handler -> dropped in __del__ -> sent again ->
-    Prefect records the crash and the signal ends the process."""
+@pytest.mark.parametrize("flow", [FLOW, CAUGHT_FLOW], ids=["finalizer", "caught"])
+def test_a_dropped_stop_still_crashes_the_flow_run(flow, tmp_path, prefect_home):
+    """The whole path: the stop dropped (in __del__, or by an `except BaseException`) -> raised
+    again -> Prefect records the crash and the signal ends the process. FLOW's is a hangup, through
+    Prefect's SIGTERM handler; CAUGHT_FLOW's a SIGTERM raised again at the stage's next progress."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(prefect_home)
     log = tmp_path / "run.log"
     with open(log, "w") as out:  # a file, not a pipe: a server left behind would hold a pipe open
-        done = subprocess.run([sys.executable, "-c", FLOW], cwd=os.getcwd(), env=env, stdout=out,
+        done = subprocess.run([sys.executable, "-c", flow], cwd=os.getcwd(), env=env, stdout=out,
                               stderr=subprocess.STDOUT, timeout=240)
     text = log.read_text()
-    assert done.returncode == -signal.SIGHUP and "stage went on to its end" not in text, text[-3000:]
+    code = -signal.SIGHUP if flow is FLOW else -signal.SIGTERM
+    assert done.returncode == code and "stage went on to its end" not in text, text[-3000:]
     with sqlite3.connect(prefect_home / "prefect.db") as db:
         states = db.execute("select state_type from flow_run").fetchall()
     assert states == [("CRASHED",)], states

@@ -1,0 +1,141 @@
+"""expert/signals.py: a stop whose exception library code caught is raised again at a progress point.
+
+The end-to-end case (a Prefect flow run recorded as crashed) is tests/flows/test_swallowed_stops.py's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from expert import signals
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals sent to oneself are POSIX")
+
+
+class Stopped(BaseException):
+    pass
+
+
+@pytest.fixture
+def sigterm_raises(monkeypatch):
+    """SIGTERM's handler raises, as Prefect's does during a flow run; its calls counted. A short grace."""
+    calls: list[int] = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Stopped
+
+    saved = signal.signal(signal.SIGTERM, handler)
+    monkeypatch.setattr(signals, "GRACE_S", 0.3)
+    yield calls, handler
+    signal.signal(signal.SIGTERM, saved)
+    signals.stop_watching()
+
+
+def swallowed(signum: int = signal.SIGTERM) -> None:
+    """A stop whose exception library code catches, as gptqmodel's `except BaseException: pass` does."""
+    try:
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # bytecodes: the handler runs here, inside the try
+            pass
+    except BaseException:  # noqa: BLE001 - the library's
+        pass
+
+
+def test_a_swallowed_stop_is_raised_again_once_after_the_grace(sigterm_raises, caplog):
+    calls, _ = sigterm_raises
+    assert signals.watch_stops()
+    swallowed()
+    assert calls == [signal.SIGTERM]
+    signals.raise_swallowed_stop()  # within the grace: its exception may still be on its way
+    time.sleep(0.4)
+    with caplog.at_level("WARNING", logger="expert.signals"), pytest.raises(Stopped):
+        signals.raise_swallowed_stop()
+    assert calls == [signal.SIGTERM, signal.SIGTERM]
+    assert [r.getMessage()[:21] for r in caplog.records] == ["SIGTERM arrived 0.4 s"]
+    signals.raise_swallowed_stop()  # raised once, not at every point after
+    assert calls == [signal.SIGTERM, signal.SIGTERM]
+
+
+def test_without_the_watch_the_stop_is_lost(sigterm_raises):
+    """What the watch is for: nothing else keeps a trace of it."""
+    calls, _ = sigterm_raises
+    swallowed()
+    time.sleep(0.4)
+    signals.raise_swallowed_stop()
+    assert calls == [signal.SIGTERM]
+
+
+def test_a_new_watch_forgets_the_stops_before(sigterm_raises):
+    calls, _ = sigterm_raises
+    assert signals.watch_stops()
+    swallowed()
+    time.sleep(0.2)  # noted by the reader thread
+    fd = signals.watcher_fd()
+    assert signals.watch_stops() and signals.watcher_fd() == fd  # the same pipe, its reader kept
+    time.sleep(0.4)
+    signals.raise_swallowed_stop()
+    assert calls == [signal.SIGTERM]
+
+
+def test_a_stop_held_by_gptqmodel_or_now_ignored_is_left_alone(sigterm_raises):
+    calls, handler = sigterm_raises
+    assert signals.watch_stops()
+    swallowed()
+    time.sleep(0.4)
+    handler.__module__ = "gptqmodel.looper.gptq_checkpoint"  # it commits the layer, then stops
+    signals.raise_swallowed_stop()
+    handler.__module__ = __name__
+    swallowed()
+    time.sleep(0.4)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signals.raise_swallowed_stop()
+    assert calls == [signal.SIGTERM, signal.SIGTERM]
+
+
+def test_off_the_main_thread_nothing_is_raised(sigterm_raises):
+    calls, _ = sigterm_raises
+    assert signals.watch_stops()
+    swallowed()
+    time.sleep(0.4)
+    errors = []
+
+    def check():
+        try:
+            signals.raise_swallowed_stop()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    thread.join()
+    assert errors == [] and calls == [signal.SIGTERM]
+    with pytest.raises(Stopped):  # still waiting for the main thread
+        signals.raise_swallowed_stop()
+
+
+def test_a_wakeup_fd_someone_else_set_is_left_theirs(sigterm_raises):
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    try:
+        assert not signals.watch_stops()
+        signals.stop_watching()
+        assert signal.set_wakeup_fd(write) == write
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read), os.close(write)
+
+
+def test_stop_watching_frees_the_wakeup_fd_and_ends_the_reader(sigterm_raises):
+    assert signals.watch_stops()
+    signals.stop_watching()
+    assert signal.set_wakeup_fd(-1) == -1 and signals.watcher_fd() == -1
+    deadline = time.monotonic() + 5
+    while any(t.name == "stop-signals" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the reader outlived its pipe"
+        time.sleep(0.05)
