@@ -33,13 +33,21 @@ from expert.errors import ConfigError
 # later variants back to eager with only a warning.
 RECOMPILE_LIMIT = 64
 
+_budget_compiled: float | None = None  # the activation memory budget this process last compiled layers with
 
-def compile_decoder_layers(model: torch.nn.Module, device: torch.device) -> list[str]:
+
+def compile_decoder_layers(model: torch.nn.Module, device: torch.device, memory_budget: float = 1.0) -> list[str]:
     """Compile every decoder layer of `model` (PEFT-wrapped or not) in place; the names compiled.
 
     The layers are the modules of the classes the model names as never to be split across
     devices (`_no_split_modules`: LlamaDecoderLayer and the like), the repeated block of a
     transformer. ConfigError when there are none or the compiler's backend is missing.
+
+    memory_budget (train.compile_memory_budget) is torch's activation_memory_budget: below 1 the
+    partitioner that splits each compiled layer into forward and backward keeps that share of
+    what it would save, and recomputes the rest in the backward, the ops with the fewest FLOPs
+    first. It is read when a layer is traced, so it is set for the process; and since the
+    compiled code of one model's layers serves another's, a new budget drops what was compiled.
     """
     _check_backend(device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -49,7 +57,13 @@ def compile_decoder_layers(model: torch.nn.Module, device: torch.device) -> list
         raise ConfigError(f"train.compile: found no decoder layers to compile in {type(base).__name__} (it names "
                           f"no _no_split_modules classes that it holds); set train.compile: false")
     import torch._dynamo.config
+    import torch._functorch.config
 
+    global _budget_compiled
+    if _budget_compiled is not None and _budget_compiled != memory_budget:
+        torch._dynamo.reset()  # else the layers compiled with the old budget would be reused as they are
+    torch._functorch.config.activation_memory_budget = memory_budget
+    _budget_compiled = memory_budget
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for _, layer in layers:
         layer.compile(dynamic=True)

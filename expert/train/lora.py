@@ -76,8 +76,10 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
         log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)
     if config.compile:  # after the lean switch: the compiler traces the forwards the run will use
         device = next(model.parameters()).device
-        compiled = compile_decoder_layers(model, device)
-        log.info("train.compile: %d decoder layers compiled on first use (%s, ...)", len(compiled), compiled[0])
+        compiled = compile_decoder_layers(model, device, config.compile_memory_budget)
+        log.info("train.compile: %d decoder layers compiled on first use (%s, ...)%s", len(compiled), compiled[0],
+                 f"; the compiler keeps {config.compile_memory_budget:g} of their activations for the backward, "
+                 "recomputing the rest" if config.compile_memory_budget < 1 else "")
         if device.type == "cpu":
             log.info("train.compile on the CPU: the first step compiles (seconds to a minute); after it a bf16 "
                      "SmolLM2-135M step ran 1.1x faster than eager (bench/README.md), so it pays on long runs")

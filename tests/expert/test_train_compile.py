@@ -111,6 +111,49 @@ def test_compiled_dropout_is_drawn_again_alike_in_the_checkpointed_recompute():
     assert graph_breaks() == {}
 
 
+def saved_for_backward(model, batch, seed: int = 5) -> tuple[int, tuple]:
+    """Bytes the forward keeps for the backward (parameters aside), and loss_and_grads' result."""
+    kept = [0]
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            kept[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = loss_and_grads(model, batch, seed)
+    return kept[0], result
+
+
+@needs_compiler
+def test_a_memory_budget_keeps_less_for_the_backward_and_the_same_gradients():
+    """train.compile_memory_budget: the compiler recomputes in the backward what it no longer keeps.
+    With dropout on, the masks must be the ones the forward drew: the gradients are the same bit for
+    bit. Each budget is a compile of its own, in one process: the code compiled with the previous
+    budget must not be reused."""
+    batch = ids(2, 12)
+    runs = {}
+    for budget in (1.0, 0.2):
+        model = lean_model(0.1)
+        compile_decoder_layers(model, CPU, memory_budget=budget)
+        runs[budget] = saved_for_backward(model, batch)
+    (full, want), (budgeted, got) = runs[1.0], runs[0.2]
+    assert budgeted < 0.7 * full, (budgeted, full)  # without a new compile: equal, the first code reused
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(got[1][name], want[1][name]) for name in want[1])
+    assert graph_breaks() == {}
+
+
+def test_the_memory_budget_is_a_share_above_0_and_a_key_field_only_under_compile():
+    with pytest.raises(ValidationError, match="compile_memory_budget"):
+        TrainConfig(compile=True, compile_memory_budget=0)  # at 0 the gradients came out otherwise
+    with pytest.raises(ValidationError, match="compile_memory_budget"):
+        TrainConfig(compile=True, compile_memory_budget=1.5)
+    assert TrainConfig(compile=True, compile_memory_budget=0.2).canonical()["compile_memory_budget"] == 0.2
+    assert "compile_memory_budget" not in TrainConfig(compile=True).canonical()  # the old keys stay valid
+    assert "compile_memory_budget" not in TrainConfig(compile_memory_budget=0.2).canonical()  # eager: no effect
+
+
 @needs_compiler
 def test_nf4_layers_compile_whole(tmp_path):
     """bitsandbytes' 4-bit matmul is traced into the layer's graph (its ops are registered with
