@@ -23,7 +23,9 @@ and the 8B preset (Llama-3-8B shape, NF4, LoRA r16 on all linear layers, effecti
   micro-batch divides it anyway), `--ours-compile` ours with train.compile (each decoder layer
   compiled, expert/train/compiling.py; side "ours-compile", its compile time in its cold pass,
   `initial_seconds` and `plan_seconds`), `--ours-whole-recompute` ours with checkpointing all or
-  nothing (side "ours-whole": what 'auto' chose before it could recompute only the first layers).
+  nothing (side "ours-whole": what 'auto' chose before it could recompute only the first layers),
+  `--ours-compile-budget B` ours compiled keeping share B of each layer's activations for the
+  backward (train.compile_memory_budget; side "ours-budget", beside "ours-compile").
 `--train-fresh` also times each side on batches it has not seen (new widths: attention kernels that
 plan per shape pay again), `--ours-pad-multiple N` adds ours with widths rounded up to N (side "ours-padN").
 Reported: useful (non-padding) tokens/s, model TFLOP/s at 6N FLOPs per useful token (N = matmul
@@ -154,7 +156,8 @@ def _train_sides(args) -> list[str]:
     sides = ["peer", "ours"] + (["ours-plain"] if args.ours_plain else []) \
         + ([f"ours-pad{args.ours_pad_multiple}"] if args.ours_pad_multiple else []) \
         + (["ours-divisor"] if args.ours_divisor else []) + (["ours-compile"] if args.ours_compile else []) \
-        + (["ours-whole"] if args.ours_whole_recompute else []) + ["peer@ours-micro"]
+        + (["ours-whole"] if args.ours_whole_recompute else []) \
+        + (["ours-budget"] if args.ours_compile_budget < 1 else []) + ["peer@ours-micro"]
     if not args.sides:
         return sides
     wanted = args.sides.split(",")
@@ -194,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ours-whole-recompute", action="store_true",
                    help="also run ours with checkpointing all or nothing, as 'auto' chose before it could "
                         "recompute only some layers (side ours-whole)")
+    p.add_argument("--ours-compile-budget", type=float, default=1.0,
+                   help="also run ours compiled with train.compile_memory_budget set to this share (0-1): the "
+                        "compiler recomputes the rest of a layer's activations in the backward (side ours-budget)")
     p.add_argument("--ours-divisor", action="store_true",
                    help="also run ours at the largest micro-batch dividing the effective batch (side ours-divisor)")
     p.add_argument("--sides", default="",
@@ -327,8 +333,9 @@ def _train_case(args, device, size, lora, peer_micro, effective, lengths, side) 
     if side.startswith("ours"):
         row = _ours_train(args, model, examples, lora, effective, device, lean=side != "ours-plain",
                           pad_multiple=args.ours_pad_multiple if side.startswith("ours-pad") else 1,
-                          micro=peer_micro if side == "ours-divisor" else "auto", compile=side == "ours-compile",
-                          whole_recompute=side == "ours-whole")
+                          micro=peer_micro if side == "ours-divisor" else "auto",
+                          compile=side in ("ours-compile", "ours-budget"), whole_recompute=side == "ours-whole",
+                          memory_budget=args.ours_compile_budget if side == "ours-budget" else 1.0)
     else:
         row = _peer_train(args, model, examples, lora, peer_micro, effective, device)
     flops = 6 * matmul_params(cfg)
@@ -445,12 +452,13 @@ def _padded(batch):
 
 def _ours_train(args, model, examples, lora, effective, device, lean: bool = True,
                 pad_multiple: int = 1, micro: int | str = "auto", compile: bool = False,
-                whole_recompute: bool = False) -> dict:
+                whole_recompute: bool = False, memory_budget: float = 1.0) -> dict:
     """expert.train's pieces: LoRA, memory plan, length-bucketed batches, Runner.step (lean=False:
     without the lean activations, to see what they add; pad_multiple > 1: batch widths rounded up
     to it, to see what fewer shapes buy; micro: a micro-batch size instead of 'auto'; compile:
     train.compile, whose compiling falls in the first forwards: `initial_seconds`, `plan_seconds`;
-    whole_recompute: the plan recomputes every layer or none, as before it could do some)."""
+    whole_recompute: the plan recomputes every layer or none, as before it could do some;
+    memory_budget: train.compile_memory_budget, with compile)."""
     import contextlib
     from unittest import mock
 
@@ -466,7 +474,7 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
     config = TrainConfig(lora_r=r, lora_alpha=alpha, target_modules=targets, micro_batch_size=micro,
                          effective_batch_size=effective, gradient_checkpointing="auto",
                          memory_limit_gib=MEMORY_LIMIT_GIB, max_length=512, warmup_steps=0,
-                         lean_activations=lean, compile=compile)
+                         lean_activations=lean, compile=compile, compile_memory_budget=memory_budget)
     torch.manual_seed(0)
     model = attach_lora(model, config)
     model.train()
@@ -539,7 +547,7 @@ def _ours_train(args, model, examples, lora, effective, device, lean: bool = Tru
             "gradient_checkpointing": memory.gradient_checkpointing, "recomputed_layers": memory.recomputed_layers,
             "memory_plan": memory.as_dict(), "plan_seconds": round(plan_seconds, 1),
             "initial_seconds": round(initial_seconds, 1), "initial_loss": round(initial, 4),
-            "timed_examples": sum(len(b) for b in seen),
+            "compile_memory_budget": memory_budget, "timed_examples": sum(len(b) for b in seen),
             "timed_mean_tokens": round(statistics.mean(lengths[i] for b in seen for i in b), 1),
             "tokens_per_s": round(tokens / passes[1], 1), "cold_tokens_per_s": round(tokens / passes[0], 1),
             "padding_fraction": round(1 - tokens / padded, 3), "seconds": round(passes[1], 2)}
@@ -1296,6 +1304,8 @@ def _summary(result: dict) -> list[dict]:
             rows.append(_training_row(case, sides))
         if {"ours", "ours-compile"} <= set(sides):  # a row of its own: --sides may have left the peer out
             rows.append(_compiled_row(case, sides["ours"], sides["ours-compile"]))
+        if {"ours-compile", "ours-budget"} <= set(sides):
+            rows.append(_budget_row(case, sides["ours-compile"], sides["ours-budget"]))
     ev = result.get("eval") or {}
     if "ratio" in ev:
         rows.append({"metric": "MMLU-shaped 5-shot scoring, questions/s", "unit": "questions/s",
@@ -1342,6 +1352,23 @@ def _training_row(case: str, sides: dict[str, dict]) -> dict:
             for side, r in (("ours", ours), ("whole", whole))}
         row["partial_recompute"]["ratio"] = round(ours["tokens_per_s"] / whole["tokens_per_s"], 2)
     return row
+
+
+def _budget_row(case: str, compiled: dict, budgeted: dict) -> dict:
+    """train.compile_memory_budget against train.compile alone, in the bench result format: what
+    recomputing the compiler's cheapest ops instead of whole layers buys (the micro-batch and the
+    layers checkpointed each side's plan chose, under the same memory limit)."""
+    def plan(row: dict) -> dict:
+        return {"micro_batch": row["micro_batch"], "recomputed_layers": row.get("recomputed_layers"),
+                "gradient_checkpointing": row["gradient_checkpointing"], "peak_gib": row.get("peak_gib")}
+
+    return {"metric": f"Compiled training with a memory budget of {budgeted['compile_memory_budget']:g}, {case}",
+            "unit": "useful tokens/s",
+            "peer": {"name": "ours with train.compile, budget 1", "value": compiled["tokens_per_s"]},
+            "ours": {"value": budgeted["tokens_per_s"]},
+            "ratio": round(budgeted["tokens_per_s"] / compiled["tokens_per_s"], 2),
+            "quality": {"initial_loss": {"compiled": compiled["initial_loss"], "budget": budgeted["initial_loss"]},
+                        "plans": {"compiled": plan(compiled), "budget": plan(budgeted)}}}
 
 
 def _compiled_row(case: str, eager: dict, compiled: dict) -> dict:

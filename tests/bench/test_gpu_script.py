@@ -256,6 +256,26 @@ def test_sides_cut_a_call_to_the_sides_named(monkeypatch):
         gpu._train_sides(args)
 
 
+def test_the_budget_side_runs_after_the_compiled_one_and_is_compared_with_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu
+
+    args = gpu._parser().parse_args(["--out", "x", "--ours-compile", "--ours-compile-budget", "0.3"])
+    assert gpu._train_sides(args) == ["peer", "ours", "ours-compile", "ours-budget", "peer@ours-micro"]
+    assert "ours-budget" not in gpu._train_sides(gpu._parser().parse_args(["--out", "x", "--ours-compile"]))
+
+    def row(side, speed, micro, layers, budget):
+        return {"case": "33b", "side": side, "micro_batch": micro, "tokens_per_s": speed, "initial_loss": 10.3686,
+                "gradient_checkpointing": True, "recomputed_layers": layers, "peak_gib": 21.0,
+                "initial_seconds": 2.0, "plan_seconds": 9.0, "compile_memory_budget": budget}
+
+    rows = gpu._summary({"train": [row("ours-compile", 2500.0, 9, None, 1.0), row("ours-budget", 3000.0, 6, 20, 0.3)]})
+    (budget,) = [r for r in rows if r["metric"].startswith("Compiled training with a memory budget of 0.3")]
+    assert budget["ratio"] == 1.2 and budget["peer"]["value"] == 2500.0 and budget["ours"]["value"] == 3000.0
+    assert budget["quality"]["plans"]["budget"] == {"micro_batch": 6, "recomputed_layers": 20,
+                                                    "gradient_checkpointing": True, "peak_gib": 21.0}
+
+
 def test_the_compiled_side_is_compared_with_ours_even_without_the_peer(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import gpu
