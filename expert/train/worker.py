@@ -71,11 +71,14 @@ def _progress(rank: int):
 
 def run_and_exit(entry: Callable[[], None]) -> NoReturn:
     """Run `entry`, then end the process without finalizing the interpreter: 0 if it returned, 1
-    (its traceback printed; @record has written the error file torchrun reads) if it raised."""
+    (its traceback printed; @record has written the error file torchrun reads) if it raised, a
+    SystemExit's own code."""
     code = 0
     try:
         entry()
-    except BaseException:  # noqa: BLE001 (a KeyboardInterrupt or SystemExit ends the rank as a failure too)
+    except SystemExit as exc:  # its own code, as a plain exit would give
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except BaseException:  # noqa: BLE001 (a KeyboardInterrupt ends the rank as a failure too)
         traceback.print_exc()
         code = 1
     atexit._run_exitfuncs()  # what a normal exit runs first (temporary folders, compile workers)

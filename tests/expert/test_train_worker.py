@@ -34,6 +34,8 @@ RANK = textwrap.dedent("""
         print("trained", end="")  # left in the buffer: the exit must flush it
         if sys.argv[1] == "fail":
             raise RuntimeError("rank failed")
+        if sys.argv[1] == "exit":
+            sys.exit(3)
 
     if sys.argv[2] == "worker":
         run_and_exit(entry)
@@ -52,7 +54,7 @@ def test_the_stand_in_aborts_a_plain_exit():
     assert rank("ok", "plain").returncode == -signal.SIGABRT
 
 
-@pytest.mark.parametrize("outcome, code", [("ok", 0), ("fail", 1)])
+@pytest.mark.parametrize("outcome, code", [("ok", 0), ("fail", 1), ("exit", 3)])
 def test_a_rank_exits_with_its_own_code_after_atexit_and_a_flush(outcome, code):
     done = rank(outcome, "worker")
     assert done.returncode == code, done.stderr
