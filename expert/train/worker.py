@@ -9,8 +9,8 @@ to the error file torchrun names, so the launcher can say which rank failed and 
 A rank ends with `os._exit` once its work is done (or has failed), after the atexit handlers and
 a flush: skipping the interpreter's finalization, where a C++ thread (gloo's, or a library's)
 that still wants the GIL is ended by CPython 3.11 with pthread_exit and aborts the process
-("terminate called without an active exception", SIGABRT). Seen once in CI on a rank whose
-training had finished: torchrun then reported the run failed.
+("terminate called without an active exception", SIGABRT). Seen once in CI, with no Python frame
+left in the report (the interpreter was finalizing): torchrun then reported the run failed.
 
 Fault injection for the tests: `EXPERT_TRAIN_KILL=RANK:STEP` in the environment makes that
 rank SIGKILL itself once optimizer step STEP is done (read here only, never by the library).
