@@ -34,6 +34,11 @@ from expert.signals import STOPS, held_by_gptqmodel, watcher_fd
 
 _log = logging.getLogger(__name__)
 
+# How long a second stop's StopNow may take to end the block. It lands at the main thread's next
+# Python instruction; a main thread blocked on a lock (gptqmodel's workers, whose state an
+# exception landing anywhere can leave inconsistent) never runs one: seen once in CI, a hang.
+QUIT_AFTER_S = 20.0
+
 
 class StopNow(BaseException):
     """A second stop during GPTQ, raised in the main thread: quit without finishing the layer.
@@ -48,6 +53,7 @@ class StopsDuringGptq:
         self._read = self._write = None
         self._previous_fd = -1  # restored on exit: expert.signals' watch, which this one stands in for
         self._watcher: threading.Thread | None = None
+        self._ended = threading.Event()  # the block is over: a StopNow reached the main thread, or none was needed
 
     def __enter__(self) -> StopsDuringGptq:
         self._read, self._write = os.pipe()
@@ -66,6 +72,7 @@ class StopsDuringGptq:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._ended.set()
         if self._watcher is None:
             return
         try:
@@ -100,6 +107,17 @@ class StopsDuringGptq:
                     _log.warning("GPTQ: %s again: quitting now; the layer in progress is dropped, the layers "
                                  "committed before it are kept", name)
                     _raise_in_main_thread(StopNow)
+                    threading.Thread(target=self._quit_if_stuck, args=(signum,), name="gptq-quit", daemon=True).start()
+
+    def _quit_if_stuck(self, signum: int) -> None:
+        """End the process as a shell reports that signal (128 + N) if StopNow has not ended the block
+        in QUIT_AFTER_S: the layers committed are on disk, and a kill would keep them too."""
+        if self._ended.wait(QUIT_AFTER_S):
+            return
+        _log.warning("GPTQ: the main thread did not stop within %.0f s (blocked, not running Python): ending the "
+                     "process now; the layers committed before are kept", QUIT_AFTER_S)
+        logging.shutdown()
+        os._exit(128 + signum)
 
     def _close(self) -> None:
         for fd in (self._read, self._write):

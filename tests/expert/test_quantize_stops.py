@@ -152,3 +152,34 @@ def test_it_stands_in_for_the_runs_watch_and_gives_it_back(sigterm_counted):
         assert signal.set_wakeup_fd(signals.watcher_fd()) == signals.watcher_fd()  # the run's watch again
     finally:
         signals.stop_watching()
+
+
+STUCK = """
+import os, signal, sys, threading
+from expert.quantize import stops
+stops.QUIT_AFTER_S = 1.0
+def held(signum, frame):  # gptqmodel's handler: it only notes the stop
+    pass
+held.__module__ = "gptqmodel.looper.gptq_checkpoint"
+signal.signal(signal.SIGTERM, held)
+with stops.StopsDuringGptq():
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    lock = threading.Lock()
+    lock.acquire()
+    lock.acquire()  # blocked for good: StopNow never lands
+"""
+
+
+def test_a_second_stop_ends_a_main_thread_that_stays_blocked():
+    """StopNow lands at the main thread's next instruction; one blocked on a lock runs none (seen
+    once in CI, in gptqmodel's thread pool): the process ends as a shell reports the signal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "did not stop within 1 s" in done.stderr, done.stderr[-3000:]
