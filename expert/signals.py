@@ -16,24 +16,32 @@ own points (a stage's progress, tasks/stage.py), is raised again there, in ordin
 
 A stop whose handler is gptqmodel's is being held on purpose until the layer in progress is
 committed (expert/quantize/stops.py, which takes the wakeup fd over meanwhile): never raised here.
+
+Where a stop cannot reach the main thread at all (blocked on a lock: expert/quantize/stops.py),
+`forced_exit` ends the process, after the run's last words (`set_last_words`: the flows record
+the run as crashed, which Prefect's own handler would have done) have had LAST_WORDS_S to be said.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import signal
 import threading
 import time
+from typing import Callable, NoReturn
 
 STOPS = frozenset(int(s) for s in (getattr(signal, name, None) for name in ("SIGINT", "SIGTERM", "SIGHUP")) if s)
 GRACE_S = 1.0  # a handler runs within microseconds of its signal; its exception is on its way well before
+LAST_WORDS_S = 15.0  # a request or two to the run's server: enough unless that server is gone too
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _received: list[tuple[int, float]] = []  # (signal, time.monotonic()) not yet raised again
 _write_fd = -1
 _watch = 0  # which watch a reader thread serves: a byte read after its watch ended is no run's
+_last_words: Callable[[str], None] | None = None
 
 
 def watch_stops() -> bool:
@@ -120,3 +128,38 @@ def _read(fd: int, watch: int) -> None:
             if noted and _watch == watch:
                 _received.extend(noted)
     os.close(fd)
+
+
+def set_last_words(words: Callable[[str], None] | None) -> None:
+    """What `forced_exit` calls, with its reason, before it ends the process (None: nothing)."""
+    global _last_words
+    _last_words = words
+
+
+def forced_exit(signum: int, reason: str) -> NoReturn:
+    """End the process now, as a shell reports that signal (exit 128 + N), from any thread: the
+    last words first (on a thread of their own, given LAST_WORDS_S), then the log handlers flushed.
+    No exception, no atexit: for a main thread that cannot be reached."""
+    _log.warning("%s", reason)
+    words = _last_words
+    if words is not None:
+        def say() -> None:
+            try:
+                words(reason)
+            except Exception:  # noqa: BLE001 - the exit must still happen; say why the words failed
+                _log.exception("could not record the forced exit")
+
+        speaker = thread_in_this_context(say, "last-words")
+        speaker.start()
+        speaker.join(LAST_WORDS_S)
+        if speaker.is_alive():
+            _log.warning("the run's last words took over %g s: exiting without them", LAST_WORDS_S)
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
+def thread_in_this_context(target: Callable[..., object], name: str, *args) -> threading.Thread:
+    """A daemon thread that runs `target` in a copy of the caller's context variables. A plain
+    thread starts with none: its log records then carry no run (Prefect's handler drops them from
+    the run's log in the UI, with a UserWarning), although they are about that run."""
+    return threading.Thread(target=contextvars.copy_context().run, args=(target, *args), name=name, daemon=True)

@@ -10,6 +10,11 @@ CPython hands every such dropped exception to `sys.unraisablehook`; the hook ins
 the signal again a moment later from a helper thread, so that its handler runs in ordinary code.
 A stop dropped without a trace (caught by a library's `except BaseException`) is expert.signals'
 to raise again, at the run's next progress point: the flows start its watch here too.
+
+A stop that cannot reach the main thread at all (blocked on a lock during GPTQ) ends the process
+through expert.signals.forced_exit, past Prefect's handler, which would have recorded the crash:
+the run and its task stayed "Running" in the UI for good, as after a kill. The run's last words,
+set here, record it as crashed, with the reason, before the process goes.
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 from typing import Any
+from uuid import UUID
 
-from expert.signals import watch_stops
+from expert.signals import set_last_words, watch_stops
 
 RESEND_AFTER_S = 0.05  # long enough for the hook and the finalizer to return first
 
 
 def redeliver_swallowed_stops() -> None:
-    """Watch the stops from now on (expert.signals, a fresh watch per run) and install the hook
-    (once per process; any other unraisable exception goes to the hook before it)."""
+    """Watch the stops from now on (expert.signals, a fresh watch per run), set the run's last
+    words, and install the hook (once per process; any other unraisable exception goes to the hook
+    before it)."""
     watch_stops()
+    record_crash_on_forced_exit()
     if getattr(sys.unraisablehook, "redelivers_stops", False):
         return
     previous = sys.unraisablehook
@@ -67,3 +76,33 @@ def resend_soon(signum: int) -> None:
     timer = threading.Timer(RESEND_AFTER_S, os.kill, (os.getpid(), signum))
     timer.daemon = True  # a process that ends first has nothing left to stop
     timer.start()
+
+
+def record_crash_on_forced_exit() -> None:
+    """The current flow run's last words (expert.signals.set_last_words): recorded as crashed."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    set_last_words(partial(record_crash, run.id) if run else None)
+
+
+def record_crash(flow_run_id: UUID, reason: str) -> None:
+    """Mark the flow run and its running task runs Crashed with `reason`, as Prefect does for a
+    SIGTERM; a run that has ended already (the words outlive it in a long-lived process) is left."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState,
+                                                TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+        if state is not None and state.is_final():
+            return
+        running = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
+        for task_run in running:
+            client.set_task_run_state(task_run.id, Crashed(message=reason), force=True)
+        client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)

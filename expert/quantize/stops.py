@@ -30,7 +30,7 @@ import os
 import signal
 import threading
 
-from expert.signals import STOPS, held_by_gptqmodel, watcher_fd
+from expert.signals import STOPS, forced_exit, held_by_gptqmodel, thread_in_this_context, watcher_fd
 
 _log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class StopsDuringGptq:
             signal.set_wakeup_fd(self._previous_fd)
             self._close()
             return self
-        self._watcher = threading.Thread(target=self._watch, name="gptq-stops", daemon=True)
+        self._watcher = thread_in_this_context(self._watch, "gptq-stops")  # its warnings go to the run's log
         self._watcher.start()
         return self
 
@@ -107,17 +107,15 @@ class StopsDuringGptq:
                     _log.warning("GPTQ: %s again: quitting now; the layer in progress is dropped, the layers "
                                  "committed before it are kept", name)
                     _raise_in_main_thread(StopNow)
-                    threading.Thread(target=self._quit_if_stuck, args=(signum,), name="gptq-quit", daemon=True).start()
+                    thread_in_this_context(self._quit_if_stuck, "gptq-quit", signum).start()
 
     def _quit_if_stuck(self, signum: int) -> None:
         """End the process as a shell reports that signal (128 + N) if StopNow has not ended the block
         in QUIT_AFTER_S: the layers committed are on disk, and a kill would keep them too."""
         if self._ended.wait(QUIT_AFTER_S):
             return
-        _log.warning("GPTQ: the main thread did not stop within %.0f s (blocked, not running Python): ending the "
-                     "process now; the layers committed before are kept", QUIT_AFTER_S)
-        logging.shutdown()
-        os._exit(128 + signum)
+        forced_exit(signum, f"GPTQ: the main thread did not stop within {QUIT_AFTER_S:.0f} s (blocked, not running "
+                            "Python): ending the process now; the layers committed before are kept")
 
     def _close(self) -> None:
         for fd in (self._read, self._write):

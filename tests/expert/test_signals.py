@@ -142,3 +142,55 @@ def test_stop_watching_frees_the_wakeup_fd_and_ends_the_reader(sigterm_raises):
     while any(t.name == "stop-signals" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the reader outlived its pipe"
         time.sleep(0.05)
+
+
+FORCED = """
+import logging, sys, time
+from expert import signals
+signals.LAST_WORDS_S = 0.5
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+def words(reason):
+    print("last words:", reason, flush=True)
+    if sys.argv[1] == "hangs":
+        time.sleep(60)
+    if sys.argv[1] == "fails":
+        raise OSError("the server is gone")
+signals.set_last_words(words)
+try:
+    signals.forced_exit(15, "stuck")
+finally:
+    print("never: no exception, no finally", flush=True)
+"""
+
+
+@pytest.mark.parametrize("words", ["said", "hangs", "fails"])
+def test_a_forced_exit_says_the_last_words_then_ends_as_the_signal(words):
+    """The words run first (the flows record the run as crashed there); ones that hang or fail
+    cost at most LAST_WORDS_S and never keep the process from ending as 128 + the signal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", FORCED, words], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": root})
+    out = done.stdout + done.stderr
+    assert done.returncode == 128 + 15 and time.monotonic() - started < 30, out
+    assert "stuck" in done.stderr and "last words: stuck" in done.stdout and "never" not in out, out
+    assert ("took over 0.5 s: exiting without them" in out) == (words == "hangs"), out
+    assert ("OSError: the server is gone" in out) == (words == "fails"), out
+
+
+def test_threads_it_starts_see_the_context_of_the_thread_that_started_them():
+    """A watcher thread's log records belong to the run that started it (Prefect reads the run from
+    context variables, which a plain thread starts without)."""
+    import contextvars
+
+    run = contextvars.ContextVar("run", default=None)
+    run.set("flow run 1")
+    seen = []
+    thread = signals.thread_in_this_context(lambda suffix: seen.append(f"{run.get()}{suffix}"), "t", "!")
+    thread.start()
+    thread.join()
+    assert seen == ["flow run 1!"] and thread.daemon

@@ -195,6 +195,64 @@ def test_a_dropped_stop_still_crashes_the_flow_run(flow, tmp_path, prefect_home)
     assert states == [("CRASHED",)], states
 
 
+STUCK_FLOW = textwrap.dedent("""
+    import os, signal, threading
+    from prefect import flow, task
+    from expert.quantize import stops
+    from flows.swallowed_stops import redeliver_swallowed_stops
+    from flows.temporary_server import detach_temporary_server
+
+    stops.QUIT_AFTER_S = 1.0
+
+    @task
+    def quantize():
+        def held(signum, frame):  # gptqmodel's handler while it keeps layer checkpoints
+            pass
+        held.__module__ = "gptqmodel.looper.gptq_checkpoint"
+        signal.signal(signal.SIGTERM, held)
+        with stops.StopsDuringGptq():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # blocked for good, as once in gptqmodel's pool: StopNow never lands
+
+    @flow
+    def run():
+        redeliver_swallowed_stops()
+        quantize()
+
+    detach_temporary_server()
+    run()
+""")
+
+
+@pytest.mark.slow
+def test_a_process_forced_out_during_gptq_records_its_run_crashed(tmp_path, prefect_home):
+    """Prefect's handler never runs when the main thread cannot be reached: the run's last words
+    record the crash instead (without them the run and its task stay RUNNING), and what the stop
+    watchers said, from their own threads, is in the run's log."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_LOGGING_EXTRA_LOGGERS="expert")  # as `expert run` sets it
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-c", STUCK_FLOW], cwd=os.getcwd(), env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=240)
+    text = log.read_text()
+    assert done.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "without a flow run id" not in text, text[-3000:]  # no watcher's record dropped from the run's log
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        runs = db.execute("select state_type, state_name from flow_run").fetchall()
+        tasks = db.execute("select state_type from task_run").fetchall()
+        message = db.execute("select message from flow_run_state where type = 'CRASHED'").fetchone()
+        said = [row[0] for row in db.execute("select message from log")]
+    assert runs == [("CRASHED", "Crashed")] and tasks == [("CRASHED",)], (runs, tasks)
+    assert "did not stop within 1 s" in message[0], message
+    for words in ("GPTQ: SIGTERM: stopping once the layer", "GPTQ: SIGTERM again: quitting now",
+                  "did not stop within 1 s"):
+        assert any(words in line for line in said), (words, said)
+
+
 def test_nothing_is_sent_again_while_the_interpreter_ends(monkeypatch):
     """At shutdown no thread can start (a RuntimeError inside the hook); the process ends anyway."""
     from flows import swallowed_stops
