@@ -14,7 +14,8 @@ to raise again, at the run's next progress point: the flows start its watch here
 A stop that cannot reach the main thread at all (blocked on a lock during GPTQ) ends the process
 through expert.signals.forced_exit, past Prefect's handler, which would have recorded the crash:
 the run and its task stayed "Running" in the UI for good, as after a kill. The run's last words,
-set here, record it as crashed, with the reason, before the process goes.
+set here, record it as crashed (or cancelled, if a cancel sent the stop), with the reason, before
+the process goes.
 """
 
 from __future__ import annotations
@@ -79,22 +80,23 @@ def resend_soon(signum: int) -> None:
 
 
 def record_crash_on_forced_exit() -> None:
-    """The current flow run's last words (expert.signals.set_last_words): recorded as crashed."""
+    """The current flow run's last words (expert.signals.set_last_words): `record_forced_end`."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     run = context.flow_run if context else None
-    set_last_words(partial(record_crash, run.id) if run else None)
+    set_last_words(partial(record_forced_end, run.id) if run else None)
 
 
-def record_crash(flow_run_id: UUID, reason: str) -> None:
-    """Mark the flow run and its running task runs Crashed with `reason`, as Prefect does for a
-    SIGTERM; a run that has ended already (the words outlive it in a long-lived process) is left."""
+def record_forced_end(flow_run_id: UUID, reason: str) -> None:
+    """Record the flow run as Prefect's SIGTERM handler would have: Cancelled if a cancel (UI, CLI)
+    sent the stop, otherwise Crashed; its running task runs Crashed. All with `reason`. A run that
+    has ended already (the words outlive it in a long-lived process) is left as it is."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterState,
                                                 TaskRunFilterStateType)
     from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
+    from prefect.states import Cancelled, Crashed
 
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run_id).state
@@ -105,4 +107,6 @@ def record_crash(flow_run_id: UUID, reason: str) -> None:
             task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
         for task_run in running:
             client.set_task_run_state(task_run.id, Crashed(message=reason), force=True)
-        client.set_flow_run_state(flow_run_id, Crashed(message=reason), force=True)
+        cancelled = state is not None and state.type == StateType.CANCELLING
+        end = Cancelled(message=f"Flow run was cancelled. {reason}") if cancelled else Crashed(message=reason)
+        client.set_flow_run_state(flow_run_id, end, force=True)

@@ -262,3 +262,35 @@ def test_nothing_is_sent_again_while_the_interpreter_ends(monkeypatch):
     monkeypatch.setattr(sys, "is_finalizing", lambda: True)
     swallowed_stops.resend_soon(signal.SIGTERM)
     assert started == []
+
+
+def test_the_last_words_record_a_crash_or_the_cancel_that_was_asked_for(prefect_harness):
+    """What record_forced_end leaves in Prefect for a running run, one being cancelled, and one over."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling, Completed, Running
+
+    from flows.swallowed_stops import record_forced_end
+
+    @flow
+    def quantizing():
+        pass
+
+    @task
+    def quantize():
+        pass
+
+    with get_client(sync_client=True) as client:
+        for before, after in ((Running(), "CRASHED"), (Cancelling(), "CANCELLED"), (Completed(), "COMPLETED")):
+            run = client.create_flow_run(quantizing, state=Running())
+            task_run = client.create_task_run(quantize, flow_run_id=run.id, dynamic_key="0", state=Running())
+            client.set_flow_run_state(run.id, before, force=True)
+            record_forced_end(run.id, "GPTQ: the main thread did not stop")
+            state = client.read_flow_run(run.id).state
+            assert state.type.value == after, (before, state)
+            task_state = client.read_task_run(task_run.id).state
+            if after == "COMPLETED":  # over before the words: nothing touched
+                assert task_state.type.value == "RUNNING" and "did not stop" not in (state.message or "")
+            else:
+                assert "did not stop" in state.message and task_state.type.value == "CRASHED", (state, task_state)
+                assert "did not stop" in task_state.message
