@@ -154,21 +154,27 @@ def test_it_stands_in_for_the_runs_watch_and_gives_it_back(sigterm_counted):
         signals.stop_watching()
 
 
-STUCK = """
-import os, signal, sys, threading
-from expert.quantize import stops
-stops.QUIT_AFTER_S = 1.0
-def held(signum, frame):  # gptqmodel's handler: it only notes the stop
-    pass
-held.__module__ = "gptqmodel.looper.gptq_checkpoint"
-signal.signal(signal.SIGTERM, held)
-with stops.StopsDuringGptq():
-    os.kill(os.getpid(), signal.SIGTERM)
-    os.kill(os.getpid(), signal.SIGTERM)
-    lock = threading.Lock()
-    lock.acquire()
-    lock.acquire()  # blocked for good: StopNow never lands
-"""
+def stuck_after_two_stops() -> None:
+    """Two SIGTERMs that gptqmodel's handler holds, then the main thread blocked for good (as once
+    in gptqmodel's pool): StopNow never lands. Run in a child process; QUIT_AFTER_S set to 1 s."""
+    from expert.quantize import stops
+
+    stops.QUIT_AFTER_S = 1.0
+
+    def held(signum, frame):  # gptqmodel's handler: it only notes the stop
+        pass
+
+    held.__module__ = "gptqmodel.looper.gptq_checkpoint"
+    signal.signal(signal.SIGTERM, held)
+    with stops.StopsDuringGptq():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        lock = threading.Lock()
+        lock.acquire()
+        lock.acquire()
+
+
+STUCK = "from tests.expert.test_quantize_stops import stuck_after_two_stops; stuck_after_two_stops()"
 
 
 def test_a_second_stop_ends_a_main_thread_that_stays_blocked():

@@ -196,31 +196,15 @@ def test_a_dropped_stop_still_crashes_the_flow_run(flow, tmp_path, prefect_home)
 
 
 STUCK_FLOW = textwrap.dedent("""
-    import os, signal, threading
     from prefect import flow, task
-    from expert.quantize import stops
     from flows.swallowed_stops import redeliver_swallowed_stops
     from flows.temporary_server import detach_temporary_server
-
-    stops.QUIT_AFTER_S = 1.0
-
-    @task
-    def quantize():
-        def held(signum, frame):  # gptqmodel's handler while it keeps layer checkpoints
-            pass
-        held.__module__ = "gptqmodel.looper.gptq_checkpoint"
-        signal.signal(signal.SIGTERM, held)
-        with stops.StopsDuringGptq():
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-            lock = threading.Lock()
-            lock.acquire()
-            lock.acquire()  # blocked for good, as once in gptqmodel's pool: StopNow never lands
+    from tests.expert.test_quantize_stops import stuck_after_two_stops
 
     @flow
     def run():
         redeliver_swallowed_stops()
-        quantize()
+        task(stuck_after_two_stops, name="quantize")()
 
     detach_temporary_server()
     run()
