@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +40,7 @@ _log = logging.getLogger(__name__)
 
 _WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
 _NOTEBOOK_ENV = "LOGBAR_DISABLE_NOTEBOOK_DETECTION"
+_TERM_ENV = "TERM"  # logbar: "dumb" is headless (no redrawn bars)
 _OFFLOAD_KEYS = ("offload_to_disk", "offload_to_disk_path")
 
 
@@ -253,9 +255,39 @@ def _drop_offload_settings(out_dir: Path) -> None:
 @contextlib.contextmanager
 def quiet_progress() -> Iterator[None]:
     """gptqmodel's progress bars (logbar) look for a Jupyter front end on every redraw, an import
-    attempt that took ~15 % of a CPU quantization here; say there is none, for the call only."""
-    with _env_default(_NOTEBOOK_ENV, "1"):
+    attempt that took ~15 % of a CPU quantization here; say there is none, for the call only.
+
+    Where stdout is no terminal (a log file, a Prefect worker's pipe, `nohup`), logbar still
+    redraws its bars, and every redraw lands there as text: 1.2 MB of bars for SmolLM2's 30 layers.
+    TERM=dumb (which is what such a stream is) makes logbar headless for the call: no bars, its
+    log lines kept; the stage logs each layer itself. LOGBAR_FORCE_PROGRESS=1 keeps the bars."""
+    with _env_default(_NOTEBOOK_ENV, "1"), _env_set(_TERM_ENV, None if _stdout_is_terminal() else "dumb"):
         yield
+
+
+def _stdout_is_terminal() -> bool:
+    isatty = getattr(sys.stdout, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):  # closed or detached
+        return False
+
+
+@contextlib.contextmanager
+def _env_set(name: str, value: str | None) -> Iterator[None]:
+    """Set environment variable `name` to `value` for the block (None: leave it), then put it back."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextlib.contextmanager

@@ -229,6 +229,69 @@ def test_cpu_workers_override_is_scoped(monkeypatch):
         assert os.environ["GPTQMODEL_CPU_WORKERS"] == "1"
 
 
+BARS = """
+from logbar import LogBar
+from expert.quantize.gptq import quiet_progress
+with quiet_progress():
+    for _ in LogBar.shared().pb(range(200)).title("GPTQ layers"):  # as gptqmodel draws its bars
+        pass
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stdout", ["file", "file, LOGBAR_FORCE_PROGRESS=1", "terminal"])
+def test_gptqmodel_bars_are_drawn_on_a_terminal_only(stdout, tmp_path):
+    """Into a file (a log, a worker's pipe) every redraw of a bar lands as text: none are drawn
+    there unless asked for; a terminal keeps its bars. Not in-process: logbar draws under pytest."""
+    import pty
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # logbar's pytest check
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), TERM="xterm-256color")
+    if "FORCE" in stdout:
+        env["LOGBAR_FORCE_PROGRESS"] = "1"
+    out_file = tmp_path / "out"
+    if stdout == "terminal":
+        main, child = pty.openpty()
+        done = subprocess.Popen([sys.executable, "-c", BARS], stdout=child, stderr=child, env=env)
+        os.close(child)
+        text = b""
+        while chunk := _read_pty(main):  # read as it comes: a full terminal buffer would block the child
+            text += chunk
+        os.close(main)
+        done.wait(timeout=120)
+    else:
+        with open(out_file, "wb") as out:
+            done = subprocess.run([sys.executable, "-c", BARS], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  timeout=120)
+        text = out_file.read_bytes()
+    assert done.returncode == 0 and b"done" in text, text[-2000:]
+    drawn = text.count(b" of 200]")  # "[k of 200]": one a redraw (the title is styled letter by letter)
+    assert (drawn > 20) == (stdout != "file"), (drawn, text[:2000])
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the child side closed: Linux reports EIO at the end
+        return b""
+
+
+def test_the_terminal_setting_is_scoped(monkeypatch):
+    from expert.quantize import gptq
+
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setattr(gptq, "_stdout_is_terminal", lambda: False)
+    with gptq.quiet_progress():
+        assert os.environ["TERM"] == "dumb"
+    assert os.environ["TERM"] == "xterm"
+    monkeypatch.setattr(gptq, "_stdout_is_terminal", lambda: True)
+    with gptq.quiet_progress():
+        assert os.environ["TERM"] == "xterm"
+
+
 def test_checkpoint_is_streamed_only_when_large_for_the_machine(tmp_path, monkeypatch):
     from expert.quantize import gptq
 
