@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -257,11 +258,11 @@ def test_gptqmodel_bars_are_drawn_on_a_terminal_only(stdout, tmp_path):
         main, child = pty.openpty()
         done = subprocess.Popen([sys.executable, "-c", BARS], stdout=child, stderr=child, env=env)
         os.close(child)
-        text = b""
-        while chunk := _read_pty(main):  # read as it comes: a full terminal buffer would block the child
+        text, deadline = b"", time.monotonic() + 120
+        while chunk := _read_pty(main, deadline):  # as it comes: a full terminal buffer would block the child
             text += chunk
         os.close(main)
-        done.wait(timeout=120)
+        done.wait(timeout=10)
     else:
         with open(out_file, "wb") as out:
             done = subprocess.run([sys.executable, "-c", BARS], stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -272,7 +273,11 @@ def test_gptqmodel_bars_are_drawn_on_a_terminal_only(stdout, tmp_path):
     assert (drawn > 20) == (stdout != "file"), (drawn, text[:2000])
 
 
-def _read_pty(fd: int) -> bytes:
+def _read_pty(fd: int, deadline: float) -> bytes:
+    import select
+
+    if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        return b""  # nothing more by the deadline: the assertions say what came
     try:
         return os.read(fd, 65536)
     except OSError:  # the child side closed: Linux reports EIO at the end
