@@ -819,6 +819,7 @@ def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
     # CUDA packing goes before them all: whether it spares a machine's first run that build.
     env = dict(os.environ)
     env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel fails on fewer CPU workers (see bench/quantize.py)
+    env["TERM"] = "dumb"  # no progress bars redrawn into the logs on either side (ours draws none there anyway)
     if args.gptq_site:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.gptq_site, env.get("PYTHONPATH")]))
     for side in _gptq_sides(args):

@@ -133,6 +133,7 @@ def _child_env(side: str) -> dict[str, str]:
     # gptqmodel cannot quantize on a 2-core machine without it; ours sets it by itself if unset.
     if side == "peer":
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
+    env["TERM"] = "dumb"  # no progress bars redrawn into the pipe on either side (ours draws none there anyway)
     return env
 
 
