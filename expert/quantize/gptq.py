@@ -300,14 +300,6 @@ def cpu_workers() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _env_default(name: str, value: str) -> Iterator[None]:
+def _env_default(name: str, value: str) -> contextlib.AbstractContextManager[None]:
     """Set environment variable `name` for the duration of the block unless the user set it."""
-    if os.environ.get(name) is not None:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
+    return _env_set(name, None if os.environ.get(name) is not None else value)
