@@ -17,8 +17,8 @@ own points (a stage's progress, tasks/stage.py), is raised again there, in ordin
 A stop whose handler is gptqmodel's is being held on purpose until the layer in progress is
 committed (expert/quantize/stops.py, which takes the wakeup fd over meanwhile): never raised here.
 
-Where a stop cannot reach the main thread at all (blocked on a lock: expert/quantize/stops.py),
-`forced_exit` ends the process, after the run's last words (`set_last_words`: the flows record
+Where a stop must end the process at once, whatever the main thread is doing (a second stop
+during GPTQ: expert/quantize/stops.py), `forced_exit` ends it, after the run's last words (`set_last_words`: the flows record
 the run as crashed, which Prefect's own handler would have done) have had LAST_WORDS_S to be said.
 """
 
@@ -139,7 +139,7 @@ def set_last_words(words: Callable[[str], None] | None) -> None:
 def forced_exit(signum: int, reason: str) -> NoReturn:
     """End the process now, as a shell reports that signal (exit 128 + N), from any thread: the
     last words first (on a thread of their own, given LAST_WORDS_S), then the log handlers flushed.
-    No exception, no atexit: for a main thread that cannot be reached."""
+    No exception, no atexit: nothing waits on a main thread that may be blocked."""
     _log.warning("%s", reason)
     words = _last_words
     if words is not None:

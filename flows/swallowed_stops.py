@@ -11,9 +11,9 @@ the signal again a moment later from a helper thread, so that its handler runs i
 A stop dropped without a trace (caught by a library's `except BaseException`) is expert.signals'
 to raise again, at the run's next progress point: the flows start its watch here too.
 
-A stop that cannot reach the main thread at all (blocked on a lock during GPTQ) ends the process
-through expert.signals.forced_exit, past Prefect's handler, which would have recorded the crash:
-the run and its task stayed "Running" in the UI for good, as after a kill. The run's last words,
+A second stop during GPTQ ends the process at once through expert.signals.forced_exit, past
+Prefect's handler, which would have recorded the crash: the run and its task would stay "Running"
+in the UI for good, as after a kill. The run's last words,
 set here, record it as crashed (or cancelled, if a cancel sent the stop), with the reason, before
 the process goes.
 """

@@ -34,7 +34,7 @@ from expert.modeling import carry_code_consent, remote_code_trusted
 from expert.quantize.checkpoint import LayerProgress, forget, layer_checkpoint, mismatch_error, stopped_error
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
 from expert.quantize.report import weights_bytes
-from expert.quantize.stops import StopNow, StopsDuringGptq
+from expert.quantize.stops import StopsDuringGptq
 
 _log = logging.getLogger(__name__)
 
@@ -162,16 +162,12 @@ def _load_and_quantize(config: QuantizeConfig, model_dir: Path, calibration: lis
     if checkpoint is None:
         return model, model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2)
     stopped = log = None
-    stops = StopsDuringGptq()
-    try:
-        with stops:
-            try:
-                log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2,
-                                     checkpoint=checkpoint)
-            except stopped_error() as exc:  # a stop gptqmodel took: the layer in progress is committed
-                stopped = exc
-    except StopNow:  # a second stop: the layer in progress is dropped
-        stopped = stopped or "a second stop dropped the layer in progress"
+    with StopsDuringGptq(work_dir) as stops:  # a second stop ends the process there and then
+        try:
+            log = model.quantize(calibration, tokenizer=tokenizer, calibration_data_min_length=2,
+                                 checkpoint=checkpoint)
+        except stopped_error() as exc:  # a stop gptqmodel took: the layer in progress is committed
+            stopped = exc
     if stops.received:
         _log.warning("GPTQ: stopped, its layers committed to %s; the same command continues after them", work_dir)
         stops.pass_on()  # a Ctrl-C ends as KeyboardInterrupt, a SIGTERM as Prefect's TerminationSignal

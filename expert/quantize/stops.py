@@ -9,51 +9,44 @@ was, and said nothing until the layer was done (tens of seconds a layer for a 33
 signals are read from Python's wakeup fd, which gets each one whoever handles it: the first stop
 is said at once, and once gptqmodel has put the handlers before it back, it is raised again, so a
 Ctrl-C ends as an interrupt and a SIGTERM as a termination (which Prefect records as a crash).
-A second stop does not wait for the layer: `StopNow` is raised in the main thread (where
-gptqmodel quantizes), which drops the layer in progress and keeps the committed ones, as a kill
-would (gptqmodel's commits survive one: tests/expert/test_faults.py), and the first stop is then
-passed on as above. Press Ctrl-C twice, as with other tools that stop gracefully first.
+A second stop does not wait for the layer: the process ends at once, from the watcher thread
+(expert.signals.forced_exit: the run recorded as crashed first, then exit 128 + the signal's
+number, as a shell reports it), which drops the layer in progress and keeps the committed ones,
+as a kill would (gptqmodel's commits survive one: tests/expert/test_faults.py). Press Ctrl-C
+twice, as with other tools that stop gracefully first. It used to raise an exception in the main
+thread instead (CPython's PyThreadState_SetAsyncExc); one landing inside gptqmodel's thread-pool
+locking left the process blocked for good, twice in CI.
 
-    try:
-        with StopsDuringGptq() as stops:
+    with StopsDuringGptq(work_dir) as stops:
+        try:
             log = model.quantize(..., checkpoint=...)   # returns, or raises CheckpointStopped
-    except StopNow:
-        ...                                             # a second stop: the layer in progress dropped
+        except CheckpointStopped:
+            ...                                         # a stop gptqmodel took: the layer committed
     stops.pass_on()   # the stop gptqmodel took, if any, goes to the handler before it
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 from expert.signals import STOPS, forced_exit, held_by_gptqmodel, thread_in_this_context, watcher_fd
 
 _log = logging.getLogger(__name__)
 
-# How long a second stop's StopNow may take to end the block. It lands at the main thread's next
-# Python instruction; a main thread blocked on a lock (gptqmodel's workers, whose state an
-# exception landing anywhere can leave inconsistent) never runs one: seen once in CI, a hang.
-QUIT_AFTER_S = 20.0
-
-
-class StopNow(BaseException):
-    """A second stop during GPTQ, raised in the main thread: quit without finishing the layer.
-    A BaseException, so that no `except Exception` on the way swallows it."""
-
 
 class StopsDuringGptq:
     """Watch the stop signals that arrive in the block (main thread only; elsewhere it sees none)."""
 
-    def __init__(self):
+    def __init__(self, work_dir: Path | str | None = None):
+        self.work_dir = work_dir  # where the committed layers are: said as the process ends
         self.received: list[int] = []
         self._read = self._write = None
         self._previous_fd = -1  # restored on exit: expert.signals' watch, which this one stands in for
         self._watcher: threading.Thread | None = None
-        self._ended = threading.Event()  # the block is over: a StopNow reached the main thread, or none was needed
 
     def __enter__(self) -> StopsDuringGptq:
         self._read, self._write = os.pipe()
@@ -72,7 +65,6 @@ class StopsDuringGptq:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._ended.set()
         if self._watcher is None:
             return
         try:
@@ -80,7 +72,7 @@ class StopsDuringGptq:
             os.close(self._write)  # the watcher reads to the end, then stops
             self._write = None
             self._watcher.join(timeout=5)
-        finally:  # a StopNow the watcher raised may land here: close all the same
+        finally:
             self._close()
 
     def pass_on(self) -> None:
@@ -106,26 +98,11 @@ class StopsDuringGptq:
                 elif len(self.received) == 2:
                     _log.warning("GPTQ: %s again: quitting now; the layer in progress is dropped, the layers "
                                  "committed before it are kept", name)
-                    _raise_in_main_thread(StopNow)
-                    thread_in_this_context(self._quit_if_stuck, "gptq-quit", signum).start()
-
-    def _quit_if_stuck(self, signum: int) -> None:
-        """End the process as a shell reports that signal (128 + N) if StopNow has not ended the block
-        in QUIT_AFTER_S: the layers committed are on disk, and a kill would keep them too."""
-        if self._ended.wait(QUIT_AFTER_S):
-            return
-        forced_exit(signum, f"GPTQ: the main thread did not stop within {QUIT_AFTER_S:.0f} s (blocked, not running "
-                            "Python): ending the process now; the layers committed before are kept")
+                    forced_exit(signum, f"GPTQ: stopped, its layers committed to {self.work_dir}; the same command "
+                                        "continues after them")
 
     def _close(self) -> None:
         for fd in (self._read, self._write):
             if fd is not None:
                 os.close(fd)
         self._read = self._write = None
-
-
-def _raise_in_main_thread(error: type[BaseException]) -> None:
-    """Raise `error` in the main thread at its next Python instruction (CPython's
-    PyThreadState_SetAsyncExc: a signal handler cannot be added there, gptqmodel holds them)."""
-    ident = threading.main_thread().ident
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
