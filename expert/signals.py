@@ -18,8 +18,9 @@ A stop whose handler is gptqmodel's is being held on purpose until the layer in 
 committed (expert/quantize/stops.py, which takes the wakeup fd over meanwhile): never raised here.
 
 Where a stop must end the process at once, whatever the main thread is doing (a second stop
-during GPTQ: expert/quantize/stops.py), `forced_exit` ends it, after the run's last words (`set_last_words`: the flows record
-the run as crashed, which Prefect's own handler would have done) have had LAST_WORDS_S to be said.
+during GPTQ: expert/quantize/stops.py), `forced_exit` ends it, after the run's last words
+(`set_last_words`: the flows record the run as crashed, which Prefect's own handler would have
+done) have had LAST_WORDS_S to be said.
 """
 
 from __future__ import annotations

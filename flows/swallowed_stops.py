@@ -13,9 +13,8 @@ to raise again, at the run's next progress point: the flows start its watch here
 
 A second stop during GPTQ ends the process at once through expert.signals.forced_exit, past
 Prefect's handler, which would have recorded the crash: the run and its task would stay "Running"
-in the UI for good, as after a kill. The run's last words,
-set here, record it as crashed (or cancelled, if a cancel sent the stop), with the reason, before
-the process goes.
+in the UI for good, as after a kill. The run's last words, set here, record it as crashed (or
+cancelled, if a cancel sent the stop), with the reason, before the process goes.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from expert.modeling import carry_code_consent, remote_code_trusted
 from expert.quantize.checkpoint import LayerProgress, forget, layer_checkpoint, mismatch_error, stopped_error
 from expert.quantize.config import GROUP_SIZES, QuantizeConfig
 from expert.quantize.report import weights_bytes
-from expert.quantize.stops import StopsDuringGptq
+from expert.quantize.stops import STOPPED, StopsDuringGptq
 
 _log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _load_and_quantize(config: QuantizeConfig, model_dir: Path, calibration: lis
         except stopped_error() as exc:  # a stop gptqmodel took: the layer in progress is committed
             stopped = exc
     if stops.received:
-        _log.warning("GPTQ: stopped, its layers committed to %s; the same command continues after them", work_dir)
+        _log.warning(STOPPED.format(work_dir))
         stops.pass_on()  # a Ctrl-C ends as KeyboardInterrupt, a SIGTERM as Prefect's TerminationSignal
     if stopped is not None:  # the signal was ignored before gptqmodel took it for itself
         raise ExpertError(f"GPTQ stopped on a signal ({stopped}); its layers are committed to {work_dir}, "

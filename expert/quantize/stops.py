@@ -37,6 +37,8 @@ from expert.signals import STOPS, forced_exit, held_by_gptqmodel, thread_in_this
 
 _log = logging.getLogger(__name__)
 
+STOPPED = "GPTQ: stopped, its layers committed to {}; the same command continues after them"  # either way out
+
 
 class StopsDuringGptq:
     """Watch the stop signals that arrive in the block (main thread only; elsewhere it sees none)."""
@@ -98,8 +100,7 @@ class StopsDuringGptq:
                 elif len(self.received) == 2:
                     _log.warning("GPTQ: %s again: quitting now; the layer in progress is dropped, the layers "
                                  "committed before it are kept", name)
-                    forced_exit(signum, f"GPTQ: stopped, its layers committed to {self.work_dir}; the same command "
-                                        "continues after them")
+                    forced_exit(signum, STOPPED.format(self.work_dir))
 
     def _close(self) -> None:
         for fd in (self._read, self._write):
