@@ -249,7 +249,7 @@ def test_gptqmodel_bars_are_drawn_on_a_terminal_only(stdout, tmp_path):
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # logbar's pytest check
+    env = _a_users_env()
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), TERM="xterm-256color")
     if "FORCE" in stdout:
         env["LOGBAR_FORCE_PROGRESS"] = "1"
@@ -271,6 +271,17 @@ def test_gptqmodel_bars_are_drawn_on_a_terminal_only(stdout, tmp_path):
     assert done.returncode == 0 and b"done" in text, text[-2000:]
     drawn = text.count(b" of 200]")  # "[k of 200]": one a redraw (the title is styled letter by letter)
     assert (drawn > 20) == (stdout != "file"), (drawn, text[:2000])
+
+
+def _a_users_env() -> dict[str, str]:
+    """This environment less what logbar reads as "not a person at a terminal": it draws under pytest
+    and turns its bars off by itself under a CI or an agent (CI=1, CLAUDE_*...), whatever TERM says.
+    These cases are about what our TERM setting does, as a user at a terminal or behind a pipe sees it."""
+    from logbar import terminal
+
+    names = getattr(terminal, "_HEADLESS_ENV_VARS", frozenset({"CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILD_ID"}))
+    prefixes = ("PYTEST_", "LOGBAR_", *getattr(terminal, "_HEADLESS_ENV_PREFIXES", ()))
+    return {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
 
 
 def _read_pty(fd: int, deadline: float) -> bytes:
