@@ -838,7 +838,8 @@ def _gptq_case_in(args, device, out: Path, work: Path) -> dict:
             row["ratio"] = round(sides["peer"]["seconds"] / sides["ours"]["seconds"], 2)
         else:
             row["ratio"] = None
-            row["ratio_note"] = "ours-cold did not finish: the peer may have paid gptqmodel's extension build"
+            cold = "did not finish" if "ours-cold" in sides else "was not run (--gptq-sides)"
+            row["ratio_note"] = f"ours-cold {cold}: the peer may have paid gptqmodel's extension build"
     if all("seconds" in sides.get(s, {}) for s in ("ours-gpupack", "peer")):
         row["gpupack_identical_tensors"] = _identical_tensors(work / "ours-gpupack", work / "peer")
         row["gpupack_ratio"] = round(sides["peer"]["seconds"] / sides["ours-gpupack"]["seconds"], 2)
