@@ -278,3 +278,29 @@ def test_the_last_words_record_a_crash_or_the_cancel_that_was_asked_for(prefect_
             else:
                 assert "GPTQ: stopped" in state.message and task_state.type.value == "CRASHED", (state, task_state)
                 assert "GPTQ: stopped" in task_state.message
+            # Then the process exits non-zero, and a worker proposes Crashed for its run as
+            # BaseWorker._propose_crashed_state does: the server refuses it for a run that has ended,
+            # so a cancel stays Cancelled in the UI.
+            assert not worker_reports_crash(run.id)
+            assert client.read_flow_run(run.id).state.type.value == after
+
+
+def worker_reports_crash(flow_run_id) -> bool:
+    """A worker's proposal after a non-zero exit (prefect.workers.base): whether it was taken."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import Abort
+    from prefect.states import Crashed
+    from prefect.utilities.engine import propose_state
+
+    async def propose() -> bool:
+        async with get_client() as client:
+            try:
+                state = await propose_state(client, Crashed(message="Flow run infrastructure exited with non-zero "
+                                                                    "status code 1."), flow_run_id=flow_run_id)
+            except Abort:
+                return False
+            return state.is_crashed() and "non-zero" in (state.message or "")
+
+    return asyncio.run(propose())
