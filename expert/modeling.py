@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,27 @@ def model_kind(model_dir: Path) -> str:
     return "gptq" if quant.get("quant_method") == "gptq" else "plain"
 
 
+GPTQ_CONFIG_MERGED = ("You passed `quantization_config` or equivalent parameters to `from_pretrained` but the "
+                      "model you're loading already has a `quantization_config` attribute")
+CHECKPOINTING_ALIAS = "`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def known_warnings_muted():
+    """Mutes two library warnings every stage printed that say nothing about the run (any other
+    warning still shows): transformers' "the `quantization_config` from the model will be used"
+    on a GPTQ load, which passes only loading options (the kernel) that transformers merges into
+    the stored config, as meant, though the words read as if they were ignored; and the
+    deprecation of `is_gradient_checkpointing`, an alias PEFT reads when it wraps a model.
+
+    Muted around the calls, not at import: warning filters set while pytest collects (or under
+    any caller's `catch_warnings`) are gone once that block ends."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=GPTQ_CONFIG_MERGED, category=UserWarning)
+        warnings.filterwarnings("ignore", message=CHECKPOINTING_ALIAS, category=FutureWarning)
+        yield
+
+
 def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bool = False,
                device: str = "auto", dtype: str = "auto", shardable: bool = False,
                gptq_kernel: str = "auto") -> tuple[Any, Any]:
@@ -124,7 +146,8 @@ def load_model(model_dir: Path, *, adapter_dir: Path | None = None, training: bo
         kwargs["quantization_config"] = _nf4_config(kwargs["dtype"], shardable)
     trusted = remote_code_trusted(base)
     try:
-        with _eager_gptq_dequant(kind == "gptq" and torch_device.type == "cpu"), _gptq_weight_cache(dense_cache):
+        with (_eager_gptq_dequant(kind == "gptq" and torch_device.type == "cpu"), _gptq_weight_cache(dense_cache),
+              known_warnings_muted()):
             model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trusted, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
@@ -461,4 +484,5 @@ def check_adapter_dir(adapter_dir: Path) -> None:
 def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, training: bool) -> torch.nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=training)
+    with known_warnings_muted():
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=training)

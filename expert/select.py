@@ -79,6 +79,7 @@ def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, 
     from expert.evaluation.loading import load_model
     from expert.evaluation.resume import write_kept
     from expert.evaluation.runner import load_questions, score_frame
+    from expert.modeling import known_warnings_muted
 
     frame = load_questions(dev_config, "pubmedqa", data_dir)
     loaded = load_model(model_dir, None, dev_config.device, dev_config.dtype, dev_config.gptq_kernel)
@@ -92,7 +93,8 @@ def score_checkpoints(dev_config, model_dir: Path, checkpoints: list[tuple[int, 
         if row is None:
             name = f"step{step}"
             if model is None:
-                model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name, is_trainable=False)
+                with known_warnings_muted():
+                    model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name, is_trainable=False)
             else:
                 model.load_adapter(path, adapter_name=name, is_trainable=False)
             model.set_adapter(name)
@@ -137,11 +139,13 @@ def score_checkpoint(dev_config, model_dir: str, step: int, path: str, data_dir:
 
     from expert.evaluation.loading import load_model
     from expert.evaluation.runner import load_questions, score_frame
+    from expert.modeling import known_warnings_muted
 
     frame = load_questions(dev_config, "pubmedqa", Path(data_dir))
     loaded = load_model(Path(model_dir), None, dev_config.device, dev_config.dtype, dev_config.gptq_kernel)
     # Loaded as the single-process selection loads it: the base, then this adapter on top.
-    model = PeftModel.from_pretrained(loaded.model, path, adapter_name=f"step{step}", is_trainable=False)
+    with known_warnings_muted():
+        model = PeftModel.from_pretrained(loaded.model, path, adapter_name=f"step{step}", is_trainable=False)
     model.to(loaded.device).eval()
     scores, _ = score_frame(model, loaded.tokenizer, frame, dev_config, "pubmedqa")
     return _row(step, Path(path), frame, scores)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from expert.errors import ConfigError
+from expert.modeling import known_warnings_muted
 from expert.train.compiling import compile_decoder_layers
 from expert.train.config import TrainConfig
 from expert.train.lean import make_lean
@@ -70,7 +71,8 @@ def attach_lora(model: torch.nn.Module, config: TrainConfig):
     # An explicit `true` is switched on before wrapping; 'auto' is decided by memory.plan_memory.
     set_checkpointing(model, config.gradient_checkpointing is True)
     model.config.use_cache = False
-    model = get_peft_model(model, lora)
+    with known_warnings_muted():
+        model = get_peft_model(model, lora)
     if config.lean_activations:
         switched = make_lean(model)
         log.debug("lean activations: %(lora)d LoRA layers, %(rmsnorm)d RMSNorms, %(mlp)d MLPs", switched)

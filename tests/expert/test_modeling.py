@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -60,6 +61,24 @@ def test_lora_gets_gradients_after_an_eval_forward(kind, setup, request):
     losses, grads = _eval_then_train(model, tok)
     assert all(g > 0 for g in grads.values()), grads
     assert losses[-1] < losses[0], losses
+
+
+def test_a_gptq_load_with_lora_prints_no_known_harmless_warning(setup, tmp_path):
+    """Two warnings every stage's log showed, neither about the run: transformers' "the
+    `quantization_config` from the model will be used" (the loader passes loading options only,
+    which it merges, as meant) and the `is_gradient_checkpointing` deprecation PEFT's wrapping
+    reads. Through training's LoRA wrapping and the loader's adapter; any other warning still shows."""
+    from expert.train.config import TrainConfig
+    from expert.train.lora import attach_lora
+
+    with warnings.catch_warnings(record=True) as caught:  # and forgets what was shown before
+        model, _ = load_model(setup.gptq, training=True)
+        attach_lora(model, TrainConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+        load_model(setup.gptq, adapter_dir=tmp_path / "adapter")
+        warnings.warn("a warning of any other kind", UserWarning)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "quantization_config" in m or "is_gradient_checkpointing" in m], messages
+    assert "a warning of any other kind" in messages
 
 
 def test_gptq_on_the_cpu_compiles_nothing(setup):
