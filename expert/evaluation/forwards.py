@@ -64,19 +64,19 @@ class Scored:
         return out
 
 
-def scored(passes: list[Pass], logits: torch.Tensor, picks: list[list[tuple[list[int], list[int]]]],
-           device: torch.device) -> Scored:
+def scored(passes: list[Pass], logits: torch.Tensor, picks: list[list[tuple[list[int], list[int]]]]) -> Scored:
     """Log-probs of the picked tokens: picks[i][c] = (rows of `logits` [n, vocab] that score
-    pass i's choice c, its tokens). Only the rows picked are log-softmaxed."""
+    pass i's choice c, its tokens). Only the rows picked are log-softmaxed. The indices go where
+    the logits are: the output head's device, which is the inputs' only while the model is on one."""
     order: dict[int, int] = {}  # row of `logits` -> its row among those scored
     rows, ids = [], []
     for entry in picks:
         for positions, target in entry:
             rows.extend(order.setdefault(i, len(order)) for i in positions)
             ids.extend(target)
-    kept = logits[to_device(torch.tensor(list(order), dtype=torch.long), device)]
+    kept = logits[to_device(torch.tensor(list(order), dtype=torch.long), logits.device)]
     logprobs = torch.log_softmax(kept.float(), dim=-1)
-    index = to_device(torch.tensor([rows, ids], dtype=torch.long), device)
+    index = to_device(torch.tensor([rows, ids], dtype=torch.long), logprobs.device)
     return Scored(passes, logprobs[index[0], index[1]], [[len(target) for _, target in entry] for entry in picks])
 
 
@@ -111,7 +111,7 @@ def forward_padded(model, passes: list[Pass], inputs: list[list[int]], device: t
     for row, (tokens, p) in enumerate(zip(inputs, passes)):
         end = row * width_kept + len(tokens) - first  # just past this input's last kept position
         picks.append([(list(range(end - len(target), end)), target) for _, target in p.targets])
-    return scored(passes, out.logits.reshape(-1, out.logits.shape[-1]), picks, device)
+    return scored(passes, out.logits.reshape(-1, out.logits.shape[-1]), picks)
 
 
 def mask_kind(model) -> str | None:
@@ -177,4 +177,4 @@ def forward_packed(model, rows: list[list[Pass]], shape: PackShape, cache, kind:
                 position_ids=to_device(torch.tensor(local) + prefix, device), attention_mask=mask,
                 cache=expand_cache(cache, height), use_cache=True,
                 logits_to_keep=to_device(torch.tensor(columns, dtype=torch.long), device))
-    return scored([p for p, _, _ in placed], out.logits.reshape(-1, out.logits.shape[-1]), picks, device)
+    return scored([p for p, _, _ in placed], out.logits.reshape(-1, out.logits.shape[-1]), picks)
