@@ -230,12 +230,13 @@ def _probe_fits(model, device: torch.device, config: TrainConfig, every: int, an
         return 0.0 if peak is None else micro * length / _probe.seconds
 
     def guess(micro: int, length: int, every: int, limit: int) -> int | None:
-        """The fewest layers to recompute, from the peaks with all of them and one fewer: each layer
-        left out adds about what that one did."""
-        most, fewer = peaks.get((micro, length, every)), peaks.get((micro, length, every - 1))
-        if most is None or fewer is None or fewer <= most:
+        """The fewest layers to recompute, from the peaks with one and two fewer than all: each
+        further layer left out adds about what the second did. (Not from all and one fewer: those
+        peaks are about equal, see recompute.fewest.)"""
+        one, two = peaks.get((micro, length, every - 1)), peaks.get((micro, length, every - 2))
+        if one is None or two is None or two <= one:
             return None
-        return every - 1 - int((HEADROOM * limit - moments - fewer) // (fewer - most))
+        return every - 2 - int((HEADROOM * limit - moments - two) // (two - one))
 
     fits.peaks, fits.speed, fits.guess = peaks, speed, guess
     return fits

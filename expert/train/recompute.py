@@ -58,17 +58,26 @@ def is_checkpointing(model) -> bool:
 def fewest(every: int, ok, guess=None) -> int:
     """The fewest layers to recompute, of `every`, for which ok(layers) holds (it holds for `every`,
     and for every count above one it holds for): none, else by bisection. Asks about one layer
-    fewer first, so a micro-batch that needs them all costs one more probe, not a bisection; then,
-    if given, about guess() and up to two counts next to it toward the answer (a probe of a big
-    model takes seconds, and the peak grows by about the same with each layer left out: a guess
-    from two peaks is seldom far off, and a right one costs two probes)."""
+    fewer first, so a micro-batch that needs them all costs one more probe, not a bisection.
+
+    With a guess, also about two fewer before it: with one fewer the last layer keeps what its
+    backward would recompute first anyway, so that peak is about the one with all (measured), and
+    only the second layer left out shows what each adds (a guess from the first two gave nothing).
+    Then about guess() and up to two counts next to it toward the answer (a probe of a big model
+    takes seconds, and the peak grows by about the same with each layer left out: a guess from
+    two peaks is seldom far off, and a right one costs two probes)."""
     if ok(0):
         return 0
     if every == 1 or not ok(every - 1):
         return every
     low, high = 1, every - 1  # ok(high) holds, ok(low - 1) does not
-    start = guess() if guess else None
-    if start is not None and low <= start < high:  # from the guess a layer at a time, two steps at most
+    if guess and every > 2:
+        if not ok(every - 2):
+            return every - 1
+        high = every - 2
+    start = guess() if guess and low < high else None
+    if start is not None:  # from the guess (kept within the bounds) a layer at a time, two steps at most
+        start = max(low, min(start, high - 1))
         if ok(start):
             high = start
             for count in (start - 1, start - 2):
