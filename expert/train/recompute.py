@@ -18,6 +18,7 @@ def set_checkpointing(model, on: bool, layers: int | None = None) -> None:
     """Switch non-reentrant gradient checkpointing of the (PEFT-wrapped) model on or off; `layers`:
     how many decoder layers recompute, the first ones (None: all)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _drop_input_grad_hooks(base)  # PEFT's, if it wrapped a checkpointing model
     if on:
         kwargs = {"use_reentrant": False}  # needs no input grads and replays dropout's RNG exactly
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
@@ -27,11 +28,23 @@ def set_checkpointing(model, on: bool, layers: int | None = None) -> None:
         if layers is not None:
             for index, layer in enumerate(decoder_layers(base)):
                 layer.gradient_checkpointing = index < layers
+        _drop_input_grad_hooks(base)  # the enable's own
     elif is_checkpointing(base):
         if hasattr(base, "activation_checkpointing_disable"):
             base.activation_checkpointing_disable()
         else:
             base.gradient_checkpointing_disable()
+
+
+def _drop_input_grad_hooks(base) -> None:
+    """Remove the forward hook that makes the embeddings' output require grad. transformers' enable
+    adds one each time (and its disable removes none under PEFT), PEFT's wrapping of a checkpointing
+    model another; reentrant checkpointing needs it, ours does not. Left in, every backward also
+    ran through the first layer's frozen weights down to the embeddings, even with checkpointing
+    off again after the planner's probes. transformers keeps only the latest enable's hooks, so
+    this runs before and after each."""
+    if hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
 
 
 def recompute(model, layers: int, every: int) -> None:

@@ -386,6 +386,25 @@ def test_explicit_checkpointing_is_switched_on_and_off(llama_dir):
     assert not is_checkpointing(model.get_base_model())
 
 
+def test_no_switch_leaves_the_embeddings_asking_for_a_gradient(llama_dir):
+    """Non-reentrant checkpointing needs no gradient at the embeddings' output: transformers' enable
+    and PEFT's wrapping of a checkpointing model hook one in, each enable one more, and the
+    planner switches many times. None may stay, on or off, else each backward runs through the
+    first layer's frozen weights for nothing."""
+    model = lora_model(llama_dir, gradient_checkpointing=True)  # PEFT's wrap hooks one in
+    ids = torch.tensor([[1, 2, 3]])
+
+    def asks_for_a_gradient() -> bool:
+        return model.get_input_embeddings()(ids).requires_grad
+
+    for layers in (None, 1, 2, None):
+        set_checkpointing(model, True, layers)
+        assert is_checkpointing(model.get_base_model()) and not asks_for_a_gradient(), layers
+    set_checkpointing(model, False)
+    assert not is_checkpointing(model.get_base_model()) and not asks_for_a_gradient()
+    assert not model.get_input_embeddings()._forward_hooks
+
+
 def test_auto_micro_batch_needs_resolving():
     config = TrainConfig(micro_batch_size="auto", effective_batch_size=50)
     with pytest.raises(ValueError, match="plan_memory"):
