@@ -139,6 +139,8 @@ def plan_memory(model, config: TrainConfig, longest: int, device: torch.device,
     chosen, recomputed = setting
     peak = getattr(fits, "peaks", {}).get((chosen, longest, recomputed))
     recompute(model, recomputed, every)
+    if device.type == "cuda":  # the run's logged peaks are its own, not the last probe's (often one cut off at the limit)
+        torch.cuda.reset_peak_memory_stats(device)
     return MemoryPlan(chosen, recomputed > 0, limit and round(limit / 2**30, 2), peak and round(peak / 2**30, 2),
                       measured and {k: round(v) for k, v in measured.items()},
                       recomputed if 0 < recomputed < every else None)

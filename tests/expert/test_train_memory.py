@@ -58,6 +58,7 @@ def fake_gpu(monkeypatch, most, limit=24 * 2**30, speeds=None, guess=None):
 
     monkeypatch.setattr(memory, "_probe_fits", probe_fits)
     monkeypatch.setattr(memory, "_limit_bytes", lambda config, device: limit)
+    monkeypatch.setattr(memory.torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("peak reset", device)))
     return calls
 
 
@@ -127,8 +128,10 @@ def test_the_largest_fitting_micro_batch_is_found_by_bisection(llama_dir, monkey
     calls = fake_gpu(monkeypatch, {True: 9})
     config = TrainConfig(micro_batch_size="auto", effective_batch_size=50, gradient_checkpointing=True)
     plan = plan_memory(lora_model(llama_dir), config, longest=500, device=torch.device("cuda"))
-    probed = [c[0] for c in calls if c[0] != "answer_tokens"]
+    probed = [c[0] for c in calls if c[0] not in ("answer_tokens", "peak reset")]
     assert plan.micro_batch_size == 9 and {9, 10} <= set(probed) and len(probed) <= 4, probed
+    # Last, after the probes: the run's logged peak memory is its own, not the largest probe's.
+    assert calls[-1] == ("peak reset", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("speeds, expected", [({(12, True): 2000.0, (4, False): 3000.0}, (4, False)),
