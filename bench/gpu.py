@@ -1182,12 +1182,15 @@ def _resume_check(runner, model, optimizer, scheduler, root: Path, step: int, ba
 
 
 def _identical_tensors(a: Path, b: Path) -> dict:
+    """Tensors equal in both saved models, and each one's count under its side's name (its folder's:
+    ours against peer, ours-checkpoint against ours)."""
     from safetensors.torch import load_file
 
-    ours, peer = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-                  for d in (a, b))
-    same = sum(1 for k in ours if k in peer and ours[k].shape == peer[k].shape and torch.equal(ours[k], peer[k]))
-    return {"identical": same, "ours": len(ours), "peer": len(peer)}
+    first, second = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+                     for d in (a, b))
+    same = sum(1 for k in first if k in second and first[k].shape == second[k].shape
+               and torch.equal(first[k], second[k]))
+    return {"identical": same, a.name: len(first), b.name: len(second)}
 
 
 class _CacheKwarg(nn.Module):

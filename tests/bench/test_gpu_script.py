@@ -99,7 +99,8 @@ def test_gpu_script_smoke_runs_the_original_job_eval_and_gptq_cases(tmp_path):
     same = gptq["identical_tensors"]
     assert same["identical"] == same["ours"] == same["peer"] > 0, same
     # The stage's layer checkpoints: written (streamed, as on a GPU), the same tensors, a time beside ours'.
-    assert gptq["checkpoint_identical_tensors"]["identical"] == same_count(gptq), gptq
+    assert gptq["checkpoint_identical_tensors"] == {"identical": same_count(gptq), "ours-checkpoint": same_count(gptq),
+                                                    "ours": same_count(gptq)}, gptq
     assert gptq["checkpoint_disk_mib"] > 0 and gptq["checkpoint_time_ratio"] > 0, gptq
     assert {p.name for p in tmp_path.iterdir()} >= {"gpu.json", "gptq_ours.log", "gptq_peer.log", "gptq_train.log"}
     # The training check's log says where it was, phase by phase (a killed call keeps it).
